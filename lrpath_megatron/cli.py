@@ -1,0 +1,36 @@
+"""``lrpath``: one subcommand per module in :mod:`lrpath_megatron.commands`, each a thin call into the library."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lrpath_megatron.errors import USER_ERRORS
+
+# Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
+COMMAND_MODULES = [
+    "lrpath_megatron.commands.train",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrpath", description="Version updates of GPT models on megatron-core."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"lrpath {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

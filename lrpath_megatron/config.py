@@ -1,0 +1,401 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with ``--set a.b=c``, validated.
+
+Every error raised here is a :class:`ConfigError` whose message names the field (``model.hidden_size``),
+the file it came from, and what to do about it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration or plan is invalid. The message says which field, why, and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    seq_length: int = 128
+    vocab_size: int = 2048  # the tokenizer's vocabulary; padded internally for TP divisibility
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    activation: str = "gelu"  # gelu | swiglu
+    position_embedding: str = "rope"  # rope | learned_absolute
+    rotary_base: int = 10000
+    untie_embeddings: bool = True
+    add_bias_linear: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def validate(self) -> None:
+        _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"])
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}; choose heads so that hidden_size % heads == 0"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(f"model.num_query_groups={groups} must divide num_attention_heads")
+        _choice(self, "model", "normalization", ["RMSNorm", "LayerNorm"])
+        _choice(self, "model", "activation", ["gelu", "swiglu"])
+        _choice(self, "model", "position_embedding", ["rope", "learned_absolute"])
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    # None = on when running on GPU (sharded Adam states), off on CPU.
+    use_distributed_optimizer: Optional[bool] = None
+
+    def validate(self) -> None:
+        _positive(self, "parallel", ["tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size"])
+
+    def data_parallel(self, world_size: int) -> int:
+        """DP size derived from the world size; raises if the world does not factor."""
+        mp = self.tensor_parallel * self.pipeline_parallel
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_parallel * "
+                f"parallel.pipeline_parallel = {mp}; launch a multiple of {mp} processes"
+            )
+        dp = world_size // mp
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"parallel.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size * data_parallel = {self.micro_batch_size} * {dp}"
+            )
+        return dp
+
+    def check_model(self, model: ModelConfig) -> None:
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if model.num_attention_heads % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads="
+                f"{model.num_attention_heads}"
+            )
+        if (model.num_query_groups or model.num_attention_heads) % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.num_query_groups")
+        if model.ffn_size % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the FFN size {model.ffn_size}")
+        if model.num_layers % pp:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={pp} does not divide model.num_layers={model.num_layers}"
+            )
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (needs Transformer Engine)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 (TE recipes)
+
+    def validate(self) -> None:
+        _choice(self, "precision", "dtype", ["fp32", "bf16"])
+        if self.fp8 is not None:
+            _choice(self, "precision", "fp8", ["hybrid", "e4m3"])
+            if self.dtype != "bf16":
+                raise ConfigError("precision.fp8 requires precision.dtype=bf16")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3  # peak LR (eta_max) for stand-alone runs; plans set it per path
+    min_lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optimizer.lr must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optimizer.{name} must be in [0, 1)")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("optimizer.clip_grad and optimizer.weight_decay must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """LR schedule of a stand-alone run (plans derive theirs from the version plan)."""
+
+    style: str = "cosine"  # constant | cosine | linear | wsd
+    warmup_steps: int = 10
+    train_steps: int = 100
+    wsd_decay_steps: int = 0  # for style=wsd: length of the final decay
+    wsd_decay_style: str = "linear"  # linear | cosine | 1-sqrt
+
+    def validate(self) -> None:
+        _choice(self, "schedule", "style", ["constant", "cosine", "linear", "wsd"])
+        _positive(self, "schedule", ["train_steps"])
+        if not 0 <= self.warmup_steps <= self.train_steps:
+            raise ConfigError("schedule.warmup_steps must be in [0, schedule.train_steps]")
+        if self.style == "wsd" and not 0 < self.wsd_decay_steps <= self.train_steps - self.warmup_steps:
+            raise ConfigError("schedule.wsd_decay_steps must be in (0, train_steps - warmup_steps] for style=wsd")
+
+
+@dataclass
+class CorpusConfig:
+    """One tokenized corpus: a Megatron .bin/.idx prefix."""
+
+    name: str = ""
+    prefix: str = ""
+
+    def validate(self, where: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{where}.name is empty; give every corpus a unique name")
+        if not self.prefix:
+            raise ConfigError(f"{where}.prefix is empty; point it at a Megatron .bin/.idx prefix")
+
+
+@dataclass
+class MixStage:
+    """One stage of an LR-triggered blend. ``lr_below`` None = the first stage (active from the start).
+
+    ``lr_below`` is a number, or a string relative to the path's peak LR such as ``"eta_max/5"``.
+    """
+
+    lr_below: Any = None
+    weights: dict = field(default_factory=dict)
+
+
+@dataclass
+class MixConfig:
+    stages: list = field(default_factory=list)  # list[MixStage]
+    ramp_steps: int = 0  # linear ramp between consecutive stages
+
+
+@dataclass
+class DataConfig:
+    corpora: list = field(default_factory=list)  # list[CorpusConfig]
+    mix: MixConfig = field(default_factory=MixConfig)  # empty = equal weights, one stage
+    valid_fraction: float = 0.02  # per corpus, held out deterministically
+    seed: int = 1234
+    tokenizer_model: Optional[str] = None  # SentencePiece model (for decode/inspect); vocab from model cfg
+
+    def validate(self) -> None:
+        names = set()
+        for i, corpus in enumerate(self.corpora):
+            corpus.validate(f"data.corpora[{i}]")
+            if corpus.name in names:
+                raise ConfigError(f"data.corpora[{i}].name={corpus.name!r} is used twice")
+            names.add(corpus.name)
+        if not 0 < self.valid_fraction < 1:
+            raise ConfigError("data.valid_fraction must be in (0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50  # steps; 0 = only at the end / on signal
+    keep_last: int = 0  # 0 = keep every checkpoint (branches and merges reference them)
+    save_optimizer: bool = True
+
+    def validate(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    eval_interval: int = 50  # 0 = never
+    eval_batches: int = 4
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "logging", ["log_interval", "eval_batches"])
+        if self.eval_interval < 0:
+            raise ConfigError("logging.eval_interval must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 1234
+
+    def validate(self) -> "TrainConfig":
+        for section in (self.model, self.parallel, self.precision, self.optimizer, self.schedule,
+                        self.data, self.checkpoint, self.logging):
+            section.validate()
+        self.parallel.check_model(self.model)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+# Types of list elements that are dataclasses (kept explicit: the list fields are typed `list` above so
+# that dataclass defaults stay simple).
+_LIST_ITEM_TYPES: dict[tuple[type, str], type] = {
+    (DataConfig, "corpora"): CorpusConfig,
+    (MixConfig, "stages"): MixStage,
+}
+
+
+def register_list_item_type(owner: type, field_name: str, item_type: type) -> None:
+    """Declare that ``owner.field_name`` is a list of ``item_type`` dataclasses (for other config files)."""
+    _LIST_ITEM_TYPES[(owner, field_name)] = item_type
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_join(where, k) for k in unknown)}; "
+            f"valid keys here: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(cls, name, hints[name], value, _join(where, name))
+    return cls(**kwargs)
+
+
+def _coerce(owner: type, name: str, hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        item = _LIST_ITEM_TYPES.get((owner, name))
+        if item is not None:
+            return [from_dict(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.hidden_size=256")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(TrainConfig, data).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _positive(obj: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+
+
+def _choice(obj: Any, section: str, name: str, choices: list[str]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(f"{section}.{name}={getattr(obj, name)!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lrpath_megatron",
+    version="0.1.0",
+    description="Version updates of GPT models on megatron-core: main path, decaying branches, "
+    "LR-triggered data mixing, checkpoint merging, adapters.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lrpath_megatron*", "data_tools*", "launch*"]),
+    package_data={"launch": ["templates/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "sentencepiece",
+        "psutil",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        # Used when importable, never required: TE layer specs + FP8, apex fused kernels.
+        "te": ["transformer-engine[pytorch]"],
+        "apex": [],  # NVIDIA apex is not on PyPI; build it from source (see README).
+        "test": ["pytest", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["lrpath=lrpath_megatron.cli:main"]},
+)
