@@ -1,0 +1,211 @@
+"""Checkpoints: megatron-core dist-checkpointing, atomic commit, ``latest`` pointer, lineage manifest.
+
+Layout of one checkpoint (``iter_NNNNNNN`` = steps completed)::
+
+    model/              dist checkpoint of model.sharded_state_dict() (any TP/PP can load it)
+    optimizer/          dist checkpoint of the optimizer state (unless checkpoint.save_optimizer=false)
+    trainer_state.pt    step, consumed samples, data-sampler state (identical on all ranks)
+    rng/rank_R.pt       each rank's RNG states (restored only when the world shape is unchanged)
+    manifest.json       written last: config, lineage, file checksums
+
+Everything is written under ``.tmp_iter_NNNNNNN`` and renamed when complete; ``latest`` is replaced after
+the rename. A process killed at any point leaves either the previous checkpoint or the new one visible,
+never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+
+from lrpath_megatron.errors import LrpathError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / MANIFEST).is_file()
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``: the ``latest`` pointer, else a scan."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        ckpt = root / pointer.read_text().strip()
+        if is_complete(ckpt):
+            return ckpt
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and is_complete(p))
+    return complete[-1] if complete else None
+
+
+def checkpoint_at(root: Path, step: int) -> Path | None:
+    ckpt = Path(root) / iter_name(step)
+    return ckpt if is_complete(ckpt) else None
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / MANIFEST).read_text())
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Leftovers of saves that were killed: never loadable, safe to delete (rank 0, before training)."""
+    for tmp in Path(root).glob(".tmp_iter_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def unwrap(model):
+    """The GPTModel inside a DDP wrapper: checkpoint keys carry no wrapper prefix."""
+    return getattr(model, "module", model)
+
+
+def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
+         save_optimizer: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    model = unwrap(model)
+    root = Path(root)
+    final = root / iter_name(step)
+    tmp = root / f".tmp_{iter_name(step)}"
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for sub in ("rng", "model", "optimizer"):
+            (tmp / sub).mkdir(parents=True)
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
+    optim_sd = optimizer.sharded_state_dict(model_sd) if save_optimizer and optimizer is not None else None
+    dist_checkpointing.save(model_sd, str(tmp / "model"))
+    if optim_sd is not None:
+        dist_checkpointing.save(optim_sd, str(tmp / "optimizer"))
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        if not (save_optimizer and optimizer is not None):
+            (tmp / "optimizer").rmdir()
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    _barrier()
+    checksums = _distributed_checksums(tmp)
+    if rank == 0:
+        manifest = dict(manifest, step=step, world_size=_world(), files=checksums)
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        if final.exists():  # a re-save of the same step (e.g. a resumed run stopped at the same point)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+    _barrier()
+    return final
+
+
+def _distributed_checksums(ckpt: Path) -> dict[str, str]:
+    """sha256 of every written file, the files split across ranks so no rank reads the whole checkpoint."""
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    rank, world = _rank(), _world()
+    mine = {name: _sha256(ckpt / name) for i, name in enumerate(files) if i % world == rank}
+    if world == 1:
+        return mine
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in sorted(part.items())}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(ckpt: Path) -> list[str]:
+    """Files whose checksum does not match the manifest (empty list = intact)."""
+    manifest = read_manifest(ckpt)
+    return [name for name, digest in manifest["files"].items()
+            if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest]
+
+
+def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng: bool = True) -> dict:
+    """Collective. Loads model (and optimizer) state into the live objects; returns the trainer state."""
+    ckpt, model = Path(ckpt), unwrap(model)
+    model_sd = model.sharded_state_dict()
+    model.load_state_dict(dist_checkpointing.load(model_sd, str(ckpt / "model")))
+    if load_optimizer and optimizer is not None:
+        if not (ckpt / "optimizer").is_dir():
+            raise LrpathError(
+                f"{ckpt} has no optimizer state (saved with checkpoint.save_optimizer=false); resume "
+                f"with a fresh optimizer by setting the path's reset_optimizer option"
+            )
+        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(ckpt / "optimizer")))
+    rng_file = ckpt / "rng" / f"rank_{_rank()}.pt"
+    if restore_rng and read_manifest(ckpt).get("world_size") == _world() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def code_version() -> str:
+    """The package version plus the git commit of the source tree when there is one."""
+    from lrpath_megatron import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,70 @@
+"""``lrpath train CONFIG.yaml`` (a stand-alone run) or ``lrpath train PLAN.yaml --path NAME`` (one path of a plan)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from lrpath_megatron.config import TrainConfig, read_yaml, load_train_config, to_dict
+from lrpath_megatron.errors import LrpathError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a stand-alone config, or one path (main / a version) of a plan",
+                       description="Train; rerunning the same command resumes from the latest checkpoint.")
+    p.add_argument("config", help="a training config YAML, or a version plan YAML (then --path is required)")
+    p.add_argument("--path", help="plan path to train: 'main' or a version name")
+    p.add_argument("--run-dir", default="runs/train", help="run directory (a plan's paths live in RUN/<path>/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.hidden_size=256 (repeatable)")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step with a checkpoint; the schedule is unchanged")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lrpath_megatron.trainer import run_path
+
+    cfg, path_run = resolve(args.config, args.path, Path(args.run_dir), args.overrides)
+    code = run_path(cfg, path_run, args.stop_at_step)
+    sys.stdout.flush()
+    return code
+
+
+def resolve(config_path: str, path: str | None, run_dir: Path, overrides: list[str]):
+    """(TrainConfig, PathRun) for a stand-alone config or one path of a plan."""
+    if "plan" in read_yaml(config_path):
+        from lrpath_megatron.plan import load_plan, path_run
+
+        plan = load_plan(config_path, overrides)
+        if path is None:
+            names = ", ".join(p.name for p in plan.paths())
+            raise LrpathError(f"{config_path} is a version plan: choose a path with --path ({names})")
+        return plan.train_config, path_run(plan, path, run_dir)
+    if path is not None:
+        raise LrpathError(f"--path {path}: {config_path} is not a version plan (it has no 'plan' section)")
+    cfg = load_train_config(config_path, overrides)
+    return cfg, standalone_run(cfg, run_dir)
+
+
+def standalone_run(cfg: TrainConfig, run_dir: Path):
+    from lrpath_megatron.config import MixConfig, MixStage
+    from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
+    from lrpath_megatron.schedules import from_schedule_config
+    from lrpath_megatron.trainer import PathRun
+
+    lr_at_step = from_schedule_config(cfg.schedule, cfg.optimizer.lr, cfg.optimizer.min_lr)
+    corpora = [c.name for c in cfg.data.corpora]
+    if not corpora:
+        raise LrpathError("data.corpora is empty: list at least one {name, prefix} corpus")
+    # No policy = one stage with equal weights.
+    mix = cfg.data.mix if cfg.data.mix.stages else MixConfig(stages=[MixStage(weights={c: 1.0 for c in corpora})])
+    stages = resolve_stages(mix, corpora, cfg.optimizer.lr, "data.mix")
+    weights = MixSchedule(stages, mix.ramp_steps, lr_at_step, cfg.schedule.warmup_steps,
+                          cfg.schedule.train_steps).weights_at_step
+    what = {k: to_dict(cfg)[k] for k in ("schedule", "data", "seed")}
+    what["optimizer"] = {"lr": cfg.optimizer.lr, "min_lr": cfg.optimizer.min_lr}
+    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return PathRun(name="train", run_dir=run_dir, end_step=cfg.schedule.train_steps, lr_at_step=lr_at_step,
+                   weights_at_step=weights, fingerprint=fingerprint)

@@ -1,0 +1,91 @@
+"""megatron-core 0.16.1 on a machine without CUDA: every workaround lives here and nowhere else.
+
+:func:`enable` is called by :mod:`lrpath_megatron.distributed` only when training without a GPU; the GPU
+path never applies any of this (tested). Each workaround names the megatron-core call site it exists for.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_enabled = False
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (and ``torch.device("cuda")``) in tensor factory calls to the CPU.
+
+    Call sites: pipeline schedules (``total_num_tokens = torch.zeros(..., device="cuda")``),
+    ``optimizer/clip_grads.py`` (``torch.tensor(..., device="cuda")`` for the norm),
+    ``core/utils.py`` helpers and ``transformer/utils.py``'s default causal mask.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda(device):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare int means a CUDA ordinal in these call sites
+
+
+def _type_string_check_passthrough() -> None:
+    """``clip_grads.py`` and the optimizers assert ``tensor.type() == 'torch.cuda.FloatTensor'``.
+
+    Only the string comparison is relaxed: a CPU float32 tensor reports the CUDA type name to those
+    checks (``torch.FloatTensor`` otherwise). Nothing else in megatron-core reads ``Tensor.type()``.
+    """
+    original = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        if self.device.type == "cpu" and name in ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"):
+            return name.replace("torch.", "torch.cuda.")
+        return name
+
+    torch.Tensor.type = cuda_named_type
+
+
+def enable() -> None:
+    """Apply all CPU workarounds, once per process. Must not be called when CUDA is used."""
+    global _enabled
+    with _lock:
+        if _enabled:
+            return
+        # rotary_pos_embedding.py and core/utils.py (global memory buffer) call current_device();
+        # the async checkpoint writer calls synchronize().
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        _type_string_check_passthrough()
+        _CudaToCpu().__enter__()  # process-wide: the mode stays pushed for the life of the process
+        _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def init_rng(seed: int) -> None:
+    """Replaces ``model_parallel_cuda_manual_seed`` (needs the CUDA RNG).
+
+    The tracker is created in inference mode so its ``fork()`` is a no-op; dropout then draws from the
+    CPU generator, seeded identically on every rank of a tensor-parallel group.
+    """
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    torch.manual_seed(seed)

@@ -1,0 +1,147 @@
+"""megatron-core ``GPTModel`` from a :class:`ModelConfig`.
+
+Layer spec: Transformer Engine's when it imports (FP8 from the precision config), otherwise the local
+spec with :class:`SDPAttention` as core attention - the local unfused attention materialises the
+[b, n, s, s] score matrix and does not fit a 1.3B model at seq 2048 on an 80 GB GPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lrpath_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from lrpath_megatron.distributed import use_cuda
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # an installed-but-broken TE build raises more than ImportError
+        return False
+    return True
+
+
+class SDPAttention(DotProductAttention):
+    """Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same constructor and tensor layout as megatron-core's ``DotProductAttention`` ([s, b, n, d] in,
+    [s, b, n*d] out) so it drops into the local spec; flash / memory-efficient kernels are picked by torch.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports plain causal attention only")
+        seq, batch = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            is_causal=True,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
+    cuda = use_cuda()
+    if precision.fp8 and not have_transformer_engine():
+        raise ConfigError(
+            "precision.fp8 is set but Transformer Engine is not importable; install the [te] extra "
+            "or set precision.fp8=null"
+        )
+    bf16 = precision.dtype == "bf16"
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_size,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        normalization=model.normalization,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=not cuda,
+        # CPU: p2p calls torch.cuda.synchronize when batched (see cpu_compat notes).
+        batch_p2p_sync=cuda,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if precision.fp8:
+        kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig) -> ModuleSpec:
+    if have_transformer_engine() and use_cuda():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization))
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                config: TransformerConfig | None = None) -> GPTModel:
+    """The local pipeline stage of the GPT (pre/post-process flags from parallel_state)."""
+    config = config or transformer_config(model, parallel, precision)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
+        max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        position_embedding_type=model.position_embedding,
+        rotary_base=model.rotary_base,
+    )
+    if use_cuda():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def count_parameters(model: ModelConfig) -> int:
+    """Parameters of the whole model (all stages, unpadded vocab), for FLOPs and reports."""
+    h, L, f, v = model.hidden_size, model.num_layers, model.ffn_size, model.vocab_size
+    groups = model.num_query_groups or model.num_attention_heads
+    kv = 2 * h * (h // model.num_attention_heads) * groups
+    mlp_in = (2 if model.activation == "swiglu" else 1) * h * f
+    per_layer = h * h + kv + h * h + mlp_in + f * h + 2 * h
+    emb = v * h * (2 if model.untie_embeddings else 1)
+    pos = model.seq_length * h if model.position_embedding == "learned_absolute" else 0
+    return L * per_layer + emb + pos + h
+
+
+def flops_per_token(model: ModelConfig) -> float:
+    """Megatron-LM's model FLOPs per token for one training step (fwd + bwd, no recompute):
+    72 L H^2 (1 + S/(6H) + V/(12 L H)), with the FFN/GQA/SwiGLU terms generalised."""
+    h, L, s, v = model.hidden_size, model.num_layers, model.seq_length, model.vocab_size
+    groups = model.num_query_groups or model.num_attention_heads
+    kv_ratio = groups / model.num_attention_heads
+    ffn_ratio = model.ffn_size / h * (1.5 if model.activation == "swiglu" else 1.0)
+    # 6 * (matmul params per token) + attention scores/values (2 * 2 * s * h per layer, x3 for bwd)
+    linear = 2 * h * h * (1 + kv_ratio) + 2 * h * h * ffn_ratio
+    return 6 * L * linear + 12 * L * s * h + 6 * h * v

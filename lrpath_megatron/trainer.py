@@ -1,0 +1,297 @@
+"""The training loop of one path: megatron-core GPTModel + DDP + Megatron optimizer, LR from the path.
+
+Read top-down: :class:`PathRun` says what to train (steps, LR and data-blend functions, where to start),
+:class:`Trainer` builds the parallel model, restores state, and runs steps until the path ends, a
+``--stop-at-step`` is reached, or a signal asks it to save and leave.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lrpath_megatron import checkpoint, distributed
+from lrpath_megatron.config import TrainConfig, to_dict
+from lrpath_megatron.data import TrainData, ValidData
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.metrics import H100_BF16_PEAK_FLOPS, MetricsLogger
+from lrpath_megatron.model import build_model, flops_per_token, transformer_config
+
+# Exit code that asks the launcher to requeue the job (the trainer saved and stopped on a signal).
+EXIT_REQUEUE = 3
+
+
+@dataclass
+class PathRun:
+    """One path of training: what the trainer needs beyond the model/optimizer config."""
+
+    name: str
+    run_dir: Path  # this path's directory: checkpoints/, metrics.jsonl, tensorboard/
+    end_step: int  # global step index after the last step
+    lr_at_step: Callable[[int], float]
+    weights_at_step: Callable[[int], tuple]  # step -> (stage label, {corpus: weight})
+    fingerprint: str  # identifies the path's schedule + data; resuming with another is refused
+    save_steps: frozenset = frozenset()
+    parent_checkpoint: Optional[Path] = None  # a branch starts here until it has checkpoints of its own
+    reset_optimizer: bool = False  # start a branch with fresh Adam moments
+    lineage: dict = field(default_factory=dict)  # extra manifest fields (plan hash, parent, release)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None):
+        self.cfg, self.run = cfg, run
+        self.stop_at_step = stop_at_step
+        self.ckpt_root = Path(run.run_dir) / "checkpoints"
+        self._signal: int | None = None
+
+    # ---------------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.env = distributed.initialize(cfg.parallel, cfg.seed)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.is_rank0 = self.env.rank == 0
+        if self.is_rank0:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temporaries(self.ckpt_root)
+        resume = checkpoint.find_latest(self.ckpt_root)
+        self.resume_from, own = (resume, True) if resume else (self.run.parent_checkpoint, False)
+        if not own and self.resume_from is not None and not checkpoint.is_complete(self.resume_from):
+            raise LrpathError(
+                f"path {self.run.name!r} starts from {self.resume_from}, which does not exist (yet): train the "
+                f"parent path past that step first"
+            )
+        if self.resume_from is not None:
+            self._check_compatible(self.resume_from, own)
+
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        dist_opt = cfg.parallel.use_distributed_optimizer
+        if dist_opt is None:
+            dist_opt = distributed.use_cuda()
+        module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
+        self.model = DistributedDataParallel(
+            config=tcfg,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
+            module=module,
+        )
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+                bf16=cfg.precision.dtype == "bf16", params_dtype=tcfg.params_dtype,
+                use_distributed_optimizer=dist_opt,
+            ),
+            [self.model],
+        )
+        tcfg.grad_scale_func = self.optimizer.scale_loss
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg = tcfg
+
+        p = cfg.parallel
+        self.num_microbatches = p.global_batch_size // (p.micro_batch_size * self.dp_size)
+        self.train_data = TrainData(cfg.data, cfg.model.seq_length, p.global_batch_size, p.micro_batch_size,
+                                    self.dp_rank, self.dp_size, self.run.weights_at_step, cfg.data.seed,
+                                    vocab_size=cfg.model.vocab_size)
+        self.valid_data = ValidData(cfg.data, cfg.model.seq_length, p.micro_batch_size, cfg.data.seed,
+                                    vocab_size=cfg.model.vocab_size)
+
+        self.step = 0
+        if self.resume_from is not None:
+            state = checkpoint.load(self.resume_from, self.model, self.optimizer,
+                                    load_optimizer=own or not self.run.reset_optimizer, restore_rng=own)
+            self.step = state["step"]
+            self.train_data.load_state_dict(state["data"])
+            where = "resumed" if own else f"branched from {self.resume_from}"
+            self._print(f"[{self.run.name}] {where} at step {self.step}")
+        self.logger = MetricsLogger(self.run.run_dir, self.is_rank0, cfg.logging.tensorboard, self.step)
+
+    def _check_compatible(self, ckpt: Path, own: bool) -> None:
+        """Refuse, before building anything, a checkpoint this run cannot continue."""
+        manifest = checkpoint.read_manifest(ckpt)
+        saved = manifest["config"]["model"]
+        wanted = to_dict(self.cfg.model)
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if diff:
+            changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in diff)
+            raise LrpathError(
+                f"cannot resume from {ckpt}: the model differs ({changes}); use the original model settings "
+                f"or a new --run-dir"
+            )
+        if own and manifest.get("fingerprint") != self.run.fingerprint:
+            raise LrpathError(
+                f"cannot resume path {self.run.name!r} from {ckpt}: it was trained with a different schedule "
+                f"or data plan (fingerprint {manifest.get('fingerprint')} vs {self.run.fingerprint}); restore "
+                f"the original plan, or train the changed plan in a new --run-dir"
+            )
+
+    # ---------------------------------------------------------------------------------------- loop
+    def train(self) -> int:
+        """Runs to the end of the path (or the stop step). Returns 0, or EXIT_REQUEUE after a signal."""
+        end = self.run.end_step if self.stop_at_step is None else min(self.run.end_step, self.stop_at_step)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            if self.step >= end:
+                self._print(f"[{self.run.name}] nothing to do: at step {self.step}, stop at {end}")
+                return 0
+            last_saved = self.step if self.resume_from is not None else -1
+            while self.step < end:
+                record = self._train_step()
+                self.step += 1
+                interval = self.cfg.logging.eval_interval
+                if interval and (self.step % interval == 0 or self.step == end):
+                    record.update(self.evaluate())
+                if self.step % self.cfg.logging.log_interval == 0 or self.step == end or "val_loss" in record:
+                    self.logger.log(record)
+                signalled = self._signal_received()
+                if signalled or self._should_save(end):
+                    self.save()
+                    last_saved = self.step
+                if signalled:
+                    self._print(f"[{self.run.name}] signal received: saved at step {self.step}, exiting for requeue")
+                    return EXIT_REQUEUE
+            if last_saved != self.step:
+                self.save()
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.close()
+
+    def _should_save(self, end: int) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return (self.step == end or self.step in self.run.save_steps
+                or (interval > 0 and self.step % interval == 0))
+
+    def _train_step(self) -> dict:
+        step, cfg = self.step, self.cfg
+        lr = self.run.lr_at_step(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = cfg.optimizer.weight_decay * group.get("wd_mult", 1.0)
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        microbatches = self.train_data.microbatches(step)
+        losses = self._forward_backward(microbatches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise LrpathError(f"optimizer step {step} failed (non-finite gradients)")
+        loss = self._global_mean(losses)
+        elapsed = time.perf_counter() - start
+        tokens = cfg.parallel.global_batch_size * cfg.model.seq_length
+        tps = tokens / elapsed
+        stats = self.train_data.pop_stats()
+        return {
+            "path": self.run.name,
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": (step + 1) * tokens,
+            "tokens_per_s": tps,
+            "mfu": tps * flops_per_token(cfg.model) / (H100_BF16_PEAK_FLOPS * self.env.world_size),
+            "samples_per_corpus": stats.get("samples", {}),
+            "stage": stats.get("stage"),
+            "events": stats.get("events", []),
+        }
+
+    def _forward_backward(self, microbatches: list[dict], forward_only: bool) -> list[float]:
+        """Runs the (pipelined) schedule; returns this rank's per-microbatch losses (last stage) or []."""
+        out = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return [float(d["lm loss"]) for d in out] if parallel_state.is_pipeline_last_stage() else []
+
+    def _global_mean(self, local_losses: list[float]) -> float:
+        """Mean of the micro-batch losses of all DP replicas (counted once per replica: last stage, TP rank 0)."""
+        contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        value = torch.tensor([sum(local_losses), len(local_losses)] if contributes else [0.0, 0.0],
+                             dtype=torch.float64)
+        if distributed.use_cuda():
+            value = value.cuda()
+        torch.distributed.all_reduce(value)
+        return float(value[0] / value[1])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss per corpus on fixed held-out micro-batches (the same for every layout)."""
+        self.model.eval()
+        per_corpus = {}
+        for corpus in self.valid_data.corpora:
+            batches = self.valid_data.batches(corpus, self.cfg.logging.eval_batches, self.dp_rank, self.dp_size)
+            local = self._forward_backward(batches, forward_only=True)
+            per_corpus[corpus] = self._global_mean(local)
+        self.model.train()
+        return {"val_loss": sum(per_corpus.values()) / len(per_corpus), "val_loss_per_corpus": per_corpus}
+
+    # ---------------------------------------------------------------------------------------- state
+    def save(self) -> Path:
+        cfg = self.cfg
+        manifest = {
+            "path": self.run.name,
+            "fingerprint": self.run.fingerprint,
+            "config": to_dict(cfg),
+            "code_version": checkpoint.code_version(),
+            "parent": str(self.run.parent_checkpoint) if self.run.parent_checkpoint else None,
+            "consumed_samples": self.step * cfg.parallel.global_batch_size,
+            "data_state": self.train_data.state_dict(),
+            **self.run.lineage,
+        }
+        state = {"step": self.step, "data": self.train_data.state_dict()}
+        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
+                               save_optimizer=cfg.checkpoint.save_optimizer)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def _signal_received(self) -> bool:
+        """All ranks agree: one rank signalled means everyone saves (SLURM signals ranks at slightly different times)."""
+        flag = torch.tensor([1 if self._signal is not None else 0])
+        if distributed.use_cuda():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _print(self, msg: str) -> None:
+        if self.is_rank0:
+            print(msg, flush=True)
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.float()
+    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
+
+
+def run_path(cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None) -> int:
+    trainer = Trainer(cfg, run, stop_at_step)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        distributed.shutdown()
+
