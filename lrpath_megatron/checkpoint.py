@@ -167,11 +167,16 @@ def verify(ckpt: Path) -> list[str]:
             if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest]
 
 
+def load_model(ckpt: Path, model) -> None:
+    """Collective. Model weights only, at whatever TP/PP the live model has."""
+    model = unwrap(model)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt) / "model")))
+
+
 def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng: bool = True) -> dict:
     """Collective. Loads model (and optimizer) state into the live objects; returns the trainer state."""
     ckpt, model = Path(ckpt), unwrap(model)
-    model_sd = model.sharded_state_dict()
-    model.load_state_dict(dist_checkpointing.load(model_sd, str(ckpt / "model")))
+    load_model(ckpt, model)
     if load_optimizer and optimizer is not None:
         if not (ckpt / "optimizer").is_dir():
             raise LrpathError(

@@ -6,6 +6,8 @@ Read top-down: :class:`PathRun` says what to train (steps, LR and data-blend fun
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,10 +41,15 @@ class PathRun:
     end_step: int  # global step index after the last step
     lr_at_step: Callable[[int], float]
     weights_at_step: Callable[[int], tuple]  # step -> (stage label, {corpus: weight})
-    fingerprint: str  # identifies the path's schedule + data; resuming with another is refused
+    start_step: int = 0  # the fork step of a branch
     save_steps: frozenset = frozenset()
     parent_checkpoint: Optional[Path] = None  # a branch starts here until it has checkpoints of its own
     reset_optimizer: bool = False  # start a branch with fresh Adam moments
+    # Start from the parent's model weights only (step 0, fresh optimizer and data): adapters, LP-FT.
+    init_weights_only: bool = False
+    # Applied to the GPTModel after the parent weights are loaded and before DDP wraps it (e.g. add LoRA
+    # modules and freeze the base); it must also be the same on resume, so it is part of the path.
+    model_transform: Optional[Callable] = None
     lineage: dict = field(default_factory=dict)  # extra manifest fields (plan hash, parent, release)
 
 
@@ -78,6 +85,11 @@ class Trainer:
         if dist_opt is None:
             dist_opt = distributed.use_cuda()
         module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
+        weights_only = self.resume_from is not None and not own and self.run.init_weights_only
+        if weights_only:  # base weights go in before the transform adds modules the base never had
+            checkpoint.load_model(self.resume_from, module)
+        if self.run.model_transform is not None:
+            self.run.model_transform(module)
         self.model = DistributedDataParallel(
             config=tcfg,
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
@@ -106,7 +118,9 @@ class Trainer:
                                     vocab_size=cfg.model.vocab_size)
 
         self.step = 0
-        if self.resume_from is not None:
+        if weights_only:
+            self._print(f"[{self.run.name}] initialised from the weights of {self.resume_from}")
+        elif self.resume_from is not None:
             state = checkpoint.load(self.resume_from, self.model, self.optimizer,
                                     load_optimizer=own or not self.run.reset_optimizer, restore_rng=own)
             self.step = state["step"]
@@ -127,12 +141,26 @@ class Trainer:
                 f"cannot resume from {ckpt}: the model differs ({changes}); use the original model settings "
                 f"or a new --run-dir"
             )
-        if own and manifest.get("fingerprint") != self.run.fingerprint:
+        if own and manifest.get("schedule_digest") != self.schedule_digest(manifest["step"]):
             raise LrpathError(
-                f"cannot resume path {self.run.name!r} from {ckpt}: it was trained with a different schedule "
-                f"or data plan (fingerprint {manifest.get('fingerprint')} vs {self.run.fingerprint}); restore "
-                f"the original plan, or train the changed plan in a new --run-dir"
+                f"cannot resume path {self.run.name!r} from {ckpt}: the LR schedule, data blend or data "
+                f"settings of steps {self.run.start_step}..{manifest['step'] - 1} differ from what was trained; "
+                f"restore the original plan (extending it with later versions is fine), or use a new --run-dir"
             )
+
+    def schedule_digest(self, upto: int) -> str:
+        """Digest of everything that decided steps start_step..upto-1 besides the model: LR and blend per
+        step, batch shape, data seed and corpora. A plan extended with new versions keeps the digest of the
+        steps already trained, so the main path can resume; a changed past cannot."""
+        cfg = self.cfg
+        h = hashlib.sha256(json.dumps({
+            "global_batch_size": cfg.parallel.global_batch_size, "seq_length": cfg.model.seq_length,
+            "data_seed": cfg.data.seed, "corpora": [to_dict(c) for c in cfg.data.corpora],
+            "valid_fraction": cfg.data.valid_fraction,
+        }, sort_keys=True).encode())
+        for step in range(self.run.start_step, upto):
+            h.update(repr((self.run.lr_at_step(step), self.run.weights_at_step(step))).encode())
+        return h.hexdigest()[:16]
 
     # ---------------------------------------------------------------------------------------- loop
     def train(self) -> int:
@@ -245,7 +273,7 @@ class Trainer:
         cfg = self.cfg
         manifest = {
             "path": self.run.name,
-            "fingerprint": self.run.fingerprint,
+            "schedule_digest": self.schedule_digest(self.step),
             "config": to_dict(cfg),
             "code_version": checkpoint.code_version(),
             "parent": str(self.run.parent_checkpoint) if self.run.parent_checkpoint else None,

@@ -1,12 +1,11 @@
 """``lrpath train CONFIG.yaml`` (a stand-alone run) or ``lrpath train PLAN.yaml --path NAME`` (one path of a plan)."""
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
-from lrpath_megatron.config import TrainConfig, read_yaml, load_train_config, to_dict
+from lrpath_megatron.config import TrainConfig, load_train_config, read_yaml
 from lrpath_megatron.errors import LrpathError
 
 
@@ -35,7 +34,7 @@ def run(args) -> int:
 def resolve(config_path: str, path: str | None, run_dir: Path, overrides: list[str]):
     """(TrainConfig, PathRun) for a stand-alone config or one path of a plan."""
     if "plan" in read_yaml(config_path):
-        from lrpath_megatron.plan import load_plan, path_run
+        from lrpath_megatron.plan import load_plan
 
         plan = load_plan(config_path, overrides)
         if path is None:
@@ -63,8 +62,21 @@ def standalone_run(cfg: TrainConfig, run_dir: Path):
     stages = resolve_stages(mix, corpora, cfg.optimizer.lr, "data.mix")
     weights = MixSchedule(stages, mix.ramp_steps, lr_at_step, cfg.schedule.warmup_steps,
                           cfg.schedule.train_steps).weights_at_step
-    what = {k: to_dict(cfg)[k] for k in ("schedule", "data", "seed")}
-    what["optimizer"] = {"lr": cfg.optimizer.lr, "min_lr": cfg.optimizer.min_lr}
-    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     return PathRun(name="train", run_dir=run_dir, end_step=cfg.schedule.train_steps, lr_at_step=lr_at_step,
-                   weights_at_step=weights, fingerprint=fingerprint)
+                   weights_at_step=weights)
+
+
+def path_run(plan, name: str, run_dir: Path):
+    """The trainer's view of one plan path: a branch starts from the main path's checkpoint at its fork."""
+    from lrpath_megatron.checkpoint import iter_name
+    from lrpath_megatron.trainer import PathRun
+
+    spec = plan.path(name)
+    parent = None
+    if spec.parent is not None:
+        parent = run_dir / spec.parent / "checkpoints" / iter_name(spec.fork_step)
+    lineage = {"plan_hash": plan.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
+               "release": dataclasses.asdict(spec.release) if spec.release else None}
+    return PathRun(name=name, run_dir=run_dir / name, end_step=spec.end_step, lr_at_step=spec.lr_at_step,
+                   weights_at_step=spec.weights_at_step, start_step=spec.fork_step,
+                   save_steps=frozenset(spec.save_steps), parent_checkpoint=parent, lineage=lineage)
