@@ -177,7 +177,9 @@ def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng:
     """Collective. Loads model (and optimizer) state into the live objects; returns the trainer state."""
     ckpt, model = Path(ckpt), unwrap(model)
     load_model(ckpt, model)
-    if load_optimizer and optimizer is not None:
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    # A step-0 checkpoint has no optimizer state: a fresh optimizer is exactly its state.
+    if load_optimizer and optimizer is not None and state["step"] > 0:
         if not (ckpt / "optimizer").is_dir():
             raise LrpathError(
                 f"{ckpt} has no optimizer state (saved with checkpoint.save_optimizer=false); resume "
@@ -188,7 +190,7 @@ def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng:
     rng_file = ckpt / "rng" / f"rank_{_rank()}.pt"
     if restore_rng and read_manifest(ckpt).get("world_size") == _world() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    return state
 
 
 def code_version() -> str:

@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lrpath_megatron.errors import USER_ERRORS
 
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
 COMMAND_MODULES = [
+    "lrpath_megatron.commands.plan",
     "lrpath_megatron.commands.train",
+    "lrpath_megatron.commands.launch",
+    "lrpath_megatron.commands.merge",
+    "lrpath_megatron.commands.data",
+    "lrpath_megatron.commands.adapt",
+    "lrpath_megatron.commands.status",
+    "lrpath_megatron.commands.export",
 ]
 
 
@@ -28,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
-        print(f"lrpath {args.command}: error: {exc}", file=sys.stderr)
+        # Every rank of a distributed run hits the same check; one message is enough.
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"lrpath {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -46,9 +46,22 @@ class ModelConfig:
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
 
-    def padded_vocab_size(self, tp: int) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
+    @property
+    def padded_vocab_size(self) -> int:
+        """Independent of TP (unlike Megatron-LM's default) so checkpoints reshard across TP sizes."""
+        multiple = self.make_vocab_size_divisible_by
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (fwd + bwd, no recompute), Megatron-LM's formula
+        72 L H^2 (1 + S/(6H) + V/(12 L H)) generalised to GQA, any FFN size and SwiGLU: 6 x the GEMM
+        parameters per token, plus 12 L S H for attention scores and values (full, not causal-halved, as
+        Megatron-LM counts it; MFU figures are comparable with its logs)."""
+        h, layers, s = self.hidden_size, self.num_layers, self.seq_length
+        kv = h * (self.num_query_groups or self.num_attention_heads) / self.num_attention_heads
+        mlp = h * self.ffn_size * (3 if self.activation == "swiglu" else 2)
+        gemm_params = layers * (2 * h * h + 2 * h * kv + mlp) + h * self.padded_vocab_size
+        return 6 * gemm_params + 12 * layers * s * h
 
     def validate(self) -> None:
         _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"])
@@ -107,6 +120,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.num_query_groups")
         if model.ffn_size % tp:
             raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the FFN size {model.ffn_size}")
+        if model.padded_vocab_size % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel={tp} does not divide the padded vocabulary {model.padded_vocab_size}; "
+                f"raise model.make_vocab_size_divisible_by to a multiple of {tp}"
+            )
         if model.num_layers % pp:
             raise ConfigError(
                 f"parallel.pipeline_parallel={pp} does not divide model.num_layers={model.num_layers}"

@@ -110,7 +110,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
-        vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -121,27 +121,3 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     if use_cuda():
         gpt.cuda(torch.cuda.current_device())
     return gpt
-
-
-def count_parameters(model: ModelConfig) -> int:
-    """Parameters of the whole model (all stages, unpadded vocab), for FLOPs and reports."""
-    h, L, f, v = model.hidden_size, model.num_layers, model.ffn_size, model.vocab_size
-    groups = model.num_query_groups or model.num_attention_heads
-    kv = 2 * h * (h // model.num_attention_heads) * groups
-    mlp_in = (2 if model.activation == "swiglu" else 1) * h * f
-    per_layer = h * h + kv + h * h + mlp_in + f * h + 2 * h
-    emb = v * h * (2 if model.untie_embeddings else 1)
-    pos = model.seq_length * h if model.position_embedding == "learned_absolute" else 0
-    return L * per_layer + emb + pos + h
-
-
-def flops_per_token(model: ModelConfig) -> float:
-    """Megatron-LM's model FLOPs per token for one training step (fwd + bwd, no recompute):
-    72 L H^2 (1 + S/(6H) + V/(12 L H)), with the FFN/GQA/SwiGLU terms generalised."""
-    h, L, s, v = model.hidden_size, model.num_layers, model.seq_length, model.vocab_size
-    groups = model.num_query_groups or model.num_attention_heads
-    kv_ratio = groups / model.num_attention_heads
-    ffn_ratio = model.ffn_size / h * (1.5 if model.activation == "swiglu" else 1.0)
-    # 6 * (matmul params per token) + attention scores/values (2 * 2 * s * h per layer, x3 for bwd)
-    linear = 2 * h * h * (1 + kv_ratio) + 2 * h * h * ffn_ratio
-    return 6 * L * linear + 12 * L * s * h + 6 * h * v

@@ -26,7 +26,7 @@ from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.metrics import H100_BF16_PEAK_FLOPS, MetricsLogger
-from lrpath_megatron.model import build_model, flops_per_token, transformer_config
+from lrpath_megatron.model import build_model, transformer_config
 
 # Exit code that asks the launcher to requeue the job (the trainer saved and stopped on a signal).
 EXIT_REQUEUE = 3
@@ -169,7 +169,9 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             if self.step >= end:
-                self._print(f"[{self.run.name}] nothing to do: at step {self.step}, stop at {end}")
+                if checkpoint.checkpoint_at(self.ckpt_root, self.step) is None:
+                    self.save()  # e.g. --stop-at-step 0: the initial weights, to start other layouts from
+                self._print(f"[{self.run.name}] at step {self.step}, stop at {end}: nothing to train")
                 return 0
             last_saved = self.step if self.resume_from is not None else -1
             while self.step < end:
@@ -227,7 +229,7 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": (step + 1) * tokens,
             "tokens_per_s": tps,
-            "mfu": tps * flops_per_token(cfg.model) / (H100_BF16_PEAK_FLOPS * self.env.world_size),
+            "mfu": tps * cfg.model.flops_per_token() / (H100_BF16_PEAK_FLOPS * self.env.world_size),
             "samples_per_corpus": stats.get("samples", {}),
             "stage": stats.get("stage"),
             "events": stats.get("events", []),
@@ -283,7 +285,7 @@ class Trainer:
         }
         state = {"step": self.step, "data": self.train_data.state_dict()}
         return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
-                               save_optimizer=cfg.checkpoint.save_optimizer)
+                               save_optimizer=cfg.checkpoint.save_optimizer and self.step > 0)
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
@@ -312,7 +314,8 @@ def _forward_step(data_iterator, model):
 def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     mask = loss_mask.float()
     loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def run_path(cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None) -> int:

@@ -1,0 +1,213 @@
+"""Corpora (Megatron .bin/.idx) to micro-batches: megatron-core ``GPTDataset`` per corpus and split.
+
+Every corpus is split by document range with megatron-core's split semantics (``data.valid_fraction``
+-> split ``"1-f,f,0"``): the first documents train, the last ones are held out. Each corpus's train
+``GPTDataset`` exposes exactly one epoch of fixed ``seq_length + 1`` token windows (its documents shuffled
+once by the seed and concatenated, as megatron-core does); :class:`~lrpath_megatron.mixing.MixingSampler`
+decides which window is used when and reshuffles per epoch. megatron-core's own sample shuffle is kept: a
+fixed permutation composed with the sampler's per-epoch permutation is still a per-epoch permutation.
+
+The index arrays are built in memory on every rank (one epoch, O(documents), milliseconds for the
+C++ helper): no cache directory next to the data, and no collective calls, so any subset of ranks may
+build the data.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrpath_megatron.config import CorpusConfig, DataConfig
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mixing import MixingSampler, WeightsFn
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _split_string(valid_fraction: float) -> str:
+    # Fixed-point: megatron-core parses the split with a digits-and-dots regex (no exponents).
+    return f"{1.0 - valid_fraction:.12f},{valid_fraction:.12f},0"
+
+
+def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_size: int):
+    """The megatron-core ``GPTDatasetConfig`` every corpus is read with."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        # blend must be set, otherwise megatron-core switches to mock data; the prefix is informational
+        # here because the datasets are constructed directly.
+        blend=(["<per-corpus>"], None),
+        split=_split_string(valid_fraction),
+        # "" (not None): None means "cache next to the data prefix"; "" keeps the indices in memory.
+        path_to_cache="",
+        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # The model builds its own causal mask; a [s, s] mask per sample is wasted memory.
+        create_attention_mask=False,
+    )
+
+
+def open_corpus(corpus: CorpusConfig):
+    """The corpus's megatron-core ``IndexedDataset``; a clear error if its files are missing or broken."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        path = Path(corpus.prefix + suffix)
+        if not path.is_file():
+            raise LrpathError(
+                f"corpus {corpus.name!r}: {path} does not exist; data.corpora prefix {corpus.prefix!r} must "
+                f"name a Megatron .bin/.idx pair (create it with the data_tools preprocessing)"
+            )
+    try:
+        return IndexedDataset(corpus.prefix, multimodal=False, mmap=True)
+    except (AssertionError, ValueError, OSError) as exc:
+        raise LrpathError(
+            f"corpus {corpus.name!r}: {corpus.prefix}.bin/.idx is not a valid Megatron indexed dataset "
+            f"({type(exc).__name__}: {exc}); rebuild it"
+        ) from None
+
+
+def build_split(corpus: CorpusConfig, indexed, config, split_name: str):
+    """The corpus's ``GPTDataset`` for ``split_name`` ("train" or "valid"): one epoch, in memory."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.utils import Split
+
+    split = Split[split_name]
+    num_docs = len(indexed.sequence_lengths)
+    begin_end = config.split_matrix[split.value]
+    # Same rounding as megatron-core's BlendedMegatronDatasetBuilder, so the ranges match its splits.
+    beg, end = (0, 0) if begin_end is None else (int(round(f * num_docs)) for f in begin_end)
+    indices = np.arange(beg, end, dtype=np.int32)
+    tokens = int(indexed.sequence_lengths[indices].sum()) if len(indices) else 0
+    needed = config.sequence_length + 1
+    if tokens < needed:
+        raise LrpathError(
+            f"corpus {corpus.name!r} ({corpus.prefix}): its {split_name} split (documents {beg}..{end} of "
+            f"{num_docs}) has {tokens} tokens, fewer than one sample of seq_length + 1 = {needed}; add data, "
+            f"lower model.seq_length, or change data.valid_fraction"
+        )
+    gpt_logger = logging.getLogger("megatron.core.datasets.gpt_dataset")
+    level = gpt_logger.level
+    gpt_logger.setLevel(logging.ERROR)  # silences "unable to save indexes" (in-memory on purpose)
+    try:
+        return GPTDataset(indexed, corpus.prefix, indices, None, split, config)
+    finally:
+        gpt_logger.setLevel(level)
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS}
+    batch["loss_mask"] = batch["loss_mask"].float()
+    return batch
+
+
+def _default_vocab_size(indexed) -> int:
+    # Only the null tokenizer's EOD id depends on it, and EOD is unused here (no resets, no EOD masking).
+    return int(np.iinfo(indexed.index.dtype).max)
+
+
+class _CorpusSplits:
+    """Opens every configured corpus and builds one split of each."""
+
+    def __init__(self, cfg: DataConfig, seq_length: int, seed: int, split_name: str, vocab_size: int | None):
+        if not cfg.corpora:
+            raise LrpathError("data.corpora is empty; configure at least one corpus (name + prefix)")
+        indexed = {c.name: open_corpus(c) for c in cfg.corpora}
+        vocab = vocab_size or _default_vocab_size(next(iter(indexed.values())))
+        config = gpt_dataset_config(seq_length, cfg.valid_fraction, seed, vocab)
+        self.datasets = {c.name: build_split(c, indexed[c.name], config, split_name) for c in cfg.corpora}
+
+
+class TrainData:
+    """This DP rank's micro-batches of every global batch, blended by a :class:`MixingSampler`.
+
+    Global batch ``step`` is the sampler's list of samples; rank ``r`` takes the contiguous slice
+    ``[r * n, (r + 1) * n)`` with ``n = global_batch_size / dp_size`` and cuts it into micro-batches, so
+    the union over ranks is the same global batch for any ``dp_size``.
+    """
+
+    def __init__(self, cfg: DataConfig, seq_length: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, weights_at_step: WeightsFn, seed: int, *,
+                 vocab_size: int | None = None) -> None:
+        if dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise LrpathError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise LrpathError(
+                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * dp_size = "
+                f"{micro_batch_size} * {dp_size}"
+            )
+        self.micro_batch_size = micro_batch_size
+        self.per_rank = global_batch_size // dp_size
+        self.dp_rank = dp_rank
+        self.datasets = _CorpusSplits(cfg, seq_length, seed, "train", vocab_size).datasets
+        self.sampler = MixingSampler({name: len(ds) for name, ds in self.datasets.items()},
+                                     weights_at_step, global_batch_size, seed)
+
+    def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        mine = self.sampler.global_batch(step)[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
+        samples = [self.datasets[corpus][index] for corpus, index in mine]
+        mbs = self.micro_batch_size
+        return [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def pop_stats(self) -> dict:
+        return self.sampler.pop_stats()
+
+
+class ValidData:
+    """Fixed held-out micro-batches per corpus: the first samples of the corpus's held-out split.
+
+    The set of ``n`` micro-batches depends only on the data, ``seq_length`` and ``seed``; DP ranks take
+    interleaved shares of it, so summing losses and token counts over ranks gives the same validation loss
+    for every DP size.
+    """
+
+    def __init__(self, cfg: DataConfig, seq_length: int, micro_batch_size: int, seed: int, *,
+                 vocab_size: int | None = None) -> None:
+        self.micro_batch_size = micro_batch_size
+        self.datasets = _CorpusSplits(cfg, seq_length, seed, "valid", vocab_size).datasets
+        self._warned: set[str] = set()
+
+    @property
+    def corpora(self) -> list[str]:
+        return list(self.datasets)
+
+    def num_batches(self, corpus: str) -> int:
+        """How many full micro-batches the corpus's held-out split holds."""
+        return len(self._dataset(corpus)) // self.micro_batch_size
+
+    def batches(self, corpus: str, n: int, dp_rank: int = 0, dp_size: int = 1) -> list[dict[str, torch.Tensor]]:
+        """This rank's share (micro-batches ``dp_rank, dp_rank + dp_size, ...``) of the first ``n``."""
+        dataset = self._dataset(corpus)
+        available = self.num_batches(corpus)
+        if available == 0:
+            raise LrpathError(
+                f"corpus {corpus!r}: the held-out split has {len(dataset)} samples, fewer than one "
+                f"micro-batch of {self.micro_batch_size}; raise data.valid_fraction or add data"
+            )
+        if n > available and corpus not in self._warned:
+            logger.warning("validation: corpus %r holds only %d held-out micro-batches, %d requested",
+                           corpus, available, n)
+            self._warned.add(corpus)
+        mbs = self.micro_batch_size
+        return [collate([dataset[j] for j in range(i * mbs, (i + 1) * mbs)])
+                for i in range(dp_rank, min(n, available), dp_size)]
+
+    def _dataset(self, corpus: str):
+        if corpus not in self.datasets:
+            raise LrpathError(f"no held-out data for corpus {corpus!r}; corpora: {self.corpora}")
+        return self.datasets[corpus]

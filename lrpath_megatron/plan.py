@@ -1,0 +1,540 @@
+"""The version plan: corpora per version, the main path, one release per version; resolved to paths.
+
+A plan YAML holds the sections of :class:`config.TrainConfig` (without ``schedule:``) plus ``plan:``::
+
+    plan:
+      main: {eta_max: 3e-4, eta_min: 3e-5, warmup_steps: 20, replay: 0.2}
+      versions:
+        - name: v1
+          corpora: [docs]          # names from data.corpora (or {name: weight})
+          tokens: 65536            # the increment's main-path training budget (or steps:)
+          release: {method: decay, shape: cosine, decay_fraction: 0.6, data: tail}
+
+Token quantities become steps of ``parallel.global_batch_size * model.seq_length`` tokens, rounded UP
+(no data is left unseen and a decay is never shorter than asked); the resolved steps are what runs and
+what ``lrpath plan`` prints. Validation never touches the data files (see :meth:`Plan.check_data`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lrpath_megatron import schedules
+from lrpath_megatron.config import (
+    ConfigError,
+    MixConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    read_yaml,
+    register_list_item_type,
+    to_dict,
+)
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.merge_weights import merge_release
+from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
+
+RELEASE_METHODS = ("decay", "merge")
+BRANCH_DATA = ("tail", "replay")
+
+
+# --------------------------------------------------------------------------------------------------
+# The ``plan:`` section as written
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MainPathConfig:
+    eta_max: Optional[float] = None  # None = optimizer.lr
+    eta_min: Optional[float] = None  # None = optimizer.min_lr
+    warmup_steps: Optional[int] = None  # give steps or tokens (neither = no warmup)
+    warmup_tokens: Optional[int] = None
+    replay: float = 0.0  # share of each main-path segment drawn from the older versions' corpora
+
+
+@dataclass
+class ReleaseConfig:
+    method: str = "decay"  # decay | merge
+    shape: str = "cosine"  # cosine | linear | 1-sqrt | knee | multistep
+    stable_fraction: Optional[float] = None  # None = 0.5 for knee, 0 otherwise
+    drop_points: list = field(default_factory=lambda: list(schedules.MULTISTEP_POINTS))
+    drop_factors: Optional[list] = None  # None = geometric drops ending at eta_min
+    # Where the branch leaves the main path (at most one; default: tail -> end - decay, replay -> end).
+    fork_step: Optional[int] = None  # global main-path step
+    fork_tokens: Optional[int] = None  # global main-path token position
+    fork_fraction: Optional[float] = None  # position inside the version's own main-path segment, 0..1
+    # How long the branch decays (exactly one for method=decay).
+    decay_steps: Optional[int] = None
+    decay_tokens: Optional[int] = None
+    decay_fraction: Optional[float] = None  # of the version's own steps
+    data: str = "tail"  # tail: the rest of the version's segment (no extra data) | replay: D_1..D_v blend
+    mix: Optional[MixConfig] = None  # LR-triggered blend on the branch (replaces the data blend)
+    merge: dict = field(default_factory=dict)  # method=merge settings (WSM), read by the merge module
+
+
+@dataclass
+class VersionConfig:
+    name: str = ""
+    corpora: Any = None  # list of corpus names (equal weights) or {name: weight}
+    tokens: Optional[int] = None  # exactly one of tokens / steps
+    steps: Optional[int] = None
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+
+
+@dataclass
+class PlanConfig:
+    main: MainPathConfig = field(default_factory=MainPathConfig)
+    versions: list = field(default_factory=list)  # list[VersionConfig]
+
+
+register_list_item_type(PlanConfig, "versions", VersionConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolved plan
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """How a version is released. ``step``: the main-path step the release starts from (the fork step
+    of a decay branch; for a merge, the last main-path step it uses)."""
+
+    version: str
+    method: str
+    step: int
+    shape: Optional[str] = None
+    data: Optional[str] = None
+    decay_steps: int = 0
+    merge: dict = field(default_factory=dict)
+
+
+@dataclass
+class PathSpec:
+    """One trainable path (see docs/architecture.md). Steps are global; a branch trains
+    ``fork_step .. end_step-1`` and starts from the main path's checkpoint after ``fork_step`` steps."""
+
+    name: str
+    parent: Optional[str]
+    fork_step: int
+    end_step: int
+    save_steps: set
+    release: Optional[ReleaseInfo]
+    tokens_per_step: int
+    switch_steps: list = field(default_factory=list)  # [(step, stage label)] of LR-triggered blends
+    _lr: Callable[[int], float] = field(default=None, repr=False)
+    _weights: Callable[[int], tuple] = field(default=None, repr=False)
+
+    def _check(self, step: int) -> None:
+        # The main path is open-ended (it continues at eta_max when versions are added): its LR is
+        # defined past end_step, e.g. at the fork step of its last branch.
+        if self.parent is None and self.fork_step <= step:
+            return
+        if not self.fork_step <= step < self.end_step:
+            raise ValueError(f"step {step} is outside path {self.name!r} (steps {self.fork_step}..{self.end_step - 1})")
+
+    def lr_at_step(self, step: int) -> float:
+        self._check(step)
+        return self._lr(step)
+
+    def lr_at_tokens(self, tokens: int) -> float:
+        """LR of the step that trains global token position ``tokens``."""
+        return self.lr_at_step(int(tokens) // self.tokens_per_step)
+
+    def weights_at_step(self, step: int) -> tuple[str, dict]:
+        """(stage label, {corpus: weight}) of the step; weights sum to 1, zero weights left out."""
+        self._check(step)
+        return self._weights(step)
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.fork_step
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    index: int
+    name: str
+    corpora: dict  # corpus -> share within the version
+    start_step: int  # the version's segment of the main path: start_step .. end_step-1
+    end_step: int
+    release: ReleaseInfo
+    branch_end: int  # == release.step for merges (no branch)
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+    def main_save_steps(self) -> set:
+        """Main-path steps this release needs checkpointed: the fork, or every checkpoint a merge uses."""
+        return {self.release.step, *self.release.merge.get("save_steps", ())}
+
+
+class Plan:
+    """A validated plan; build with :func:`load_plan` or :meth:`Plan.from_dict`."""
+
+    def __init__(self, train_config: TrainConfig, config: PlanConfig, source: str = ""):
+        self.train_config = train_config
+        self.config = config
+        self.source = source
+        self.tokens_per_step = train_config.parallel.global_batch_size * train_config.model.seq_length
+        self.corpus_names = [c.name for c in train_config.data.corpora]
+        main = config.main
+        self.eta_max = main.eta_max if main.eta_max is not None else train_config.optimizer.lr
+        self.eta_min = main.eta_min if main.eta_min is not None else train_config.optimizer.min_lr
+        self._validate_main()
+        self.versions: list[ResolvedVersion] = self._resolve_versions()
+        self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
+        self.main_end = max(v.release.step for v in self.versions)
+        self._paths = self._build_paths()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "") -> "Plan":
+        data = copy.deepcopy(data)
+        if "schedule" in data:
+            raise ConfigError(
+                "schedule: is not used in a plan (the plan: section defines every path's LR); remove it"
+            )
+        if "plan" not in data:
+            raise ConfigError("plan: section is missing; a plan needs plan.main and plan.versions")
+        plan_cfg = from_dict(PlanConfig, data.pop("plan"), "plan")
+        train = from_dict(TrainConfig, data)
+        main = plan_cfg.main
+        # The plan's LRs are the run's LRs: keep optimizer.lr / min_lr consistent with them.
+        if main.eta_max is not None:
+            train.optimizer.lr = main.eta_max
+        if main.eta_min is not None:
+            train.optimizer.min_lr = main.eta_min
+        if train.optimizer.min_lr > train.optimizer.lr:
+            raise ConfigError(
+                f"plan.main.eta_min={train.optimizer.min_lr} is greater than plan.main.eta_max="
+                f"{train.optimizer.lr}; a decay goes from eta_max down to eta_min"
+            )
+        train.validate()
+        return cls(train, plan_cfg, source)
+
+    def _steps(self, tokens: float) -> int:
+        # Round up; the epsilon keeps float fractions like 0.6 * 1000 from becoming 601.
+        return math.ceil(tokens / self.tokens_per_step - 1e-9)
+
+    def _one_of(self, obj: Any, where: str, names: list[str], required: bool) -> Optional[tuple[str, Any]]:
+        given = [(n, getattr(obj, n)) for n in names if getattr(obj, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{where}: give only one of {', '.join(n for n, _ in given)}")
+        if not given and required:
+            raise ConfigError(f"{where}: give one of {', '.join(names)}")
+        return given[0] if given else None
+
+    def _validate_main(self) -> None:
+        main = self.config.main
+        if self.eta_max <= 0:
+            raise ConfigError(f"plan.main.eta_max={self.eta_max} must be > 0")
+        if not 0 <= self.eta_min <= self.eta_max:
+            raise ConfigError(f"plan.main.eta_min={self.eta_min} must be in [0, plan.main.eta_max={self.eta_max}]")
+        if not 0.0 <= main.replay < 1.0:
+            raise ConfigError(f"plan.main.replay={main.replay} must be in [0, 1): the share of older data")
+        warmup = self._one_of(main, "plan.main", ["warmup_steps", "warmup_tokens"], required=False)
+        if warmup and warmup[1] < 0:
+            raise ConfigError(f"plan.main.{warmup[0]}={warmup[1]} must be >= 0")
+        if warmup is None:
+            self.warmup_steps = 0
+        else:
+            self.warmup_steps = warmup[1] if warmup[0] == "warmup_steps" else self._steps(warmup[1])
+        if not self.config.versions:
+            raise ConfigError("plan.versions is empty; list the versions in the order their data arrives")
+
+    def _resolve_versions(self) -> list[ResolvedVersion]:
+        resolved: list[ResolvedVersion] = []
+        names: set[str] = set()
+        total = 0
+        segments = []
+        for i, v in enumerate(self.config.versions):
+            where = f"plan.versions[{i}]"
+            if not v.name or v.name == "main":
+                raise ConfigError(f"{where}.name={v.name!r}: give each version a unique name other than 'main'")
+            if v.name in names:
+                raise ConfigError(f"{where}.name={v.name!r} is used twice")
+            names.add(v.name)
+            size = self._one_of(v, where, ["tokens", "steps"], required=True)
+            if size[1] <= 0:
+                raise ConfigError(f"{where}.{size[0]}={size[1]} must be > 0")
+            steps = size[1] if size[0] == "steps" else self._steps(size[1])
+            if v.corpora is None or v.corpora == [] or v.corpora == {}:
+                raise ConfigError(f"{where}.corpora is missing: name the corpora (from data.corpora) of this version")
+            corpora = v.corpora if isinstance(v.corpora, dict) else {name: 1.0 for name in _as_list(v.corpora, where)}
+            segments.append((v.name, normalize_weights(corpora, self.corpus_names, f"{where}.corpora"),
+                             total, total + steps))
+            total += steps
+        self.data_end = total
+        previous_fork = 0
+        for i, (v, (name, corpora, start, end)) in enumerate(zip(self.config.versions, segments)):
+            release = self._resolve_release(i, v.release, name, start, end, previous_fork)
+            previous_fork = release.step
+            resolved.append(ResolvedVersion(i, name, corpora, start, end, release,
+                                            release.step + release.decay_steps))
+        return resolved
+
+    def _resolve_release(self, i: int, r: ReleaseConfig, name: str, start: int, end: int,
+                         previous_fork: int) -> ReleaseInfo:
+        where = f"plan.versions[{i}].release"
+        if r.method not in RELEASE_METHODS:
+            raise ConfigError(f"{where}.method={r.method!r} is not one of {', '.join(RELEASE_METHODS)}")
+        if r.method == "decay" and r.shape not in schedules.BRANCH_SHAPES:
+            raise ConfigError(f"{where}.shape={r.shape!r} is not one of {', '.join(schedules.BRANCH_SHAPES)}")
+        if r.data not in BRANCH_DATA:
+            raise ConfigError(f"{where}.data={r.data!r} is not one of {', '.join(BRANCH_DATA)}")
+        seg_steps = end - start
+        decay = 0
+        if r.method == "decay":
+            kind, value = self._one_of(r, where, ["decay_steps", "decay_tokens", "decay_fraction"], required=True)
+            if kind == "decay_fraction" and not 0 < value <= 1:
+                raise ConfigError(f"{where}.decay_fraction={value} must be in (0, 1] (of the version's steps)")
+            decay = {"decay_steps": lambda x: x, "decay_tokens": self._steps,
+                     "decay_fraction": lambda x: self._steps(x * seg_steps * self.tokens_per_step)}[kind](value)
+            if decay < 2:
+                raise ConfigError(
+                    f"{where}.{kind}={value} resolves to {decay} step(s); a decay needs >= 2 steps "
+                    "(the first at eta_max, the last at eta_min)"
+                )
+        fork = self._one_of(r, where, ["fork_step", "fork_tokens", "fork_fraction"], required=False)
+        if fork is None:
+            fork_step = end - decay if (r.method == "decay" and r.data == "tail") else end
+            fork_field = "fork"
+        else:
+            fork_field, value = fork
+            if fork_field == "fork_fraction" and not 0 <= value <= 1:
+                raise ConfigError(f"{where}.fork_fraction={value} must be in [0, 1] (of the version's segment)")
+            fork_step = {"fork_step": lambda x: x, "fork_tokens": self._steps,
+                         "fork_fraction": lambda x: start + self._steps(x * seg_steps * self.tokens_per_step)}[
+                fork_field](value)
+        shown = f"{where}.{fork_field} (step {fork_step})"
+        if fork_step > self.data_end:
+            raise ConfigError(
+                f"{shown} is after the main path ends at step {self.data_end} (the sum of the versions' "
+                "steps); fork inside the version's data"
+            )
+        if fork_step < previous_fork:
+            raise ConfigError(
+                f"{shown} comes before the previous version's release at step {previous_fork}: versions must "
+                "be listed in the order their data arrives, and each releases at or after the one before"
+            )
+        if not start <= fork_step <= end:
+            raise ConfigError(
+                f"{shown} lies outside {name}'s segment of the main path (steps {start}..{end}); a version "
+                "is released from the main path while or right after it trains that version's data"
+            )
+        if fork_step < self.warmup_steps:
+            raise ConfigError(
+                f"{shown} is inside the main path's warmup (steps 0..{self.warmup_steps}); fork after warmup"
+            )
+        if r.method == "decay":
+            if r.data == "tail" and fork_step + decay > end:
+                raise ConfigError(
+                    f"{where}: a decay of {decay} steps from fork step {fork_step} runs past the end of "
+                    f"{name}'s data at step {end} (data: tail trains only the rest of the version's segment, "
+                    f"{end - fork_step} steps); shorten the decay, fork earlier, or use data: replay"
+                )
+            if r.data == "replay" and decay > end:
+                raise ConfigError(
+                    f"{where}: a decay of {decay} steps is longer than all data so far ({end} steps of "
+                    f"D_1..D_{i + 1}) that a replay branch draws from; shorten the decay"
+                )
+        merge = {}
+        if r.method == "merge":
+            release = merge_release(r.merge, f"{where}.merge")
+            merge = {**dataclasses.asdict(release),
+                     "save_steps": release.save_steps(fork_step, self.tokens_per_step)}
+        return ReleaseInfo(name, r.method, fork_step, r.shape if r.method == "decay" else None,
+                           r.data if r.method == "decay" else None, decay, merge)
+
+    # ---------------------------------------------------------------- paths
+    def _segment(self, step: int) -> ResolvedVersion:
+        for v in self.versions:
+            if v.start_step <= step < v.end_step:
+                return v
+        raise ValueError(f"step {step} is beyond the plan's data (steps 0..{self.data_end - 1})")
+
+    def _cumulative_blend(self, upto: int) -> dict:
+        """Corpus shares of D_1..D_upto (versions weighted by their steps)."""
+        blend: dict[str, float] = {}
+        total = sum(v.steps for v in self.versions[:upto])
+        for v in self.versions[:upto]:
+            for name, share in v.corpora.items():
+                blend[name] = blend.get(name, 0.0) + share * v.steps / total
+        return blend
+
+    def main_weights(self, step: int) -> tuple[str, dict]:
+        v = self._segment(step)
+        replay = self.config.main.replay if v.index > 0 else 0.0
+        blend = {name: (1 - replay) * share for name, share in v.corpora.items()}
+        for name, share in self._cumulative_blend(v.index).items() if replay else ():
+            blend[name] = blend.get(name, 0.0) + replay * share
+        return f"main:{v.name}", {n: w for n, w in blend.items() if w > 0}
+
+    def _build_paths(self) -> dict[str, PathSpec]:
+        save = set()
+        for v in self.versions:
+            save |= v.main_save_steps()
+        paths = {"main": PathSpec("main", None, 0, self.main_end, save, None, self.tokens_per_step,
+                                  _lr=self.main_lr, _weights=self.main_weights)}
+        for v, raw in zip(self.versions, self.config.versions):
+            if v.release.method != "decay":
+                continue
+            paths[v.name] = self._branch(v, raw.release)
+        return paths
+
+    def _branch(self, v: ResolvedVersion, r: ReleaseConfig) -> PathSpec:
+        where = f"plan.versions[{v.index}].release"
+        fork, end = v.release.step, v.branch_end
+        if r.shape == "multistep":
+            points = tuple(r.drop_points)
+            factors = tuple(r.drop_factors) if r.drop_factors is not None else \
+                schedules.default_drop_factors(self.eta_max, self.eta_min, len(points))
+        else:
+            points, factors = schedules.MULTISTEP_POINTS, ()
+        try:
+            lr = schedules.BranchDecay(self.main_lr(fork), self.eta_min, fork, end, r.shape,
+                                       r.stable_fraction, points, factors)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        switch_steps: list = []
+        if r.mix is not None:
+            policy = MixSchedule(resolve_stages(r.mix, self.corpus_names, self.eta_max, f"{where}.mix"),
+                                 r.mix.ramp_steps, lr, fork, end)
+            weights, switch_steps = policy.weights_at_step, policy.switch_steps
+        elif r.data == "tail":
+            weights = lambda step: ("tail", self.main_weights(step)[1])  # noqa: E731 - same data as main
+        else:
+            blend = self._cumulative_blend(v.index + 1)
+            weights = lambda step: ("replay", dict(blend))  # noqa: E731
+        return PathSpec(v.name, "main", fork, end, set(), v.release, self.tokens_per_step, switch_steps,
+                        _lr=lr, _weights=weights)
+
+    def path(self, name: str) -> PathSpec:
+        if name in self._paths:
+            return self._paths[name]
+        for v in self.versions:
+            if v.name == name:
+                raise LrpathError(f"version {name!r} is released by {v.release.method}; it has no training path")
+        raise LrpathError(f"no path {name!r} in the plan; paths: {', '.join(self._paths)}")
+
+    def paths(self) -> list[PathSpec]:
+        """Every trainable path, main first, then the branches in version order."""
+        return list(self._paths.values())
+
+    # ---------------------------------------------------------------- costs, identity, data
+    def flops_per_token(self) -> float:
+        return self.train_config.model.flops_per_token()
+
+    def costs(self) -> dict:
+        """Tokens and FLOPs of the main path, each branch and the total, beside PTFS and CPT for the
+        same versions (PTFS: version v trains D_1..D_v from scratch; CPT: version v trains D_v from the
+        previous release). This is what ``lrpath plan --json`` prints."""
+        tps, fpt = self.tokens_per_step, self.flops_per_token()
+        rows, ptfs, cpt, branches, main_steps = [], 0, 0, 0, 0
+        for v in self.versions:
+            ptfs += v.end_step  # D_1..D_v
+            cpt += v.steps
+            branches += v.release.decay_steps
+            main_steps = max(main_steps, v.release.step)
+            spent = main_steps + branches
+            path = self._paths.get(v.name)
+            rows.append({
+                "name": v.name,
+                "method": v.release.method,
+                "corpora": v.corpora,
+                "data_steps": v.steps,
+                "data_tokens": v.steps * tps,
+                "segment": [v.start_step, v.end_step],
+                "fork_step": v.release.step,
+                "fork_tokens": v.release.step * tps,
+                "shape": v.release.shape,
+                "branch_data": v.release.data,
+                "decay_steps": v.release.decay_steps,
+                "decay_tokens": v.release.decay_steps * tps,
+                "release_step": v.branch_end,
+                "tokens": v.release.decay_steps * tps,  # training this release adds beyond the main path
+                "mix_switch_steps": path.switch_steps if path else [],
+                "cumulative_tokens": spent * tps,
+                "ptfs_cumulative_tokens": ptfs * tps,
+                "cpt_cumulative_tokens": cpt * tps,
+                "cumulative_ratio_vs_ptfs": spent / ptfs,
+                "cumulative_ratio_vs_cpt": spent / cpt,
+            })
+        total = self.main_end + branches
+        return {
+            "plan": self.source,
+            "plan_hash": self.plan_hash(),
+            "tokens_per_step": tps,
+            "flops_per_token": fpt,
+            "eta_max": self.eta_max,
+            "eta_min": self.eta_min,
+            "warmup_steps": self.warmup_steps,
+            "main": {"steps": self.main_end, "tokens": self.main_end * tps, "flops": self.main_end * tps * fpt,
+                     "save_steps": sorted(self._paths["main"].save_steps)},
+            "versions": rows,
+            "branch_tokens": branches * tps,
+            "total_steps": total,
+            "total_tokens": total * tps,
+            "total_flops": total * tps * fpt,
+            "ptfs_tokens": ptfs * tps,
+            "ptfs_flops": ptfs * tps * fpt,
+            "cpt_tokens": cpt * tps,
+            "cpt_flops": cpt * tps * fpt,
+            "cost_ratio_vs_ptfs": total / ptfs,
+            "cost_ratio_vs_cpt": total / cpt,
+        }
+
+    def resolved(self) -> dict:
+        """Everything that determines what trains: the base config and the resolved plan."""
+        return {
+            "train_config": to_dict(self.train_config),
+            "plan": to_dict(self.config),
+            "resolved": {
+                "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,
+                "eta_max": self.eta_max, "eta_min": self.eta_min, "main_end": self.main_end,
+                "versions": [{"name": v.name, "segment": [v.start_step, v.end_step], "fork": v.release.step,
+                              "decay_steps": v.release.decay_steps} for v in self.versions],
+            },
+        }
+
+    def plan_hash(self) -> str:
+        blob = json.dumps(self.resolved(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def check_data(self) -> None:
+        """Raise if any corpus the plan uses lacks its ``PREFIX.bin`` / ``PREFIX.idx``."""
+        used = {name for v in self.versions for name in v.corpora}
+        for r in self.config.versions:
+            if r.release.mix is not None:
+                used |= {name for s in r.release.mix.stages for name in s.weights}
+        missing = []
+        for corpus in self.train_config.data.corpora:
+            if corpus.name in used:
+                missing += [f"{corpus.name}: {corpus.prefix}{ext}" for ext in (".bin", ".idx")
+                            if not Path(corpus.prefix + ext).is_file()]
+        if missing:
+            raise LrpathError(
+                "data files missing: " + "; ".join(missing) + " (build them with data_tools, or fix data.corpora)"
+            )
+
+
+def _as_list(value: Any, where: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{where}.corpora must be a list of corpus names or a mapping name -> weight")
+    return value
+
+
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
+    """Read, override (``--set a.b=c``, e.g. ``plan.main.eta_max=1e-3``) and validate a plan YAML."""
+    data = read_yaml(path)
+    apply_overrides(data, overrides or [])
+    try:
+        return Plan.from_dict(data, str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,297 @@
+"""Version plans: resolution, costs, LR-triggered blends, validation errors, the ``lrpath plan`` command."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lrpath_megatron import cli
+from lrpath_megatron.config import ConfigError, MixConfig, MixStage, TrainConfig
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
+from lrpath_megatron.plan import Plan, load_plan
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TPS = 8 * 128  # tokens per step of the tiny plans below
+
+
+def tiny(**release) -> dict:
+    """A 3-version plan of 100 steps per version; ``release`` overrides every version's release."""
+    rel = {"method": "decay", "shape": "cosine", "decay_steps": 40, "data": "tail", **release}
+    return {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 128},
+        "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
+        "data": {"corpora": [{"name": n, "prefix": f"runs/demo/data/{n}"} for n in ("docs", "code_a", "code_b")]},
+        "plan": {
+            "main": {"eta_max": 1e-3, "eta_min": 1e-4, "warmup_steps": 10, "replay": 0.2},
+            "versions": [{"name": f"v{i + 1}", "corpora": [c], "steps": 100, "release": dict(rel)}
+                         for i, c in enumerate(("docs", "code_a", "code_b"))],
+        },
+    }
+
+
+def test_paper_plans_cost_058_of_ptfs():
+    for name, shape in (("paper_4versions.yaml", "cosine"), ("paper_4versions_knee.yaml", "knee"),
+                        ("paper_4versions_multistep.yaml", "multistep")):
+        plan = load_plan(EXAMPLES / name)
+        costs = plan.costs()
+        assert costs["cost_ratio_vs_ptfs"] == pytest.approx(0.58, abs=1e-12)
+        assert costs["cost_ratio_vs_cpt"] == pytest.approx(1.45, abs=1e-12)
+        # (4 + 3 * 0.6) increments of 20000 steps
+        assert costs["total_tokens"] == 5.8 * 20000 * costs["tokens_per_step"]
+        assert [p.name for p in plan.paths()] == ["main", "v1", "v2", "v3", "v4"]
+        assert {p.release.shape for p in plan.paths()[1:]} == {shape}
+
+
+def test_demo_plan_is_tiny_and_uses_demo_corpora():
+    plan = load_plan(EXAMPLES / "demo_plan.yaml")
+    cfg = plan.train_config
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.vocab_size,
+            cfg.model.seq_length) == (2, 64, 4, 2048, 128)
+    assert {c.name: c.prefix.startswith("runs/demo/data/") for c in cfg.data.corpora} == \
+        {"docs": True, "code_a": True, "code_b": True}
+    assert plan.tokens_per_step == 1024
+    assert 200 <= plan.costs()["total_steps"] <= 600
+    assert [v.corpora for v in plan.versions] == [{"docs": 1.0}, {"code_a": 1.0}, {"code_b": 1.0}]
+    assert cfg.optimizer.lr == plan.eta_max and cfg.optimizer.min_lr == plan.eta_min
+
+
+def test_paths_resolve_forks_ends_and_save_steps():
+    plan = Plan.from_dict(tiny())
+    main, v1, v2, v3 = plan.paths()
+    assert (main.fork_step, main.end_step, main.parent) == (0, 260, None)
+    assert [(p.fork_step, p.end_step) for p in (v1, v2, v3)] == [(60, 100), (160, 200), (260, 300)]
+    assert main.save_steps == {60, 160, 260} and v1.save_steps == set()
+    for branch in (v1, v2, v3):
+        assert branch.parent == "main"
+        assert branch.lr_at_step(branch.fork_step) == main.lr_at_step(branch.fork_step) == 1e-3
+        assert branch.lr_at_step(branch.end_step - 1) == 1e-4
+    assert main.lr_at_step(0) == 0.0 and main.lr_at_step(10) == 1e-3
+    assert main.lr_at_tokens(5 * TPS + 7) == main.lr_at_step(5)
+    with pytest.raises(ValueError, match="outside path"):
+        v1.lr_at_step(59)
+    assert plan.path("v2") is v2
+    with pytest.raises(LrpathError, match="no path"):
+        plan.path("v9")
+
+
+def test_token_positions_round_up_to_whole_steps():
+    data = tiny()
+    del data["plan"]["versions"][0]["steps"]
+    data["plan"]["versions"][0]["tokens"] = 100 * TPS - 5  # not a whole number of steps
+    data["plan"]["versions"][0]["release"] = {"decay_tokens": 39 * TPS + 1, "fork_tokens": 59 * TPS + 1}
+    v1 = Plan.from_dict(data).versions[0]
+    assert (v1.steps, v1.release.step, v1.release.decay_steps) == (100, 60, 40)
+
+
+def test_weights_main_replay_tail_and_replay_branches():
+    plan = Plan.from_dict(tiny())
+    assert plan.path("main").weights_at_step(50) == ("main:v1", {"docs": 1.0})
+    label, w = plan.path("main").weights_at_step(250)
+    assert label == "main:v3"
+    assert w == pytest.approx({"code_b": 0.8, "docs": 0.1, "code_a": 0.1})
+    assert plan.path("v3").weights_at_step(280) == ("tail", w)  # tail: the version's own data
+    data = tiny(data="replay", fork_fraction=1.0)
+    plan = Plan.from_dict(data)
+    assert plan.path("v2").fork_step == 200
+    assert plan.path("v2").weights_at_step(210) == ("replay", pytest.approx({"docs": 0.5, "code_a": 0.5}))
+
+
+def test_lr_triggered_mix_switches_and_ramps():
+    mix = {"stages": [{"weights": {"docs": 1, "code_a": 1}},
+                      {"lr_below": "eta_max/5", "weights": {"code_a": 3, "code_b": 1}},
+                      {"lr_below": 1.5e-4, "weights": {"code_b": 1}}],
+           "ramp_steps": 2}
+    v1 = Plan.from_dict(tiny(mix=mix)).path("v1")  # cosine 1e-3 -> 1e-4 over steps 60..99
+    assert v1.switch_steps == [(91, "stage1"), (94, "stage2")]
+    assert v1.lr_at_step(90) > 2e-4 >= v1.lr_at_step(91)  # eta_max/5
+    assert v1.lr_at_step(93) > 1.5e-4 >= v1.lr_at_step(94)
+    assert v1.weights_at_step(60) == v1.weights_at_step(90) == ("stage0", {"docs": 0.5, "code_a": 0.5})
+    label, w = v1.weights_at_step(91)  # first of 2 ramp steps: half way
+    assert label == "stage1" and w == pytest.approx({"docs": 0.25, "code_a": 0.625, "code_b": 0.125})
+    assert v1.weights_at_step(92) == v1.weights_at_step(93) == ("stage1", {"code_a": 0.75, "code_b": 0.25})
+    assert v1.weights_at_step(94)[1] == pytest.approx({"code_a": 0.375, "code_b": 0.625})
+    assert v1.weights_at_step(99) == ("stage2", {"code_b": 1.0})
+
+
+def test_mix_policy_on_a_warmup_schedule_counts_from_the_peak():
+    lr = lambda s: min(s, 10) / 10 if s <= 10 else 1.0 - (s - 10) / 100  # noqa: E731
+    stages = resolve_stages(MixConfig([MixStage(None, {"a": 1}), MixStage(0.5, {"b": 1})]), ["a", "b"], 1.0, "mix")
+    policy = MixSchedule(stages, 0, lr, peak_step=10, end_step=110)
+    assert policy.weights_at_step(3) == ("stage0", {"a": 1.0})  # low LR during warmup does not switch
+    assert policy.switch_steps == [(60, "stage1")]
+
+
+@pytest.mark.parametrize("stages,match", [
+    ([{"weights": {"docs": -1}}], "negative"),
+    ([{"weights": {"docs": 0, "code_a": 0}}], "all weights are zero"),
+    ([{"weights": {"wiki": 1}}], "unknown corpus"),
+    ([{"lr_below": 1e-4, "weights": {"docs": 1}}], "first stage"),
+    ([{"weights": {"docs": 1}}, {"weights": {"docs": 1}}], "needs an LR threshold"),
+    ([{"weights": {"docs": 1}}, {"lr_below": "eta_max/5", "weights": {"docs": 1}},
+      {"lr_below": "eta_max/2", "weights": {"docs": 1}}], "thresholds must decrease"),
+    ([{"weights": {"docs": 1}}, {"lr_below": "eta_min/5", "weights": {"docs": 1}}], "expression of eta_max"),
+])
+def test_bad_mix_policies_fail_naming_the_field(stages, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        Plan.from_dict(tiny(mix={"stages": stages}))
+    assert "plan.versions[0].release.mix.stages[" in str(err.value)
+
+
+@pytest.mark.parametrize("edit,field,match", [
+    (lambda d: d["plan"]["versions"][1]["release"].update(fork_step=400), "plan.versions[1].release.fork_step",
+     "after the main path ends"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(fork_step=80), "plan.versions[0].release",
+     "runs past the end of v1's data"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(data="replay", fork_step=100, decay_steps=150),
+     "plan.versions[0].release", "longer than all data so far"),
+    (lambda d: d["plan"]["main"].update(eta_min=2e-3), "plan.main.eta_min", "greater than plan.main.eta_max"),
+    (lambda d: d["plan"]["versions"][2]["release"].update(fork_step=150), "plan.versions[2].release.fork_step",
+     "before the previous version's release"),
+    (lambda d: d["plan"]["versions"][1]["release"].update(shape="exponential"), "plan.versions[1].release.shape",
+     "not one of"),
+    (lambda d: d["plan"]["versions"][1].pop("corpora"), "plan.versions[1].corpora", "missing"),
+    (lambda d: d["plan"]["versions"][1].update(corpora=["wiki"]), "plan.versions[1].corpora.wiki",
+     "unknown corpus"),
+    (lambda d: d["plan"]["versions"][1]["release"].update(fork_step=210, data="replay"), "plan.versions[1].release",
+     "lies outside v2's segment"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(fork_step=5, decay_steps=40),
+     "plan.versions[0].release.fork_step", "warmup"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(decay_fraction=0.5), "plan.versions[0].release",
+     "give only one of decay_steps, decay_fraction"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(data="old"), "plan.versions[0].release.data",
+     "not one of"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(shape="multistep", drop_factors=[0.5, 0.2]),
+     "plan.versions[0].release", "must end at eta_min"),
+    (lambda d: d["plan"]["versions"][0]["release"].update(colour="red"), "plan.versions[0].release.colour",
+     "unknown key"),
+    (lambda d: d.update(schedule={"style": "cosine"}), "schedule", "not used in a plan"),
+    (lambda d: d["plan"]["versions"][1].update(name="v1"), "plan.versions[1].name", "used twice"),
+])
+def test_contradictory_plans_fail_with_one_clear_message(edit, field, match):
+    data = tiny()
+    edit(data)
+    with pytest.raises(ConfigError, match=match) as err:
+        Plan.from_dict(data)
+    assert field in str(err.value)
+
+
+def test_load_plan_prefixes_the_file_and_applies_overrides(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny()))
+    base = load_plan(path)
+    assert load_plan(path).plan_hash() == base.plan_hash()  # stable
+    faster = load_plan(path, ["plan.main.eta_max=2.0e-3"])
+    assert faster.eta_max == 2e-3 and faster.plan_hash() != base.plan_hash()
+    with pytest.raises(ConfigError, match=rf"{path}: plan.main.eta_min"):
+        load_plan(path, ["plan.main.eta_min=5.0e-3"])
+
+
+def test_merge_release_costs_no_training_and_marks_a_save_step():
+    data = tiny()
+    data["plan"]["versions"][1]["release"] = {
+        "method": "merge", "merge": {"num_checkpoints": 4, "window_steps": 30, "weights": "linear"}}
+    plan = Plan.from_dict(data)
+    assert [p.name for p in plan.paths()] == ["main", "v1", "v3"]
+    # merge releases default to the end of their segment; the main path saves every merged checkpoint
+    assert {170, 180, 190, 200} <= plan.path("main").save_steps
+    assert plan.versions[1].release.merge["save_steps"] == [170, 180, 190, 200]
+    assert plan.costs()["versions"][1]["tokens"] == 0
+    with pytest.raises(LrpathError, match="released by merge"):
+        plan.path("v2")
+
+
+def test_merge_release_settings_are_validated():
+    data = tiny()
+    data["plan"]["versions"][1]["release"] = {"method": "merge", "merge": {"num_checkpoints": 4}}
+    with pytest.raises(ConfigError, match=r"plan.versions\[1\].release.merge: give exactly one of window_tokens"):
+        Plan.from_dict(data)
+
+
+def test_costs_cumulate_main_and_branches_against_ptfs_and_cpt():
+    costs = Plan.from_dict(tiny()).costs()
+    assert costs["main"]["steps"] == 260 and costs["branch_tokens"] == 120 * TPS
+    assert costs["ptfs_tokens"] == (100 + 200 + 300) * TPS and costs["cpt_tokens"] == 300 * TPS
+    assert costs["cost_ratio_vs_ptfs"] == pytest.approx(380 / 600)
+    assert [v["cumulative_tokens"] for v in costs["versions"]] == [100 * TPS, 240 * TPS, 380 * TPS]
+    assert costs["total_flops"] == costs["total_tokens"] * costs["flops_per_token"]
+
+
+def test_flops_per_token_is_megatron_formula():
+    cfg = TrainConfig().validate()  # 2 layers, h=64, 4 heads, ffn 256, seq 128, padded vocab 2048, gelu
+    h, s, f, v, layers = 64, 128, 256, 2048, 2
+    dense = layers * (4 * h * h + 2 * h * f) + h * v  # GEMM parameters touched per token
+    assert cfg.model.flops_per_token() == 6 * dense + 12 * layers * h * s  # "6N" + attention, as Megatron-LM
+    assert cfg.model.flops_per_token() == 72 * layers * h * h * (1 + s / (6 * h) + v / (12 * layers * h))
+
+
+def test_check_data_reports_missing_prefixes(tmp_path):
+    data = tiny()
+    for corpus in data["data"]["corpora"]:
+        corpus["prefix"] = str(tmp_path / corpus["name"])
+    plan = Plan.from_dict(data)  # validation does not need the files
+    with pytest.raises(LrpathError, match="code_a"):
+        plan.check_data()
+    for name in ("docs", "code_a", "code_b"):
+        for ext in (".bin", ".idx"):
+            (tmp_path / f"{name}{ext}").write_bytes(b"")
+    plan.check_data()
+
+
+def test_cli_plan_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "lr.png"
+    assert cli.main(["plan", str(EXAMPLES / "demo_plan.yaml"), "--json", "--plot", str(out)]) == 0
+    costs = json.loads(capsys.readouterr().out)
+    for key in ("versions", "total_tokens", "ptfs_tokens", "cpt_tokens", "cost_ratio_vs_ptfs", "cost_ratio_vs_cpt"):
+        assert key in costs
+    assert costs["versions"][2]["mix_switch_steps"]  # the demo's last release switches its blend
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20000
+    assert cli.main(["plan", str(EXAMPLES / "paper_4versions.yaml")]) == 0
+    table = capsys.readouterr().out
+    assert "v4" in table and "ratio 0.580" in table
+
+
+def test_cli_plan_bad_plan_exits_2(tmp_path, capsys):
+    data = tiny()
+    data["plan"]["versions"][0]["release"]["shape"] = "zigzag"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["plan", str(path)]) == 2
+    assert "plan.versions[0].release.shape='zigzag'" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(20, 300), min_size=1, max_size=5),
+    warmup=st.integers(0, 15),
+    decay=st.floats(0.05, 1.0),
+    replay_data=st.booleans(),
+    shape=st.sampled_from(["cosine", "linear", "1-sqrt", "knee", "multistep"]),
+    eta_max=st.floats(1e-5, 1e-2),
+    ratio=st.floats(0.01, 1.0),
+)
+def test_property_every_plan_path_is_continuous_and_complete(sizes, warmup, decay, replay_data, shape, eta_max,
+                                                              ratio):
+    data = copy.deepcopy(tiny())
+    data["data"]["corpora"] = [{"name": f"c{i}", "prefix": f"p{i}"} for i in range(len(sizes))]
+    data["plan"]["main"] = {"eta_max": eta_max, "eta_min": eta_max * ratio, "warmup_steps": warmup}
+    data["plan"]["versions"] = [
+        {"name": f"v{i}", "corpora": [f"c{i}"], "steps": n,
+         "release": {"shape": shape, "decay_fraction": decay, "data": "replay" if replay_data else "tail",
+                     # fork after the warmup; tail branches fork at the end minus the decay by default
+                     **({"fork_fraction": 1.0} if replay_data else {})}}
+        for i, n in enumerate(sizes)]
+    if sizes[0] * (1 - decay) < warmup + 1 or any(n * decay < 2 for n in sizes):
+        return  # the plan would (rightly) be refused; validation is tested above
+    plan = Plan.from_dict(data)
+    main, *branches = plan.paths()
+    assert all(main.lr_at_step(s) == eta_max for s in range(warmup, main.end_step))  # constant after warmup
+    for b in branches:
+        assert b.lr_at_step(b.fork_step) == main.lr_at_step(b.fork_step)  # continuous at the fork
+        assert b.lr_at_step(b.end_step - 1) == plan.eta_min  # complete decay
+        lrs = [b.lr_at_step(s) for s in range(b.fork_step, b.end_step)]
+        assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+        assert b.fork_step in main.save_steps

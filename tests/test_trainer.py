@@ -1,0 +1,117 @@
+"""The megatron-core trainer on CPU (gloo): learning, bitwise resume, parallel layouts, resharding, bad configs."""
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from conftest import losses, run_lrpath, tiny_config
+from lrpath_megatron import checkpoint
+
+
+@pytest.fixture(scope="module")
+def config(demo_data, tmp_path_factory) -> Path:
+    return tiny_config(demo_data, tmp_path_factory.mktemp("trainer") / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_lrpath(["train", str(config), "--run-dir", str(run_dir)])
+    return losses(run_dir)
+
+
+def test_loss_falls_on_real_text(reference):
+    assert sorted(reference) == list(range(40))
+    first = statistics.mean(reference[s] for s in range(5))
+    last = statistics.mean(reference[s] for s in range(35, 40))
+    assert last < first - 1.0, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(config, reference, tmp_path):
+    run_lrpath(["train", str(config), "--run-dir", str(tmp_path), "--stop-at-step", "17"])
+    assert checkpoint.find_latest(tmp_path / "checkpoints").name == "iter_0000017"
+    assert sorted(losses(tmp_path)) == list(range(17))
+    out = run_lrpath(["train", str(config), "--run-dir", str(tmp_path)])
+    assert "resumed at step 17" in out.stdout
+    assert losses(tmp_path) == reference  # exact float equality, every step
+
+
+@pytest.fixture(scope="module")
+def initial(config, tmp_path_factory) -> Path:
+    """Step-0 weights saved at TP=PP=DP=1: every layout starts from the same parameters."""
+    run_dir = tmp_path_factory.mktemp("initial")
+    run_lrpath(["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", "0"])
+    return run_dir / "checkpoints"
+
+
+def _from_initial(initial: Path, run_dir: Path) -> Path:
+    shutil.copytree(initial, run_dir / "checkpoints")
+    return run_dir
+
+
+LAYOUT_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def single(config, initial, tmp_path_factory) -> dict[int, float]:
+    run_dir = _from_initial(initial, tmp_path_factory.mktemp("single"))
+    run_lrpath(["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", str(LAYOUT_STEPS)])
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("layout", [
+    ["--set", "parallel.tensor_parallel=2"],
+    ["--set", "parallel.pipeline_parallel=2"],
+    [],  # two processes, TP=PP=1: DP=2
+], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_match_single_process(config, initial, single, layout, tmp_path):
+    run_dir = _from_initial(initial, tmp_path)
+    run_lrpath(["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", str(LAYOUT_STEPS), *layout],
+               nproc=2)
+    got = losses(run_dir)
+    assert sorted(got) == sorted(single) == list(range(LAYOUT_STEPS))
+    for step in single:
+        assert got[step] == pytest.approx(single[step], abs=1e-5), step
+
+
+def test_resharding_tp2_to_tp1_and_pp1_to_pp2(config, initial, single, tmp_path):
+    """Save at TP=2, resume at TP=1, then at PP=2: the losses continue as in the single-process run."""
+    run_dir = _from_initial(initial, tmp_path)
+    common = ["train", str(config), "--run-dir", str(run_dir)]
+    run_lrpath([*common, "--stop-at-step", "2", "--set", "parallel.tensor_parallel=2"], nproc=2)
+    run_lrpath([*common, "--stop-at-step", "4"])
+    run_lrpath([*common, "--stop-at-step", str(LAYOUT_STEPS), "--set", "parallel.pipeline_parallel=2"], nproc=2)
+    got = losses(run_dir)
+    assert sorted(got) == list(range(LAYOUT_STEPS))
+    for step in single:
+        assert got[step] == pytest.approx(single[step], abs=1e-5), step
+
+
+@pytest.mark.parametrize("overrides, nproc, message", [
+    (["model.num_attention_heads=5"], 1, "does not divide model.hidden_size"),
+    (["parallel.tensor_parallel=3"], 1, "parallel.tensor_parallel=3 does not divide model.num_attention_heads"),
+    (["parallel.tensor_parallel=4"], 2, "world size 2 is not divisible by"),
+    (["model.activation=relu"], 1, "model.activation='relu' is not one of"),
+    (["model.hidden_sise=32"], 1, "unknown key model.hidden_sise"),
+], ids=["heads-hidden", "tp-heads", "world-tp-pp", "bad-choice", "typo"])
+def test_bad_config_fails_with_one_clear_message(config, tmp_path, overrides, nproc, message):
+    args = ["train", str(config), "--run-dir", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    proc = run_lrpath(args, nproc=nproc, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count(message) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_missing_files_fail_clearly(demo_data, tmp_path):
+    proc = run_lrpath(["train", str(tmp_path / "nope.yaml")], check=False)
+    assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
+    bad = dict(demo_data, prefixes={**demo_data["prefixes"], "docs": str(tmp_path / "missing_text_document")})
+    cfg = tiny_config(bad, tmp_path / "c.yaml")
+    proc = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run")], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "corpus 'docs'" in proc.stderr and "missing_text_document.bin does not exist" in proc.stderr
