@@ -1,0 +1,112 @@
+"""What a .bin/.idx dataset holds: documents, tokens, a length histogram, the held-out split, decoded samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lrpath_megatron.errors import LrpathError
+
+
+def split_string(valid_fraction: float) -> str:
+    """megatron-core split string "train,valid,test" holding out ``valid_fraction`` of the documents.
+
+    Fixed-point digits: megatron-core parses the split with a digits-and-dots regex (no exponents).
+    """
+    return f"{1.0 - valid_fraction:.12f},{valid_fraction:.12f},0"
+
+
+def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
+    """Document range [begin, end) megatron-core's dataset builder uses as the validation split."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    if not 0 < valid_fraction < 1:
+        raise LrpathError(f"--valid-fraction={valid_fraction} must be in (0, 1)")
+    bookends = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_string(valid_fraction)))[1]
+    if bookends is None:
+        return num_docs, num_docs
+    # The rounding of BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+    return int(round(bookends[0] * num_docs)), int(round(bookends[1] * num_docs))
+
+
+def open_dataset(prefix: str | Path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = str(prefix)
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise LrpathError(f"{prefix}{ext} does not exist; give the path prefix without .bin/.idx "
+                              f"(e.g. out/corpus_text_document)")
+    return IndexedDataset(prefix)
+
+
+@dataclass
+class InspectReport:
+    prefix: str
+    dtype: str
+    documents: int
+    tokens: int
+    min_len: int
+    median_len: float
+    mean_len: float
+    max_len: int
+    histogram: list  # (low, high, count): document lengths in [low, high), power-of-two buckets
+    held_out: dict  # {"valid_fraction", "first_doc", "end_doc", "documents", "tokens"} or {}
+    samples: list = field(default_factory=list)  # (document index, n tokens, decoded text)
+
+    def format(self) -> str:
+        out = [f"{self.prefix}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype})",
+               f"document length: min {self.min_len}, median {self.median_len:.0f}, mean {self.mean_len:.1f}, "
+               f"max {self.max_len}"]
+        peak = max((c for _, _, c in self.histogram), default=1)
+        for low, high, count in self.histogram:
+            out.append(f"  [{low:>9}, {high:>9}) {count:>8}  {'#' * max(1 if count else 0, 40 * count // peak)}")
+        if self.held_out:
+            h = self.held_out
+            out.append(f"held out (valid_fraction={h['valid_fraction']}): documents {h['first_doc']}..{h['end_doc']} "
+                       f"= {h['documents']:,} documents, {h['tokens']:,} tokens; "
+                       f"train {self.documents - h['documents']:,} documents, {self.tokens - h['tokens']:,} tokens")
+        for index, n, text in self.samples:
+            out.append(f"--- document {index} ({n} tokens) ---\n{text}")
+        return "\n".join(out)
+
+
+def inspect_dataset(prefix: str | Path, tokenizer_model: str | None = None, valid_fraction: float | None = None,
+                    samples: int = 1, max_chars: int = 400, seed: int = 0) -> InspectReport:
+    """Summarise a dataset; with a tokenizer, decode ``samples`` documents drawn with ``seed``."""
+    ds = open_dataset(prefix)
+    doc_idx = ds.document_indices
+    lengths = np.add.reduceat(ds.sequence_lengths.astype(np.int64), doc_idx[:-1]) if len(ds) else np.zeros(0)
+    # Documents made of one sequence each (the preprocessing here) make this the same as sequence_lengths.
+    n_docs = len(doc_idx) - 1
+    tokens = int(lengths.sum())
+    top = int(np.ceil(np.log2(max(int(lengths.max(initial=1)), 1) + 1)))
+    edges = [0] + [2 ** k for k in range(top + 1)]
+    counts = np.histogram(lengths, bins=edges)[0]
+    nonzero = np.flatnonzero(counts)
+    shown_bins = range(nonzero[0], nonzero[-1] + 1) if len(nonzero) else range(0)
+    histogram = [(edges[i], edges[i + 1], int(counts[i])) for i in shown_bins]
+    held = {}
+    if valid_fraction is not None:
+        beg, end = held_out_range(n_docs, valid_fraction)
+        held = {"valid_fraction": valid_fraction, "first_doc": beg, "end_doc": end, "documents": end - beg,
+                "tokens": int(lengths[beg:end].sum())}
+    shown = []
+    if tokenizer_model and samples and n_docs:
+        from data_tools.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_model)
+        picks = np.random.default_rng(seed).choice(n_docs, size=min(samples, n_docs), replace=False)
+        for i in sorted(int(p) for p in picks):
+            ids = ds[doc_idx[i]] if doc_idx[i + 1] - doc_idx[i] == 1 else np.concatenate(
+                [ds[j] for j in range(doc_idx[i], doc_idx[i + 1])])
+            text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids)
+            shown.append((i, int(len(ids)), text if len(text) <= max_chars else text[:max_chars] + " [...]"))
+    return InspectReport(str(prefix), np.dtype(ds.index.dtype).name, n_docs, tokens,
+                         int(lengths.min()) if n_docs else 0, float(np.median(lengths)) if n_docs else 0.0,
+                         float(lengths.mean()) if n_docs else 0.0, int(lengths.max()) if n_docs else 0,
+                         histogram, held, shown)

@@ -1,0 +1,1 @@
+"""SLURM sbatch rendering and submission for a version plan, and a local torchrun runner."""

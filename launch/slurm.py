@@ -1,0 +1,30 @@
+"""Plan + cluster profile -> validated jobs -> sbatch scripts on disk (nothing is submitted here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from launch.jobs import Job, build_jobs, check_profile
+from launch.profile import load_profile
+from launch.sbatch import LaunchSpec, write_scripts
+
+
+@dataclass(frozen=True)
+class Rendered:
+    jobs: list  # list[Job], in submission order
+    files: list  # list[Path]: <path>.sbatch per path, then submit.sh
+
+
+def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file: str | Path,
+                  profile_overrides: Sequence[str], run_dir: str | Path, out_dir: str | Path) -> Rendered:
+    """Validate everything first (plan, profile, their fit), then write the scripts into ``out_dir``."""
+    from lrpath_megatron.plan import load_plan
+
+    plan = load_plan(plan_file, list(overrides))
+    paths = plan.paths()
+    jobs: list[Job] = build_jobs(paths)
+    profile = load_profile(profile_file, list(profile_overrides))
+    check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
+    spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)
+    return Rendered(jobs, write_scripts(spec, jobs, Path(out_dir)))

@@ -1,0 +1,413 @@
+"""Cheap updates of a released version: one update = one trainer run from the frozen release.
+
+A plan's ``adapt:`` section (read here, next to the plan) says which release is the base and how an
+update trains. Version ``V`` of the plan is an update when it comes after the base; its method is one of
+
+* ``full``: all parameters, the update's corpora only (the baseline that forgets);
+* ``lora``: a LoRA adapter on the frozen base, the update's corpora only;
+* ``conpet-static``: ONE adapter carried through the updates (loaded from the previous update's), with
+  dynamic replay of every earlier version's corpora (:mod:`.replay`);
+* ``conpet-dynamic``: a fresh adapter per update, plus the selector retrained over [base, updates...]
+  (:mod:`.selector`); inputs are routed to their top-k experts;
+* ``lpft``: ``full`` split by :func:`.lpft.lpft_phases` (head first, then everything).
+
+Every method trains ``adapt.steps`` batches through :func:`lrpath_megatron.trainer.run_path`, in
+``RUN/adapt/<method>/<V>/``; adapters are exported to ``.../adapter`` apart from the base, and
+``.../result.json`` holds parameter counts, optimizer memory, held-out losses per corpus (base and updated
+model) and, for dynamic ConPET, the selector's accuracy.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lrpath_megatron import checkpoint, distributed
+from lrpath_megatron.adapters.lora import (
+    DEFAULT_ADAPTER,
+    LoraConfig,
+    inject_lora,
+    load_adapter,
+    param_report,
+    save_adapter,
+    set_active,
+)
+from lrpath_megatron.adapters.lpft import lpft_phases
+from lrpath_megatron.adapters.replay import replay_blend
+from lrpath_megatron.adapters.selector import Selector, SelectorConfig, pooled_features, routed_token_losses, \
+    train_selector
+from lrpath_megatron.config import ConfigError, TrainConfig, apply_overrides, from_dict, read_yaml
+from lrpath_megatron.errors import LrpathError
+
+METHODS = ("full", "lora", "conpet-static", "conpet-dynamic", "lpft")
+
+
+@dataclass
+class ReplayConfig:
+    new_ratio: float = 0.5  # share of the update's own samples in each conpet-static batch (1:1)
+
+
+@dataclass
+class LpftConfig:
+    probe_steps: int = 10  # phase 1 length (output layer only), of adapt.steps
+    train_final_norm: bool = True
+
+
+@dataclass
+class AdaptConfig:
+    base: Optional[str] = None  # the released version updates sit on; None = the version before --version
+    steps: int = 40  # batch budget of one update, the same for every method
+    lr: float = 2e-3  # peak LR of adapter methods (lora, conpet-*)
+    full_lr: float = 3e-4  # peak LR when all parameters train (full, lpft)
+    min_lr_ratio: float = 0.1  # cosine decay to lr * ratio
+    warmup_steps: int = 4
+    eval_batches: int = 8  # held-out micro-batches per corpus for the reported losses
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    lpft: LpftConfig = field(default_factory=LpftConfig)
+
+    def validate(self) -> "AdaptConfig":
+        if self.steps <= 1 or not 0 <= self.warmup_steps < self.steps - 1:
+            raise ConfigError(f"adapt.steps={self.steps} must be > 1 and adapt.warmup_steps={self.warmup_steps} "
+                              f"in [0, steps - 1)")
+        if self.lr <= 0 or self.full_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("adapt.lr and adapt.full_lr must be > 0, adapt.min_lr_ratio in [0, 1]")
+        if self.eval_batches <= 0:
+            raise ConfigError("adapt.eval_batches must be > 0")
+        self.lora.validate()
+        self.selector.validate()
+        replay_blend({}, [], self.replay.new_ratio)  # range check
+        return self
+
+
+def load_adapt_plan(path: str | Path, overrides: list[str] | None = None):
+    """(Plan, AdaptConfig) from a plan YAML with an ``adapt:`` section (defaults when it has none)."""
+    from lrpath_megatron.plan import Plan
+
+    data = read_yaml(path)
+    apply_overrides(data, overrides or [])
+    try:
+        adapt = from_dict(AdaptConfig, data.pop("adapt", None), "adapt").validate()
+        return Plan.from_dict(data, str(path)), adapt
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# What one update trains
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Update:
+    plan: object
+    adapt: AdaptConfig
+    version: str
+    method: str
+    run_root: Path
+    base_checkpoint: Path
+
+    @property
+    def index(self) -> int:
+        return [v.name for v in self.plan.versions].index(self.version)
+
+    @property
+    def base_index(self) -> int:
+        return [v.name for v in self.plan.versions].index(self.base)
+
+    @property
+    def base(self) -> str:
+        return self.adapt.base or self.plan.versions[self.index - 1].name
+
+    @property
+    def updates(self) -> list[str]:
+        """The versions trained as updates on this base, up to and including this one."""
+        return [v.name for v in self.plan.versions[self.base_index + 1:self.index + 1]]
+
+    def dir(self, version: Optional[str] = None, method: Optional[str] = None) -> Path:
+        return self.run_root / "adapt" / (method or self.method) / (version or self.version)
+
+    @property
+    def new_corpora(self) -> dict:
+        return dict(self.plan.versions[self.index].corpora)
+
+    @property
+    def old_corpora(self) -> list[str]:
+        new = self.new_corpora
+        return [c for v in self.plan.versions[:self.index] for c in v.corpora if c not in new]
+
+    @property
+    def train_config(self) -> TrainConfig:
+        cfg = copy.deepcopy(self.plan.train_config)
+        cfg.checkpoint.save_interval = 0
+        cfg.logging.eval_interval = self.adapt.steps  # one evaluation, at the end
+        cfg.logging.eval_batches = self.adapt.eval_batches
+        return cfg
+
+
+def resolve_update(plan, adapt: AdaptConfig, version: str, method: str, run_root: Path,
+                   base_checkpoint: Optional[Path] = None) -> Update:
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    names = [v.name for v in plan.versions]
+    if version not in names:
+        raise LrpathError(f"--version {version!r} is not in the plan; versions: {', '.join(names)}")
+    base = adapt.base or (names[names.index(version) - 1] if names.index(version) > 0 else None)
+    if base is None or base not in names or names.index(base) >= names.index(version):
+        raise ConfigError(f"adapt.base={base!r} must name a version released before {version!r} "
+                          f"(versions in order: {', '.join(names)})")
+    if base_checkpoint is None:
+        try:
+            spec = plan.path(base)
+        except LrpathError as exc:
+            raise LrpathError(f"{exc}: pass its release checkpoint with --base-checkpoint") from None
+        base_checkpoint = run_root / base / "checkpoints" / checkpoint.iter_name(spec.end_step)
+    if not checkpoint.is_complete(Path(base_checkpoint)):
+        raise LrpathError(f"base release {base_checkpoint} does not exist (yet): train it first "
+                          f"(`lrpath train PLAN --path {base} --run-dir {run_root}`) or pass --base-checkpoint")
+    if method == "conpet-dynamic" and adapt.lora.train_output_layer:
+        raise ConfigError("adapt.lora.train_output_layer cannot be used with conpet-dynamic: the experts share "
+                          "one base, so none of them may change its output layer")
+    return Update(plan, adapt, version, method, Path(run_root), Path(base_checkpoint))
+
+
+def _lr(update: Update):
+    from lrpath_megatron.schedules import WarmupDecay
+
+    a = update.adapt
+    peak = a.full_lr if update.method in ("full", "lpft") else a.lr
+    return WarmupDecay(peak, peak * a.min_lr_ratio, a.warmup_steps, a.steps - 1, "cosine")
+
+
+def _blend(update: Update) -> dict:
+    if update.method != "conpet-static":
+        return update.new_corpora
+    past = [dict(v.corpora) for v in update.plan.versions[:update.index]]
+    return replay_blend(update.new_corpora, past, update.adapt.replay.new_ratio)
+
+
+def _previous_static_adapter(update: Update) -> Optional[Path]:
+    """Static ConPET carries one adapter: the previous update's, unless this is the first update."""
+    if len(update.updates) == 1:
+        return None
+    previous = update.dir(update.updates[-2]) / "adapter"
+    if not (previous / "adapter_config.json").is_file():
+        raise LrpathError(f"conpet-static trains one adapter through the updates: {update.updates[-2]}'s adapter "
+                          f"{previous} is missing; run `lrpath adapt ... --version {update.updates[-2]} "
+                          f"--method conpet-static` first")
+    return previous
+
+
+def path_run(update: Update, report: dict):
+    """The trainer's PathRun of the update; ``report['params']`` is filled when the trainer builds it."""
+    from lrpath_megatron.trainer import PathRun
+
+    method, lora_cfg, seed = update.method, update.adapt.lora, update.plan.train_config.seed
+    previous = _previous_static_adapter(update) if method == "conpet-static" else None
+
+    def transform(model) -> None:
+        if method in ("lora", "conpet-dynamic") or (method == "conpet-static" and previous is None):
+            inject_lora(model, lora_cfg, DEFAULT_ADAPTER, seed)
+        elif method == "conpet-static":
+            load_adapter(model, previous, DEFAULT_ADAPTER, seed)
+        report["params"] = param_report(model)
+
+    blend = _blend(update)
+    return PathRun(name=f"adapt-{method}-{update.version}", run_dir=update.dir(), end_step=update.adapt.steps,
+                   lr_at_step=_lr(update), weights_at_step=lambda step: (method, dict(blend)),
+                   parent_checkpoint=update.base_checkpoint, init_weights_only=True, model_transform=transform,
+                   lineage={"adapt": {"method": method, "version": update.version, "base": update.base,
+                                      "base_checkpoint": str(update.base_checkpoint), "blend": blend}})
+
+
+# --------------------------------------------------------------------------------------------------
+# Running an update
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _session(cfg: TrainConfig):
+    """torch.distributed + parallel state for work outside the trainer (export, selector, evaluation)."""
+    env = distributed.initialize(cfg.parallel, cfg.seed)
+    try:
+        yield env
+    finally:
+        distributed.shutdown()
+
+
+def _base_model(cfg: TrainConfig, ckpt: Path):
+    from lrpath_megatron.model import build_model
+
+    if cfg.parallel.pipeline_parallel != 1:
+        raise LrpathError("adapter export, evaluation and the selector run with parallel.pipeline_parallel=1; "
+                          "training itself may use pipeline parallelism")
+    model = build_model(cfg.model, cfg.parallel, cfg.precision)
+    checkpoint.load_model(ckpt, model)
+    model.eval()
+    return model
+
+
+def _final_checkpoint(run) -> Path:
+    return Path(run.run_dir) / "checkpoints" / checkpoint.iter_name(run.end_step)
+
+
+@torch.no_grad()
+def evaluate(model, valid, corpora: list[str], n_batches: int, token_losses=None) -> dict[str, float]:
+    """Held-out loss per corpus: mean over micro-batches of the loss-masked token mean (the trainer's
+    definition). ``token_losses(batch) -> [b, s]`` defaults to the model's own forward."""
+    from lrpath_megatron.adapters.selector import _forward
+
+    fn = token_losses or (lambda batch: _forward(model, batch, labels=True).float().cpu())
+    out = {}
+    for corpus in corpora:
+        values = []
+        for batch in valid.batches(corpus, n_batches):
+            mask = batch["loss_mask"].float()
+            values.append(float((fn(batch) * mask).sum() / mask.sum().clamp(min=1.0)))
+        out[corpus] = sum(values) / len(values)
+    return out
+
+
+def _valid(cfg: TrainConfig, micro_batch_size: Optional[int] = None):
+    from lrpath_megatron.data import ValidData
+
+    return ValidData(cfg.data, cfg.model.seq_length, micro_batch_size or cfg.parallel.micro_batch_size,
+                     cfg.data.seed, vocab_size=cfg.model.vocab_size)
+
+
+def run_update(update: Update, progress: bool = True) -> dict:
+    """Trains the update, exports its adapter, (dynamic) trains the selector, evaluates; returns and
+    writes ``result.json``."""
+    from lrpath_megatron.trainer import run_path
+
+    cfg, report = update.train_config, {}
+    run = path_run(update, report)
+    start = time.perf_counter()
+    if update.method == "lpft":
+        phases = lpft_phases(run, update.adapt.lpft.probe_steps, update.adapt.lpft.train_final_norm)
+        for phase in phases:
+            _check_exit(run_path(cfg, phase), phase.name)
+        final = _final_checkpoint(phases[1])
+    else:
+        _check_exit(run_path(cfg, run), run.name)
+        final = _final_checkpoint(run)
+    train_seconds = time.perf_counter() - start
+    corpora = [c.name for c in cfg.data.corpora]
+    result = {"method": update.method, "version": update.version, "base": update.base,
+              "base_checkpoint": str(update.base_checkpoint), "steps": update.adapt.steps,
+              "blend": _blend(update), "old_corpora": update.old_corpora, "new_corpora": list(update.new_corpora),
+              "train_seconds": train_seconds}
+    with _session(cfg) as env:
+        valid = _valid(cfg)
+        model = _base_model(cfg, update.base_checkpoint)
+        result["base_val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+        if update.method in ("full", "lpft"):
+            checkpoint.load_model(final, model)
+            p = param_report(model)  # phase 2 of lpft, like full, trains every parameter
+            result["params"] = dataclasses.asdict(p) | {"ratio": p.ratio}
+            result["val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+        else:
+            inject_lora(model, update.adapt.lora, DEFAULT_ADAPTER, cfg.seed)
+            checkpoint.load_model(final, model)  # base + adapter as trained
+            save_adapter(model, update.dir() / "adapter", update.adapt.lora, DEFAULT_ADAPTER,
+                         info={"base_checkpoint": str(update.base_checkpoint), "version": update.version})
+            p = report["params"]
+            result["params"] = dataclasses.asdict(p) | {"ratio": p.ratio}
+            # Evaluate what was saved: the exported adapter on a freshly loaded base.
+            model = _base_model(cfg, update.base_checkpoint)
+            if update.method == "conpet-dynamic":
+                result.update(_dynamic(update, cfg, model, valid, corpora, progress))
+            else:
+                load_adapter(model, update.dir() / "adapter", DEFAULT_ADAPTER, cfg.seed)
+                result["val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+        result["summary"] = _summary(result, update)
+        if env.rank == 0:
+            (update.dir() / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+def _check_exit(code: int, name: str) -> None:
+    if code != 0:
+        raise LrpathError(f"{name} stopped early (exit code {code}); rerun the same command to resume")
+
+
+def _summary(result: dict, update: Update) -> dict:
+    def mean(losses: dict, names: list[str]) -> float:
+        return sum(losses[n] for n in names) / len(names)
+
+    old, new = update.old_corpora, list(update.new_corpora)
+    return {"old_loss_before": mean(result["base_val_loss"], old), "new_loss_before": mean(result["base_val_loss"], new),
+            "old_loss_after": mean(result["val_loss"], old), "new_loss_after": mean(result["val_loss"], new)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic ConPET: experts + selector
+# --------------------------------------------------------------------------------------------------
+def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str], progress: bool) -> dict:
+    """Loads every expert of this base, retrains the selector over [base, updates...], evaluates routed."""
+    from lrpath_megatron.data import TrainData
+
+    scfg = update.adapt.selector
+    plan_versions = {v.name: v for v in update.plan.versions}
+    experts: list[Optional[str]] = [None] + update.updates
+    classes = [update.base] + update.updates
+    # Class c's stored set: its versions' corpora (the base class holds every version up to the base).
+    members = {update.base: [v.name for v in update.plan.versions[:update.base_index + 1]]}
+    members.update({u: [u] for u in update.updates})
+    corpus_class: dict[str, int] = {}
+    for c, name in enumerate(classes):
+        for version in members[name]:
+            for corpus in plan_versions[version].corpora:
+                if corpus_class.setdefault(corpus, c) != c:
+                    raise LrpathError(f"conpet-dynamic routes by domain, but corpus {corpus!r} belongs to both "
+                                      f"{classes[corpus_class[corpus]]} and {name}; give each update its own corpora")
+    for u in update.updates:
+        adapter = update.dir(u) / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise LrpathError(f"conpet-dynamic expert {u} is missing ({adapter}); run `lrpath adapt ... --version "
+                              f"{u} --method conpet-dynamic` first")
+        load_adapter(model, adapter, u, cfg.seed)
+    set_active(model, None)
+
+    selector = Selector(cfg.model.hidden_size, len(classes) - 1, scfg.hidden)
+    previous = update.dir(update.updates[-2]) / "selector.pt" if len(update.updates) > 1 else None
+    if previous is not None and previous.is_file():  # continue the previous update's selector
+        selector.load_state_dict(torch.load(previous, weights_only=False)["state_dict"])
+    selector.add_class()
+    # Pick a class uniformly, then a sample of its stored set: one sampler over all classes' corpora.
+    weights = {}
+    for corpus, c in corpus_class.items():
+        share = sum(1 for x in corpus_class.values() if x == c)
+        weights[corpus] = 1.0 / len(classes) / share
+    data = TrainData(cfg.data, cfg.model.seq_length, cfg.parallel.global_batch_size, cfg.parallel.global_batch_size,
+                     0, 1, lambda step: ("selector", weights), cfg.data.seed + 1, vocab_size=cfg.model.vocab_size)
+
+    def batches(step: int):
+        from lrpath_megatron.data import collate
+
+        picked = data.sampler.global_batch(step)
+        batch = collate([data.datasets[corpus][i] for corpus, i in picked])
+        return batch, torch.tensor([corpus_class[corpus] for corpus, _ in picked])
+
+    losses = train_selector(selector, model, batches, scfg, progress=progress)
+    accuracy = {}
+    for corpus, c in corpus_class.items():
+        hits = total = 0
+        for batch in valid.batches(corpus, scfg.eval_batches):
+            predicted = selector(pooled_features(model, batch)).argmax(dim=-1)
+            hits += int((predicted == c).sum())
+            total += len(predicted)
+        accuracy[corpus] = hits / total
+    if torch.distributed.get_rank() == 0:
+        torch.save({"classes": classes, "experts": experts, "state_dict": selector.state_dict(),
+                    "hidden": scfg.hidden}, update.dir() / "selector.pt")
+    val = evaluate(model, valid, corpora, update.adapt.eval_batches,
+                   lambda batch: routed_token_losses(selector, model, batch, experts, scfg.top_k))
+    return {"val_loss": val, "selector": {
+        "classes": classes, "class_of_corpus": {k: classes[c] for k, c in corpus_class.items()},
+        "heldout_accuracy": accuracy, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+        "top_k": scfg.top_k, "forward_passes_per_input": 1 + min(scfg.top_k, len(classes))}}

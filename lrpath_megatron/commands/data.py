@@ -1,0 +1,163 @@
+"""``lrpath data {train-tokenizer,preprocess,inspect,split-versions,demo}``: thin calls into :mod:`data_tools`.
+
+Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections import Counter
+from dataclasses import asdict
+
+from lrpath_megatron.config import ConfigError
+from lrpath_megatron.errors import LrpathError
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="train a tokenizer, preprocess text to .bin/.idx, inspect, split per version",
+                       description="Data tools; see docs/data.md.")
+    cmds = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    t = cmds.add_parser("train-tokenizer", help="train a SentencePiece model (BPE or unigram) on JSONL/text")
+    _inputs(t)
+    t.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--character-coverage", type=float, default=0.9999)
+    t.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="unknown characters become UTF-8 byte pieces (lossless decode)")
+    t.add_argument("--sample-sentences", type=int, default=2_000_000,
+                   help="lines sampled for training (reservoir over all lines read; 0 = all)")
+    t.add_argument("--max-input-docs", type=int, default=0, help="stop reading after this many documents (0 = all)")
+    t.add_argument("--special-tokens", nargs="*", default=[], help="extra pieces that never split")
+    t.add_argument("--eod-piece", default="</s>", help="name of the eos piece (id 3), appended as EOD")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    t.set_defaults(func=_train_tokenizer)
+
+    pp = cmds.add_parser("preprocess", help="JSONL (.gz, globs) or text -> {output-prefix}_{key}_document.bin/.idx")
+    _inputs(pp)
+    pp.add_argument("--output-prefix", required=True)
+    pp.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
+    pp.add_argument("--tokenizer-type", choices=SENTENCEPIECE_TYPES, default="SentencePieceTokenizer",
+                    help="accepted for Megatron-LM compatibility; both mean the SentencePiece model as is")
+    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pp.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                    help="append the EOD (eos) id after every document (default on)")
+    pp.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                    help="bad lines/files: skip and count them, or fail leaving no output")
+    pp.add_argument("--max-doc-chars", type=int, default=0,
+                    help="treat longer documents as bad input (0 = no limit; long ones are encoded in chunks)")
+    pp.add_argument("--chunk-bytes", type=int, default=64 << 20, help="work-unit size (does not change the output)")
+    pp.add_argument("--summary-json", help="also write the summary here")
+    pp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    pp.set_defaults(func=_preprocess)
+
+    i = cmds.add_parser("inspect", help="documents, tokens, length histogram, held-out split, decoded samples")
+    i.add_argument("prefix", help="dataset path prefix (without .bin/.idx)")
+    i.add_argument("--tokenizer-model", help="decode samples with this model")
+    i.add_argument("--valid-fraction", type=float, help="report the held-out documents (megatron-core split)")
+    i.add_argument("--samples", type=int, default=1)
+    i.add_argument("--max-chars", type=int, default=400)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=_inspect)
+
+    s = cmds.add_parser("split-versions", help="cut corpora into per-version datasets; print the plan's token counts")
+    s.add_argument("--corpus", action="append", required=True, metavar="NAME=PREFIX", help="repeatable")
+    s.add_argument("--version", action="append", required=True, metavar="NAME:CORPUS=SHARE[,...]",
+                   help="in release order, e.g. --version v1:docs=0.5 --version v2:docs=0.5,code=1")
+    s.add_argument("--output-dir", required=True)
+    s.add_argument("--valid-fraction", type=float, default=0.02)
+    s.set_defaults(func=_split_versions)
+
+    d = cmds.add_parser("demo", help="tokenizer + datasets of the shipped corpora (cached)")
+    d.add_argument("--out-dir", default="runs/demo/data")
+    d.add_argument("--vocab-size", type=int, default=2048)
+    d.set_defaults(func=_demo)
+
+
+def _inputs(p) -> None:
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files or globs: JSONL (.gz ok) or .txt (one document per line)")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the documents")
+    p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                   help="auto: .txt/.txt.gz are text, anything else JSONL")
+
+
+def _train_tokenizer(args) -> int:
+    from data_tools.inputs import iter_texts
+    from data_tools.tokenizer import TokenizerSpec, train_tokenizer
+
+    if len(args.json_keys) != 1:
+        raise ConfigError("train-tokenizer reads one key; give a single --json-keys")
+    spec = TokenizerSpec(args.vocab_size, args.model_type, args.character_coverage, args.byte_fallback,
+                         args.sample_sentences, eod_piece=args.eod_piece, special_tokens=args.special_tokens,
+                         seed=args.seed, threads=args.threads)
+    skipped: Counter = Counter()
+    texts = iter_texts(args.input, args.json_keys[0], args.input_format, args.max_input_docs, skipped)
+    path = train_tokenizer(texts, args.model_prefix, spec)
+    print(f"wrote {path} and {path.with_suffix('.vocab')}")
+    if skipped:
+        print("skipped lines: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items())))
+    return 0
+
+
+def _preprocess(args) -> int:
+    from data_tools.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
+                           json_keys=args.json_keys, workers=args.workers, append_eod=args.append_eod,
+                           on_error=args.on_error, max_doc_chars=args.max_doc_chars, input_format=args.input_format,
+                           chunk_bytes=args.chunk_bytes, progress=args.progress)
+    # SIGTERM (scancel, timeout) unwinds like Ctrl-C, so temporary and partial files are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    summary = preprocess(cfg)
+    print(summary.format())
+    if args.summary_json:
+        data = asdict(summary) | {"problems": [str(p) for p in summary.problems],
+                                  "tokens_per_second": summary.tokens_per_second}
+        with open(args.summary_json, "w") as f:
+            json.dump(data, f, indent=2)
+    return 0
+
+
+def _inspect(args) -> int:
+    from data_tools.inspect_data import inspect_dataset
+
+    report = inspect_dataset(args.prefix, args.tokenizer_model, args.valid_fraction, args.samples, args.max_chars,
+                             args.seed)
+    print(json.dumps(asdict(report), indent=2) if args.json else report.format())
+    return 0
+
+
+def _split_versions(args) -> int:
+    import yaml
+
+    from data_tools.versions import parse_version, split_versions
+
+    corpora = {}
+    for item in args.corpus:
+        name, eq, prefix = item.partition("=")
+        if not eq or not name or not prefix:
+            raise LrpathError(f"--corpus {item!r}: write NAME=PREFIX")
+        corpora[name] = prefix
+    result = split_versions(corpora, [parse_version(v) for v in args.version], args.output_dir, args.valid_fraction)
+    for p in result.parts:
+        print(f"{p.version} {p.corpus}: documents {p.first_doc}..{p.end_doc}, {p.tokens:,} tokens "
+              f"({p.train_tokens:,} train) -> {p.prefix}")
+    print(f"# plan snippet (also in {args.output_dir}/versions.yaml)")
+    print(yaml.safe_dump(result.plan_snippet(), sort_keys=False), end="")
+    return 0
+
+
+def _demo(args) -> int:
+    from data_tools.demo import prepare_demo_data
+
+    print(json.dumps(prepare_demo_data(args.out_dir, args.vocab_size), indent=2))
+    return 0

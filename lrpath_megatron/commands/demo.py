@@ -1,0 +1,30 @@
+"""``lrpath demo``: the shipped corpora, tokenized, then the tiny demo plan (main path + one branch per
+version) trained on this machine, then the version tree. Run from the repository root (``make demo``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_PLAN = Path("examples/demo_plan.yaml")
+RUN_DIR = Path("runs/demo")  # the plan's corpus prefixes point under runs/demo/data
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="tokenize the shipped corpora and run the tiny demo plan on this machine")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks (torchrun processes)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from data_tools.demo import prepare_demo_data
+    from launch.local import local_commands, run_local
+    from lrpath_megatron.plan import load_plan
+    from lrpath_megatron.status import format_status, run_status
+
+    run_dir = RUN_DIR
+    data = prepare_demo_data(run_dir / "data")
+    print("demo corpora (tokens): " + ", ".join(f"{k} {v:,}" for k, v in data["tokens"].items()))
+    plan = load_plan(DEMO_PLAN)
+    plan.check_data()
+    run_local(local_commands(DEMO_PLAN, [], run_dir, plan.paths(), args.nproc_per_node))
+    print(format_status(run_status(plan, run_dir)))
+    return 0

@@ -1,0 +1,24 @@
+"""``lrpath status PLAN.yaml --run-dir DIR [--json]``: each path's progress and state, and the releases."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="show the progress of every path of a plan's run and which versions are released",
+                       description="Reads checkpoints and metrics only (safe next to a running job).")
+    p.add_argument("plan", help="the version plan YAML the run was trained from")
+    p.add_argument("--run-dir", default="runs/train", help="the run directory given to `lrpath train`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="the same --set overrides the run was trained with (they can change the steps)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lrpath_megatron.plan import load_plan
+    from lrpath_megatron.status import format_status, run_status, to_json
+
+    status = run_status(load_plan(args.plan, args.overrides), Path(args.run_dir))
+    print(to_json(status) if args.json else format_status(status))
+    return 0

@@ -1,0 +1,170 @@
+"""Where a plan's run stands: per path its last checkpoint, losses and state; which versions are released.
+
+Pure reading of ``RUN/<path>/checkpoints`` and ``RUN/<path>/metrics.jsonl``: no torch, no megatron-core,
+so it is fast and safe to run next to a training job (a checkpoint counts once its manifest exists,
+which the trainer writes last).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from lrpath_megatron.metrics import read_metrics
+from lrpath_megatron.plan import Plan, PathSpec
+
+# The checkpoint layout of checkpoint.py, restated here because that module imports megatron-core.
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+DONE, PARTIAL, READY, WAITING, NOT_STARTED = "done", "partial", "ready", "waiting", "not started"
+
+
+def iter_dir(run_dir: Path, path: str, step: int) -> Path:
+    return Path(run_dir) / path / "checkpoints" / f"iter_{step:07d}"
+
+
+def _complete(ckpt: Path) -> bool:
+    return (ckpt / MANIFEST).is_file()
+
+
+def _checkpoint_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root`` (temporaries of running saves are skipped)."""
+    steps = []
+    for p in root.glob("iter_*"):
+        suffix = p.name[len("iter_"):]
+        if suffix.isdigit() and _complete(p):
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+@dataclass
+class PathStatus:
+    name: str
+    parent: Optional[str]
+    fork_step: int
+    end_step: int
+    state: str  # done | partial | ready | waiting | not started
+    note: str  # one readable line on what the state means / what to do next
+    step: Optional[int]  # last checkpointed (global) step
+    checkpoint: Optional[str]
+    tokens: Optional[int]  # global token position of that checkpoint
+    progress: float  # fraction of the path's own steps checkpointed
+    last_logged_step: Optional[int]
+    loss: Optional[float]  # last train loss in metrics.jsonl
+    val_loss: Optional[float]  # last validation loss in metrics.jsonl
+    val_step: Optional[int]
+
+
+@dataclass
+class ReleaseStatus:
+    version: str
+    method: str  # decay | merge
+    step: int  # decay: the branch's end step; merge: the release step on the main path
+    released: bool
+    checkpoint: Optional[str]  # where the released weights are (when released)
+
+
+@dataclass
+class RunStatus:
+    plan: str
+    run_dir: str
+    plan_hash: str
+    tokens_per_step: int
+    paths: list[PathStatus]
+    releases: list[ReleaseStatus]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStatus:
+    root = Path(run_dir) / spec.name / "checkpoints"
+    steps = _checkpoint_steps(root)
+    step = steps[-1] if steps else None
+    records = read_metrics(Path(run_dir) / spec.name)
+    train = [r for r in records if r.get("loss") is not None]
+    val = [r for r in records if r.get("val_loss") is not None]
+    if step is not None and step >= spec.end_step:
+        state, note = DONE, "finished"
+    elif step is not None or records:
+        where = f"step {step}" if step is not None else "no checkpoint yet"
+        state, note = PARTIAL, f"running or stopped at {where}; rerun its train command to continue"
+    elif spec.parent is None:
+        state, note = NOT_STARTED, "not started"
+    elif _complete(iter_dir(run_dir, spec.parent, spec.fork_step)):
+        state, note = READY, f"can start: {spec.parent} has its step-{spec.fork_step} checkpoint"
+    else:
+        state, note = WAITING, f"waiting for {spec.parent} to reach step {spec.fork_step}"
+    done_steps = (step - spec.fork_step) if step is not None else 0
+    return PathStatus(
+        name=spec.name, parent=spec.parent, fork_step=spec.fork_step, end_step=spec.end_step,
+        state=state, note=note, step=step,
+        checkpoint=str(root / f"iter_{step:07d}") if step is not None else None,
+        tokens=step * tokens_per_step if step is not None else None,
+        progress=min(1.0, done_steps / spec.steps) if spec.steps else 1.0,
+        last_logged_step=records[-1]["step"] if records else None,
+        loss=train[-1]["loss"] if train else None,
+        val_loss=val[-1]["val_loss"] if val else None,
+        val_step=val[-1]["step"] if val else None,
+    )
+
+
+def run_status(plan: Plan, run_dir: Path) -> RunStatus:
+    run_dir = Path(run_dir)
+    paths = [path_status(spec, run_dir, plan.tokens_per_step) for spec in plan.paths()]
+    by_name = {p.name: p for p in paths}
+    releases = []
+    for v in plan.versions:
+        r = v.release
+        if r.method == "decay":
+            branch = by_name[v.name]
+            released = branch.state == DONE
+            ckpt, step = branch.checkpoint if released else None, branch.end_step
+        else:  # a merge writes its output as the version's checkpoint at the release step
+            step = r.step
+            target = iter_dir(run_dir, v.name, step)
+            released = _complete(target)
+            ckpt = str(target) if released else None
+        releases.append(ReleaseStatus(v.name, r.method, step, released, ckpt))
+    return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)
+
+
+def format_status(status: RunStatus) -> str:
+    """A readable table: the version tree (branches indented under main), then the releases."""
+    lines = [f"plan {status.plan} (hash {status.plan_hash}), run dir {status.run_dir}", ""]
+    header = ("path", "steps", "checkpoint", "progress", "tokens", "loss", "val_loss", "state")
+    rows = [header]
+    for p in status.paths:
+        name = p.name if p.parent is None else f"  └ {p.name} (from {p.parent}@{p.fork_step})"
+        rows.append((
+            name,
+            f"{p.fork_step}..{p.end_step}",
+            f"iter_{p.step:07d}" if p.step is not None else "-",
+            f"{p.progress:.0%}",
+            _human(p.tokens) if p.tokens is not None else "-",
+            f"{p.loss:.4f}" if p.loss is not None else "-",
+            f"{p.val_loss:.4f}" if p.val_loss is not None else "-",
+            f"{p.state}: {p.note}" if p.note != p.state else p.state,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    lines += ["", "releases:"]
+    for r in status.releases:
+        how = "decay branch" if r.method == "decay" else "merge"
+        where = r.checkpoint if r.released else f"not yet ({how} to step {r.step})"
+        lines.append(f"  {r.version:<8} {'released' if r.released else 'pending':<9} {where}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def to_json(status: RunStatus) -> str:
+    return json.dumps(status.to_dict(), indent=1)

@@ -1,0 +1,151 @@
+"""Branches and resume: fork from the main path, kill -9 and SIGTERM, crash-safe saves, refused resumes."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port, losses, lrpath_command, run_lrpath, tiny_config
+from lrpath_megatron import checkpoint
+from lrpath_megatron.trainer import EXIT_REQUEUE
+
+
+def _plan(demo_data, path: Path, eta_max: float = 3.0e-3) -> Path:
+    steps_tokens = 8 * 64  # global batch 8 x seq 64
+    plan = {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
+                  "vocab_size": demo_data["vocab_size"]},
+        "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
+        "data": {"corpora": [{"name": n, "prefix": demo_data["prefixes"][n]} for n in ("docs", "code_a")]},
+        "checkpoint": {"save_interval": 3},
+        "logging": {"log_interval": 1, "eval_interval": 0, "tensorboard": False},
+        "plan": {
+            "main": {"eta_max": eta_max, "eta_min": 3.0e-4, "warmup_steps": 2, "replay": 0.25},
+            "versions": [
+                {"name": "v1", "corpora": ["docs"], "tokens": 12 * steps_tokens,
+                 "release": {"method": "decay", "shape": "cosine", "decay_steps": 8, "data": "replay"}},
+                {"name": "v2", "corpora": ["code_a"], "tokens": 12 * steps_tokens,
+                 "release": {"method": "decay", "shape": "cosine", "decay_steps": 8, "data": "replay"}},
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps in {timeout} s")
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen(lrpath_command(args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def plan_file(demo_data, tmp_path_factory) -> Path:
+    return _plan(demo_data, tmp_path_factory.mktemp("plan") / "plan.yaml")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(plan_file, tmp_path_factory) -> dict[str, dict[int, float]]:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    for path in ("main", "v1"):
+        run_lrpath(["train", str(plan_file), "--path", path, "--run-dir", str(run)])
+    return {"run": run, "main": losses(run / "main"), "v1": losses(run / "v1")}
+
+
+def test_branch_forks_from_the_main_checkpoint_and_decays_to_eta_min(plan_file, uninterrupted):
+    run = uninterrupted["run"]
+    main, v1 = uninterrupted["main"], uninterrupted["v1"]
+    assert sorted(main) == list(range(24))  # main ends at the last fork (v2's) in this plan
+    assert sorted(v1) == list(range(12, 20))  # v1 forks at step 12 and decays for 8 steps
+    manifest = checkpoint.read_manifest(checkpoint.find_latest(run / "v1" / "checkpoints"))
+    assert manifest["parent"] == str(run / "main" / "checkpoints" / "iter_0000012")
+    assert manifest["parent_path"] == "main" and manifest["fork_step"] == 12
+    records = [json.loads(line) for line in (run / "v1" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(3.0e-3)  # continues the main path's LR at the fork
+    assert records[-1]["lr"] == pytest.approx(3.0e-4)  # ends at eta_min
+    assert not (run / "v1" / "checkpoints" / "iter_0000012").exists()  # no copy of the parent's weights
+
+
+@pytest.mark.parametrize("path", ["main", "v1"])
+def test_kill9_at_a_random_step_then_resume_is_bitwise(plan_file, uninterrupted, tmp_path, path):
+    if path == "v1":  # the branch needs its parent's fork checkpoint
+        (tmp_path / "main").mkdir()
+        os.symlink(uninterrupted["run"] / "main" / "checkpoints", tmp_path / "main" / "checkpoints")
+    args = ["train", str(plan_file), "--path", path, "--run-dir", str(tmp_path)]
+    proc = _start(args)
+    _wait_for_steps(tmp_path / path, random.Random(7).randint(4, 7), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_lrpath(args)
+    assert losses(tmp_path / path) == uninterrupted[path]
+
+
+def test_sigterm_saves_at_the_current_step_and_asks_for_requeue(demo_data, tmp_path):
+    cfg = tiny_config(demo_data, tmp_path / "c.yaml", schedule={"train_steps": 100000, "warmup_steps": 2})
+    args = ["train", str(cfg), "--run-dir", str(tmp_path / "run")]
+    proc = _start(args)
+    _wait_for_steps(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err[-2000:]
+    done = len(losses(tmp_path / "run"))
+    latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+    assert latest.name == checkpoint.iter_name(done)
+    run_lrpath([*args, "--stop-at-step", str(done + 2)])
+    assert sorted(losses(tmp_path / "run")) == list(range(done + 2))  # continues, no step lost or repeated
+
+
+def test_kill9_during_saves_never_exposes_a_partial_checkpoint(demo_data, tmp_path):
+    """Saves every step; killed at random moments (inside saves, mostly): what resume picks is intact."""
+    cfg = tiny_config(demo_data, tmp_path / "c.yaml", checkpoint={"save_interval": 1},
+                      schedule={"train_steps": 100000, "warmup_steps": 2})
+    args = ["train", str(cfg), "--run-dir", str(tmp_path / "run")]
+    rng = random.Random(11)
+    for _ in range(3):
+        proc = _start(args)
+        _wait_for_steps(tmp_path / "run", len(losses(tmp_path / "run")) + 2 if (tmp_path / "run" / "metrics.jsonl").exists() else 2, proc)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+        assert latest is not None and checkpoint.verify(latest) == []
+    step = int(checkpoint.find_latest(tmp_path / "run" / "checkpoints").name.split("_")[1])
+    out = run_lrpath([*args, "--stop-at-step", str(step + 1)])
+    assert f"resumed at step {step}" in out.stdout
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
+
+
+def test_resume_with_a_changed_model_or_past_schedule_is_refused_and_writes_nothing(plan_file, uninterrupted, demo_data,
+                                                                                      tmp_path):
+    run = uninterrupted["run"]
+    before = _snapshot(run)
+    proc = run_lrpath(["train", str(plan_file), "--path", "main", "--run-dir", str(run),
+                       "--set", "model.hidden_size=128"], check=False)
+    assert proc.returncode == 2
+    assert "the model differs (model.hidden_size: checkpoint 64 vs config 128)" in proc.stderr
+    changed = _plan(demo_data, tmp_path / "changed.yaml", eta_max=2.0e-3)
+    proc = run_lrpath(["train", str(changed), "--path", "main", "--run-dir", str(run)], check=False)
+    assert proc.returncode == 2 and "differ from what was trained" in proc.stderr
+    assert _snapshot(run) == before

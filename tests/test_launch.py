@@ -1,0 +1,287 @@
+"""``lrpath launch``: job graph, rendered sbatch scripts, profile validation, and a real SLURM cluster run.
+
+The end-to-end test starts a localhost cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd n1 + n2),
+submits the generated scripts of a tiny plan (main + 2 branches, gloo) and checks dependencies, losses
+and a USR1-triggered requeue of a running main-path job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.jobs import Job, build_jobs
+from lrpath_megatron.cli import main as lrpath_main
+from lrpath_megatron.plan import load_plan
+from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_PROFILE = REPO / "examples" / "cluster_local.yaml"
+LRPATH = str(Path(sys.executable).with_name("lrpath"))
+STEPS_PER_VERSION = 30
+DECAY_STEPS = 4
+
+
+def _write_plan(path: Path, prefixes: dict, vocab_size: int) -> Path:
+    """Main path of 2 x 30 steps with a cosine branch per version: v1 forks at 30, v2 at the main end (60)."""
+    plan = {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64,
+                  "vocab_size": vocab_size},
+        "parallel": {"micro_batch_size": 2, "global_batch_size": 4},
+        "data": {"corpora": [{"name": n, "prefix": prefixes[n]} for n in ("docs", "code_a")]},
+        "checkpoint": {"save_interval": 0},
+        "logging": {"log_interval": 1, "eval_interval": 0, "tensorboard": False},
+        "plan": {
+            "main": {"eta_max": 3e-3, "eta_min": 3e-4, "warmup_steps": 2, "replay": 0.2},
+            "versions": [
+                {"name": v, "corpora": [c], "steps": STEPS_PER_VERSION,
+                 "release": {"method": "decay", "shape": "cosine", "decay_steps": DECAY_STEPS, "data": "replay"}}
+                for v, c in (("v1", "docs"), ("v2", "code_a"))
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory) -> Path:
+    """For rendering only: plans are validated without touching their data files."""
+    prefixes = {n: f"/data/{n}_text_document" for n in ("docs", "code_a")}
+    return _write_plan(tmp_path_factory.mktemp("plan") / "plan.yaml", prefixes, 2048)
+
+
+@pytest.fixture(scope="module")
+def trainable_plan_file(tmp_path_factory, demo_data) -> Path:
+    return _write_plan(tmp_path_factory.mktemp("plan") / "plan.yaml", demo_data["prefixes"], demo_data["vocab_size"])
+
+
+def _profile(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(LOCAL_PROFILE.read_text())
+    data.update(changes)
+    out = tmp_path / "cluster.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def _launch(*args: str) -> int:
+    return lrpath_main(["launch", *map(str, args)])
+
+
+# ----------------------------------------------------------------------------------------------- units
+def test_jobs_cut_the_main_path_at_fork_steps(plan_file):
+    jobs = build_jobs(load_plan(plan_file).paths())
+    assert jobs == [
+        Job("main@30", "main", 0, 30, 30, None),
+        Job("main", "main", 30, 60, None, "main@30"),  # v2 forks at the main end: no extra segment
+        Job("v1", "v1", 30, 30 + DECAY_STEPS, None, "main@30"),
+        Job("v2", "v2", 60, 60 + DECAY_STEPS, None, "main"),
+    ]
+
+
+def test_rendered_scripts(plan_file, tmp_path):
+    out, run = tmp_path / "out", tmp_path / "run"
+    assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out,
+                   "--set", "seed=7") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["main.sbatch", "submit.sh", "v1.sbatch", "v2.sbatch"]
+    for script in out.iterdir():  # real bash parses every generated file
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    main = (out / "main.sbatch").read_text()
+    opts = [line.split(None, 1)[1] for line in main.splitlines() if line.startswith("#SBATCH")]
+    assert {"--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--time=00:10:00", "--requeue",
+            "--signal=USR1@30", "--open-mode=append", f"--output={run}/main/logs/slurm-%j.out"} <= set(opts)
+    assert not any(o.startswith("--gpus-per-node") for o in opts)  # request_gpus: false
+    assert f"--run-dir \"$RUN_DIR\" --set seed=7" in main and f"PLAN={plan_file}" in main
+    assert "--nodes=1" in (out / "v1.sbatch").read_text()  # branches.nodes
+    assert (run / "v2" / "logs").is_dir()  # sbatch cannot create its output directory itself
+    submit = (out / "submit.sh").read_text()
+    assert "job_main_30=$(sbatch --parsable --job-name=lrpath-main-to-30 main.sbatch 30)" in submit
+    assert "--dependency=afterok:$job_main_30 v1.sbatch" in submit
+    assert "--dependency=afterok:$job_main v2.sbatch" in submit
+
+
+def test_h100_example_profile(tmp_path):
+    out = tmp_path / "out"
+    assert _launch(REPO / "examples" / "demo_plan.yaml", "--slurm", "--cluster", REPO / "examples" / "cluster_h100.yaml",
+                   "--run-dir", tmp_path / "run", "--out", out, "--set", "parallel.tensor_parallel=2",
+                   "--set", "parallel.pipeline_parallel=2", "--set", "parallel.micro_batch_size=1") == 0
+    main, v1, v3 = ((out / f"{p}.sbatch").read_text() for p in ("main", "v1", "v3"))
+    for text in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=4",
+                 "#SBATCH --account=my-project", "--container-image=/shared/containers/lrpath-megatron.sqsh",
+                 "export NCCL_IB_TIMEOUT=22", "export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}"):
+        assert text in main
+    assert "#SBATCH --nodes=2" in v1 and "#SBATCH --time=02:00:00" in v1
+    assert "#SBATCH --nodes=4" in v3  # paths.v3 wins over branches
+
+
+@pytest.mark.parametrize("profile_changes, plan_sets, expected", [
+    ({"partition": ""}, [], "partition is not set"),
+    ({"gpus_per_node": 3}, ["parallel.tensor_parallel=2"], "gpus_per_node=3 is not divisible by parallel.tensor_parallel=2"),
+    ({"gpus_per_node": 6}, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], "do not divide one another"),
+    ({"time": "00:01:00"}, [], "shorter than one checkpoint interval"),
+    ({"seconds_per_step": 0}, [], "seconds_per_step is not set"),
+])
+def test_bad_profile_fails_before_anything_is_written(plan_file, tmp_path, capsys, profile_changes, plan_sets,
+                                                      expected):
+    out = tmp_path / "out"
+    sets = [a for s in plan_sets for a in ("--set", s)]
+    code = _launch(plan_file, "--slurm", "--cluster", _profile(tmp_path, **profile_changes), "--out", out,
+                   "--run-dir", tmp_path / "run", "--submit", *sets)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "cluster.yaml" in err
+    assert not out.exists() and not (tmp_path / "run").exists()
+
+
+def test_local_dry_run_uses_torchrun(plan_file, tmp_path, capsys):
+    assert _launch(plan_file, "--local", "--nproc-per-node", 2, "--run-dir", tmp_path, "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("--path ")[1].split()[0] for line in lines] == ["main", "v1", "v2"]
+    assert all("torch.distributed.run --standalone --nproc-per-node=2" in line for line in lines)
+
+
+# --------------------------------------------------------------------------------- real SLURM cluster
+def _metrics(run: Path, path: str) -> list[dict]:
+    f = run / path / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(f"==== {f}\n{f.read_text(errors='replace')[-3000:]}" for f in sorted(run.glob("*/logs/*.out")))
+
+
+def _wait_for_training(run: Path, alive, deadline: float) -> None:
+    """Until the first main-path segment has logged a few steps (it must still be running)."""
+    while len(_metrics(run, "main")) < 3:
+        assert time.time() < deadline, f"main@30 did not start training\n{_logs(run)}"
+        assert alive(), f"main@30 ended before it could be signalled\n{_logs(run)}"
+        time.sleep(0.2)
+
+
+def _check_requeued_segment(seg_log: str) -> None:
+    """The segment saved on USR1, asked for a requeue, and its rerun resumed at exactly that step."""
+    saved_at = int(seg_log.split("signal received: saved at step ")[1].split()[0])
+    assert 0 < saved_at < 30, seg_log
+    assert "requeueing job" in seg_log and "(restart 1)" in seg_log, seg_log
+    assert f"resumed at step {saved_at}" in seg_log, seg_log
+
+
+def _check_paths_trained(run: Path) -> None:
+    """Every path trained each of its steps exactly once, with finite losses."""
+    for path, steps in (("main", range(60)), ("v1", range(30, 30 + DECAY_STEPS)),
+                        ("v2", range(60, 60 + DECAY_STEPS))):
+        records = _metrics(run, path)
+        assert [r["step"] for r in records] == list(steps), f"{path}\n{_logs(run)}"
+        assert all(0 < r["loss"] < 20 for r in records), path
+
+
+def test_plan_on_slurm_cluster(slurm_cluster_or_reason, trainable_plan_file, tmp_path, monkeypatch):
+    plan_file = trainable_plan_file
+    run, out = tmp_path / "run", tmp_path / "slurm"
+    if isinstance(slurm_cluster_or_reason, str):
+        warnings.warn(f"no local SLURM cluster: {slurm_cluster_or_reason}; "
+                      "ran the generated scripts under bash with srun/scontrol stand-ins instead")
+        return _run_scripts_without_slurm(plan_file, run, out, tmp_path / "bin")
+    cluster = slurm_cluster_or_reason
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", f"lrpath={LRPATH}",
+                   "--run-dir", run, "--out", out, "--submit") == 0
+    ids = dict(line.split() for line in (out / "submitted.txt").read_text().splitlines())
+    assert set(ids) == {"main@30", "main", "v1", "v2"}
+
+    # Preempt the first main-path segment while it trains: USR1 -> save -> exit 3 -> the script requeues.
+    seg = ids["main@30"]
+    deadline = time.time() + 180
+    _wait_for_training(run, lambda: cluster.job_info(seg)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"),
+                       deadline)
+    cluster.run("scancel", "--signal=USR1", seg)
+
+    finished = {}
+    while len(finished) < len(ids):
+        assert time.time() < deadline + 240, f"jobs not finished: {finished}\n{_logs(run)}"
+        for key, job_id in ids.items():
+            if key in finished:
+                continue
+            info = cluster.job_info(job_id)
+            if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                finished[key] = info
+        time.sleep(1)
+    assert {k: i["JobState"] for k, i in finished.items()} == dict.fromkeys(ids, "COMPLETED"), _logs(run)
+
+    assert finished["main@30"]["Restarts"] == "1", _logs(run)
+    _check_requeued_segment((run / "main" / "logs" / f"slurm-{seg}.out").read_text())
+    _check_paths_trained(run)
+    # Branches started only after the main-path job that ends at their fork step (afterok, across the requeue).
+    assert finished["v1"]["StartTime"] >= finished["main@30"]["EndTime"]
+    assert finished["main"]["StartTime"] >= finished["main@30"]["EndTime"]
+    assert finished["v2"]["StartTime"] >= finished["main"]["EndTime"]
+    assert "branched from" in (run / "v1" / "logs" / f"slurm-{ids['v1']}.out").read_text()
+    # The main path ran on both nodes (multi-node srun, one rank per node).
+    assert finished["main@30"]["NodeList"] == "n[1-2]" and finished["main"]["NumNodes"] == "2"
+
+
+# ------------------------------------------------------------- fallback: the scripts without a cluster
+# Only used where no cluster can start (no root/apt): the same scripts run under bash, with `srun` starting
+# the tasks locally (SLURM_PROCID/NTASKS/LOCALID set) and `scontrol` answering the three calls they make.
+FAKE_SRUN = r"""#!/bin/bash
+per_node=1
+while [[ $# -gt 0 && $1 == --* ]]; do [[ $1 == --ntasks-per-node=* ]] && per_node=${1#*=}; shift; done
+n=$((per_node * SLURM_JOB_NUM_NODES))
+echo $$ > "$FAKE_SLURM_DIR/srun.pid"
+pids=()
+for ((i = 0; i < n; i++)); do
+    SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$((i % per_node)) "$@" &
+    pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+rc=0
+for p in "${pids[@]}"; do
+    while :; do wait "$p"; r=$?; if ((r > 128)) && kill -0 "$p" 2>/dev/null; then continue; fi; break; done
+    ((r > rc)) && rc=$r
+done
+exit $rc
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+case "$1 $2" in
+    "show hostnames") echo "$3" | tr ',' '\n' ;;
+    "show node") echo "NodeName=$3 NodeAddr=127.0.0.1" ;;
+    requeue*) echo "$2" >> "$FAKE_SLURM_DIR/requeued" ;;
+esac
+"""
+
+
+def _run_scripts_without_slurm(plan_file: Path, run: Path, out: Path, bin_dir: Path) -> None:
+    assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", f"lrpath={LRPATH}",
+                   "--run-dir", run, "--out", out) == 0
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    jobs = build_jobs(load_plan(plan_file).paths())
+    for job_id, job in enumerate(jobs, start=1):
+        script = (out / f"{job.path}.sbatch").read_text()
+        nodes = script.split("#SBATCH --nodes=")[1].split()[0]
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_DIR=str(bin_dir),
+                   SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES=nodes)
+        cmd = ["bash", str(out / f"{job.path}.sbatch")] + ([str(job.stop_at_step)] if job.stop_at_step else [])
+        log = run / job.path / "logs" / f"slurm-{job_id}.out"
+        with log.open("a") as f:
+            proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            if job_id == 1:  # signal the first segment as SLURM would before its time limit, then "requeue"
+                _wait_for_training(run, lambda: proc.poll() is None, time.time() + 180)
+                os.kill(int((bin_dir / "srun.pid").read_text()), signal.SIGUSR1)
+                assert proc.wait(timeout=120) == 0, _logs(run)
+                assert (bin_dir / "requeued").read_text().split() == ["1"], _logs(run)
+                proc = subprocess.Popen(cmd, env=dict(env, SLURM_RESTART_COUNT="1"), stdout=f,
+                                        stderr=subprocess.STDOUT)
+            assert proc.wait(timeout=300) == 0, _logs(run)
+    _check_requeued_segment((run / "main" / "logs" / "slurm-1.out").read_text())
+    _check_paths_trained(run)
