@@ -14,8 +14,6 @@ never half of one.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
@@ -27,45 +25,12 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 
+# The layout (names, completeness, latest, manifests, forks) is torch-free; re-exported for callers.
+from lrpath_megatron.checkpoint_layout import (  # noqa: F401
+    FORK, LATEST, MANIFEST, checkpoint_at, find_latest, is_complete, iter_name, read_manifest, record_fork,
+    remove_stale_temporaries, sha256_file, verify, write_json_atomic, write_text_atomic,
+)
 from lrpath_megatron.errors import LrpathError
-
-MANIFEST = "manifest.json"
-LATEST = "latest"
-
-
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def is_complete(ckpt: Path) -> bool:
-    return (ckpt / MANIFEST).is_file()
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``: the ``latest`` pointer, else a scan."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        ckpt = root / pointer.read_text().strip()
-        if is_complete(ckpt):
-            return ckpt
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and is_complete(p))
-    return complete[-1] if complete else None
-
-
-def checkpoint_at(root: Path, step: int) -> Path | None:
-    ckpt = Path(root) / iter_name(step)
-    return ckpt if is_complete(ckpt) else None
-
-
-def read_manifest(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / MANIFEST).read_text())
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Leftovers of saves that were killed: never loadable, safe to delete (rank 0, before training)."""
-    for tmp in Path(root).glob(".tmp_iter_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _barrier() -> None:
@@ -131,11 +96,11 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
     checksums = _distributed_checksums(tmp)
     if rank == 0:
         manifest = dict(manifest, step=step, world_size=_world(), files=checksums)
-        _write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, manifest)
         if final.exists():  # a re-save of the same step (e.g. a resumed run stopped at the same point)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST, final.name)
     _barrier()
     return final
 
@@ -144,27 +109,12 @@ def _distributed_checksums(ckpt: Path) -> dict[str, str]:
     """sha256 of every written file, the files split across ranks so no rank reads the whole checkpoint."""
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
     rank, world = _rank(), _world()
-    mine = {name: _sha256(ckpt / name) for i, name in enumerate(files) if i % world == rank}
+    mine = {name: sha256_file(ckpt / name) for i, name in enumerate(files) if i % world == rank}
     if world == 1:
         return mine
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in sorted(part.items())}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify(ckpt: Path) -> list[str]:
-    """Files whose checksum does not match the manifest (empty list = intact)."""
-    manifest = read_manifest(ckpt)
-    return [name for name, digest in manifest["files"].items()
-            if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest]
 
 
 def load_model(ckpt: Path, model) -> None:
@@ -203,16 +153,3 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,6 +12,7 @@ from lrpath_megatron.errors import USER_ERRORS
 COMMAND_MODULES = [
     "lrpath_megatron.commands.plan",
     "lrpath_megatron.commands.train",
+    "lrpath_megatron.commands.branch",
     "lrpath_megatron.commands.launch",
     "lrpath_megatron.commands.merge",
     "lrpath_megatron.commands.data",

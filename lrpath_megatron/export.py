@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lrpath_megatron.checkpoint_layout import MANIFEST
 from lrpath_megatron.config import ConfigError, TrainConfig, from_dict, to_dict
 from lrpath_megatron.errors import LrpathError
 
-MANIFEST = "manifest.json"
 # Manifest fields that say where the weights come from (trainer and merge manifests).
 LINEAGE_KEYS = ("kind", "path", "step", "parent", "parent_path", "fork_step", "release", "plan_hash",
                 "code_version", "consumed_samples", "inputs", "weights")

@@ -11,22 +11,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from lrpath_megatron.checkpoint_layout import is_complete, iter_name
 from lrpath_megatron.metrics import read_metrics
 from lrpath_megatron.plan import Plan, PathSpec
-
-# The checkpoint layout of checkpoint.py, restated here because that module imports megatron-core.
-MANIFEST = "manifest.json"
-LATEST = "latest"
 
 DONE, PARTIAL, READY, WAITING, NOT_STARTED = "done", "partial", "ready", "waiting", "not started"
 
 
 def iter_dir(run_dir: Path, path: str, step: int) -> Path:
-    return Path(run_dir) / path / "checkpoints" / f"iter_{step:07d}"
-
-
-def _complete(ckpt: Path) -> bool:
-    return (ckpt / MANIFEST).is_file()
+    return Path(run_dir) / path / "checkpoints" / iter_name(step)
 
 
 def _checkpoint_steps(root: Path) -> list[int]:
@@ -34,7 +27,7 @@ def _checkpoint_steps(root: Path) -> list[int]:
     steps = []
     for p in root.glob("iter_*"):
         suffix = p.name[len("iter_"):]
-        if suffix.isdigit() and _complete(p):
+        if suffix.isdigit() and is_complete(p):
             steps.append(int(suffix))
     return sorted(steps)
 
@@ -87,13 +80,13 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if r.get("val_loss") is not None]
     if step is not None and step >= spec.end_step:
-        state, note = DONE, "finished"
+        state, note = DONE, DONE
     elif step is not None or records:
         where = f"step {step}" if step is not None else "no checkpoint yet"
         state, note = PARTIAL, f"running or stopped at {where}; rerun its train command to continue"
     elif spec.parent is None:
-        state, note = NOT_STARTED, "not started"
-    elif _complete(iter_dir(run_dir, spec.parent, spec.fork_step)):
+        state, note = NOT_STARTED, NOT_STARTED
+    elif is_complete(iter_dir(run_dir, spec.parent, spec.fork_step)):
         state, note = READY, f"can start: {spec.parent} has its step-{spec.fork_step} checkpoint"
     else:
         state, note = WAITING, f"waiting for {spec.parent} to reach step {spec.fork_step}"
@@ -101,7 +94,7 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
     return PathStatus(
         name=spec.name, parent=spec.parent, fork_step=spec.fork_step, end_step=spec.end_step,
         state=state, note=note, step=step,
-        checkpoint=str(root / f"iter_{step:07d}") if step is not None else None,
+        checkpoint=str(root / iter_name(step)) if step is not None else None,
         tokens=step * tokens_per_step if step is not None else None,
         progress=min(1.0, done_steps / spec.steps) if spec.steps else 1.0,
         last_logged_step=records[-1]["step"] if records else None,
@@ -125,7 +118,7 @@ def run_status(plan: Plan, run_dir: Path) -> RunStatus:
         else:  # a merge writes its output as the version's checkpoint at the release step
             step = r.step
             target = iter_dir(run_dir, v.name, step)
-            released = _complete(target)
+            released = is_complete(target)
             ckpt = str(target) if released else None
         releases.append(ReleaseStatus(v.name, r.method, step, released, ckpt))
     return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)
@@ -141,7 +134,7 @@ def format_status(status: RunStatus) -> str:
         rows.append((
             name,
             f"{p.fork_step}..{p.end_step}",
-            f"iter_{p.step:07d}" if p.step is not None else "-",
+            iter_name(p.step) if p.step is not None else "-",
             f"{p.progress:.0%}",
             _human(p.tokens) if p.tokens is not None else "-",
             f"{p.loss:.4f}" if p.loss is not None else "-",

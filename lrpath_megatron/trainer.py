@@ -72,11 +72,8 @@ class Trainer:
             checkpoint.remove_stale_temporaries(self.ckpt_root)
         resume = checkpoint.find_latest(self.ckpt_root)
         self.resume_from, own = (resume, True) if resume else (self.run.parent_checkpoint, False)
-        if not own and self.resume_from is not None and not checkpoint.is_complete(self.resume_from):
-            raise LrpathError(
-                f"path {self.run.name!r} starts from {self.resume_from}, which does not exist (yet): train the "
-                f"parent path past that step first"
-            )
+        if not own and self.resume_from is not None:
+            checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step, write=self.is_rank0)
         if self.resume_from is not None:
             self._check_compatible(self.resume_from, own)
 

@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(REPO / "benchmarks"))  # tests share a few checks with the benchmark scripts
 
 
 @pytest.fixture(scope="session")

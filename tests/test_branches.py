@@ -115,21 +115,15 @@ def test_sigterm_saves_at_the_current_step_and_asks_for_requeue(demo_data, tmp_p
 
 
 def test_kill9_during_saves_never_exposes_a_partial_checkpoint(demo_data, tmp_path):
-    """Saves every step; killed at random moments (inside saves, mostly): what resume picks is intact."""
+    """Saves every step; killed at random moments (often inside a save): what resume picks is intact.
+    benchmarks/kill_during_save.py runs the same with 20 kill points."""
+    from kill_during_save import kill_during_saves
+
     cfg = tiny_config(demo_data, tmp_path / "c.yaml", checkpoint={"save_interval": 1},
                       schedule={"train_steps": 100000, "warmup_steps": 2})
-    args = ["train", str(cfg), "--run-dir", str(tmp_path / "run")]
-    rng = random.Random(11)
-    for _ in range(3):
-        proc = _start(args)
-        _wait_for_steps(tmp_path / "run", len(losses(tmp_path / "run")) + 2 if (tmp_path / "run" / "metrics.jsonl").exists() else 2, proc)
-        time.sleep(rng.uniform(0.0, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
-        assert latest is not None and checkpoint.verify(latest) == []
+    kill_during_saves(cfg, tmp_path / "run", points=3, seed=11)
     step = int(checkpoint.find_latest(tmp_path / "run" / "checkpoints").name.split("_")[1])
-    out = run_lrpath([*args, "--stop-at-step", str(step + 1)])
+    out = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--stop-at-step", str(step + 1)])
     assert f"resumed at step {step}" in out.stdout
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def _wait_for_training(run: Path, alive, deadline: float) -> None:
 
 def _check_requeued_segment(seg_log: str) -> None:
     """The segment saved on USR1, asked for a requeue, and its rerun resumed at exactly that step."""
-    saved_at = int(seg_log.split("signal received: saved at step ")[1].split()[0])
+    saved_at = int(re.search(r"signal received: saved at step (\d+)", seg_log).group(1))
     assert 0 < saved_at < 30, seg_log
     assert "requeueing job" in seg_log and "(restart 1)" in seg_log, seg_log
     assert f"resumed at step {saved_at}" in seg_log, seg_log

@@ -321,7 +321,8 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def save_adapter(model, out_dir: Path, cfg: LoraConfig, name: str = DEFAULT_ADAPTER, info: Optional[dict] = None) -> Path:
+def save_adapter(model, out_dir: Path, cfg: LoraConfig, name: str = DEFAULT_ADAPTER,
+                 info: Optional[dict] = None) -> Path:
     """Collective. Writes adapter ``name`` (and the trained head when ``cfg.train_output_layer``) to
     ``out_dir``: ``adapter_config.json`` + ``weights/`` (dist checkpoint), renamed into place when complete."""
     out_dir = Path(out_dir)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from lrpath_megatron import checkpoint, distributed
+from lrpath_megatron.adapters import METHODS
 from lrpath_megatron.adapters.lora import (
     DEFAULT_ADAPTER,
     LoraConfig,
@@ -41,12 +42,17 @@ from lrpath_megatron.adapters.lora import (
 )
 from lrpath_megatron.adapters.lpft import lpft_phases
 from lrpath_megatron.adapters.replay import replay_blend
-from lrpath_megatron.adapters.selector import Selector, SelectorConfig, pooled_features, routed_token_losses, \
-    train_selector
+from lrpath_megatron.adapters.selector import (
+    Selector,
+    SelectorConfig,
+    pooled_features,
+    routed_token_losses,
+    token_losses,
+    train_selector,
+)
 from lrpath_megatron.config import ConfigError, TrainConfig, apply_overrides, from_dict, read_yaml
 from lrpath_megatron.errors import LrpathError
 
-METHODS = ("full", "lora", "conpet-static", "conpet-dynamic", "lpft")
 
 
 @dataclass
@@ -256,12 +262,10 @@ def _final_checkpoint(run) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, valid, corpora: list[str], n_batches: int, token_losses=None) -> dict[str, float]:
+def evaluate(model, valid, corpora: list[str], n_batches: int, losses_of=None) -> dict[str, float]:
     """Held-out loss per corpus: mean over micro-batches of the loss-masked token mean (the trainer's
-    definition). ``token_losses(batch) -> [b, s]`` defaults to the model's own forward."""
-    from lrpath_megatron.adapters.selector import _forward
-
-    fn = token_losses or (lambda batch: _forward(model, batch, labels=True).float().cpu())
+    definition). ``losses_of(batch) -> [b, s]`` defaults to the model's own forward."""
+    fn = losses_of or (lambda batch: token_losses(model, batch))
     out = {}
     for corpus in corpora:
         values = []
@@ -340,7 +344,8 @@ def _summary(result: dict, update: Update) -> dict:
         return sum(losses[n] for n in names) / len(names)
 
     old, new = update.old_corpora, list(update.new_corpora)
-    return {"old_loss_before": mean(result["base_val_loss"], old), "new_loss_before": mean(result["base_val_loss"], new),
+    before = result["base_val_loss"]
+    return {"old_loss_before": mean(before, old), "new_loss_before": mean(before, new),
             "old_loss_after": mean(result["val_loss"], old), "new_loss_after": mean(result["val_loss"], new)}
 
 

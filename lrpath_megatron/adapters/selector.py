@@ -58,10 +58,11 @@ class Selector(nn.Module):
             self.head.bias[:-1].copy_(old.bias)
 
 
-def _forward(model, batch: dict, labels: bool) -> torch.Tensor:
+def token_losses(model, batch: dict) -> torch.Tensor:
+    """Per-token loss [b, s] of a micro-batch through megatron-core's GPTModel forward."""
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
-    return model(b["tokens"], b["position_ids"], None, labels=b["labels"] if labels else None)
+    return model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().cpu()
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def pooled_features(model, batch: dict) -> torch.Tensor:
     handle = inner.decoder.register_forward_hook(lambda mod, args, out: captured.__setitem__("h", out))
     set_active(inner, None)
     try:
-        _forward(inner, batch, labels=True)  # labels: per-token loss instead of full-vocab logits returned
+        token_losses(inner, batch)  # with labels the model returns the loss, not full-vocab logits
     finally:
         handle.remove()
     hidden = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
@@ -119,7 +120,7 @@ def routed_token_losses(selector: Selector, model, batch: dict, experts: list[Op
         for expert in index[:, j].unique().tolist():
             rows = (index[:, j] == expert).nonzero().flatten()
             set_active(model, experts[expert])
-            token_loss = _forward(model, {k: v[rows] for k, v in batch.items()}, labels=True).float().cpu()
+            token_loss = token_losses(model, {k: v[rows] for k, v in batch.items()})
             log_terms[rows, j] = weights[rows, j, None].log().cpu() - token_loss
     set_active(model, None)
     return -torch.logsumexp(log_terms, dim=1)

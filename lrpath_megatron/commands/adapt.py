@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from lrpath_megatron.adapters.runner import METHODS
+    from lrpath_megatron.adapters import METHODS
 
     p = sub.add_parser("adapt", help="update a released version cheaply: LoRA, ConPET (static/dynamic), LP-FT, full",
                        description="Train version V's data as an update of the base release (adapt.base, default "

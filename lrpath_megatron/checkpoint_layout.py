@@ -1,0 +1,112 @@
+"""The on-disk layout of checkpoints, without torch: names, completeness, ``latest``, manifests, fork
+references, checksums. Light enough for ``lrpath status`` next to a running job; :mod:`checkpoint`
+writes and reads the tensors.
+
+A checkpoint ``iter_NNNNNNN`` (steps completed) counts once its ``manifest.json`` exists: it is written
+last, inside a temporary directory that is then renamed, and ``latest`` is replaced after the rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lrpath_megatron.errors import LrpathError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / MANIFEST).is_file()
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``: the ``latest`` pointer, else a scan."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        ckpt = root / pointer.read_text().strip()
+        if is_complete(ckpt):
+            return ckpt
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and is_complete(p))
+    return complete[-1] if complete else None
+
+
+def checkpoint_at(root: Path, step: int) -> Path | None:
+    ckpt = Path(root) / iter_name(step)
+    return ckpt if is_complete(ckpt) else None
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / MANIFEST).read_text())
+
+
+FORK = "fork.json"
+
+
+def record_fork(path_dir: Path, parent: Path, fork_step: int, write: bool = True) -> dict:
+    """Reference (never copy) the checkpoint a branch starts from, in ``path_dir/fork.json``: O(1) in the
+    model size. The parent's manifest digest (which covers every file's checksum) is recorded; if the
+    branch already forked, the parent must still be the same checkpoint."""
+    parent = Path(parent)
+    if not is_complete(parent):
+        raise LrpathError(
+            f"branch start {parent} is not a complete checkpoint (yet): train the parent path to step "
+            f"{fork_step} first (it saves there because the plan knows its fork steps)"
+        )
+    record = {"parent_checkpoint": str(parent.resolve()), "fork_step": fork_step,
+              "parent_manifest_sha256": sha256_file(parent / MANIFEST)}
+    existing = Path(path_dir) / FORK
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if old["parent_manifest_sha256"] != record["parent_manifest_sha256"]:
+            raise LrpathError(
+                f"{parent} changed since this branch forked from it ({existing}); the branch can no longer "
+                f"be reproduced from its lineage: restore the original checkpoint or start the branch in a new --run-dir"
+            )
+        return old
+    if write:
+        Path(path_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(existing, record)
+    return record
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Leftovers of saves that were killed: never loadable, safe to delete (rank 0, before training)."""
+    for tmp in Path(root).glob(".tmp_iter_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(ckpt: Path) -> list[str]:
+    """Files whose checksum does not match the manifest (empty list = intact)."""
+    manifest = read_manifest(ckpt)
+    return [name for name, digest in manifest["files"].items()
+            if not (ckpt / name).is_file() or sha256_file(ckpt / name) != digest]
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,38 @@
+"""``lrpath branch PLAN.yaml VERSION``: fork a version's branch from the main path's checkpoint at its fork
+step (a reference, no copy of weights) and train it; ``--no-train`` only records the fork."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("branch", help="fork a version's branch from the main path (by reference) and train it")
+    p.add_argument("plan", help="version plan YAML")
+    p.add_argument("version", help="the version whose branch to start")
+    p.add_argument("--run-dir", default="runs/train", help="the plan's run directory (paths in RUN/<path>/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-train", action="store_true", help="record the fork only")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lrpath_megatron.commands.train import resolve
+
+    run_dir = Path(args.run_dir)
+    _, path_run = resolve(args.plan, args.version, run_dir, args.overrides)
+    if path_run.parent_checkpoint is None:
+        from lrpath_megatron.errors import LrpathError
+
+        raise LrpathError(f"{args.version!r} is the main path, not a branch; use lrpath train --path main")
+    from lrpath_megatron.checkpoint_layout import record_fork
+
+    start = time.perf_counter()
+    record = record_fork(path_run.run_dir, path_run.parent_checkpoint, path_run.start_step)
+    print(f"[{args.version}] forked from {record['parent_checkpoint']} at step {record['fork_step']} "
+          f"({time.perf_counter() - start:.3f} s, no weights copied)")
+    if args.no_train:
+        return 0
+    from lrpath_megatron.trainer import run_path
+
+    return run_path(*resolve(args.plan, args.version, run_dir, args.overrides))
