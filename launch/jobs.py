@@ -1,21 +1,28 @@
-"""The plan as SLURM jobs: main-path segments that end at fork steps, and one job per branch.
+"""The plan as SLURM jobs: main-path segments that end at release steps, one job per branch, one per merge.
 
 The main path is split into segment jobs chained with ``afterok``: segment i runs ``--stop-at-step
-fork_i`` (the trainer saves there and exits 0), the last segment runs to the path's end. A branch forking
-at step f depends ``afterok`` on the segment that ends at f, so SLURM itself starts it the moment that
-checkpoint exists - no polling job, no helper process. Every segment resumes from the main path's latest
-checkpoint, so the chain is exactly one main-path run cut at the fork points.
+s_i`` (the trainer saves there and exits 0), the last segment runs to the path's end. The cut points are
+the branches' fork steps and the merge releases' release steps. A branch forking at step f depends
+``afterok`` on the segment that ends at f, so SLURM itself starts it the moment that checkpoint exists -
+no polling job, no helper process. A merge release (WSM) is a CPU job after the segment that ends at its
+release step: by then every main-path checkpoint it merges exists. Every segment resumes from the main
+path's latest checkpoint, so the chain is exactly one main-path run cut at those steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from lrpath_megatron.checkpoint_layout import iter_name
 from lrpath_megatron.config import ConfigError, TrainConfig
 
 from launch.profile import ClusterProfile, parse_time
 
 MAIN = "main"
+# Time limit of a merge job unless the profile's paths.<version>.time or branches.time gives one: a
+# streamed merge reads each input once.
+MERGE_TIME = "01:00:00"
 
 
 class PathLike(Protocol):
@@ -26,18 +33,37 @@ class PathLike(Protocol):
     save_steps: set
 
 
+class ReleaseLike(Protocol):
+    version: str
+    method: str  # "decay" | "merge"
+    step: int
+    merge: dict  # for a merge: weights, save_steps (main-path steps, oldest first, the last == step), ...
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    steps: tuple  # main-path steps whose checkpoints are merged, oldest first; the last is the release step
+    weights: str  # `lrpath merge --weights` spec
+
+
 @dataclass(frozen=True)
 class Job:
-    key: str  # unique in the plan: "main@40" for a segment, else the path name
-    path: str
+    key: str  # unique in the plan: "main@40" for a segment, else the path or version name
+    path: str  # the path trained, or the version a merge releases (its directory under the run dir)
     start_step: int
     end_step: int
     stop_at_step: Optional[int]  # passed as --stop-at-step (main-path segments); None = to the path's end
     after: Optional[str]  # key of the job this one waits for (afterok)
+    merge: Optional[MergeSpec] = None  # set for a merge release: `lrpath merge`, no training
+
+    @property
+    def kind(self) -> str:
+        return "merge" if self.merge else "train"
 
 
-def build_jobs(paths: Sequence[PathLike]) -> list[Job]:
-    """Jobs in submission order (every job after the one it depends on)."""
+def build_jobs(paths: Sequence[PathLike], releases: Sequence[ReleaseLike] = ()) -> list[Job]:
+    """Jobs in submission order (every job after the one it depends on): main-path segments, branches,
+    then merge releases (``releases`` may hold every version's release; only merges make jobs)."""
     by_name = {p.name: p for p in paths}
     if MAIN not in by_name:
         raise ConfigError(f"the plan has no '{MAIN}' path (paths: {', '.join(by_name) or 'none'})")
@@ -51,11 +77,19 @@ def build_jobs(paths: Sequence[PathLike]) -> list[Job]:
                 f"path {b.name!r} forks at step {b.fork_step}, outside the main path's steps "
                 f"({main.fork_step}, {main.end_step}]; move the fork point inside the main path"
             )
+    merges = [r for r in releases if r.method == "merge"]
+    for r in merges:
+        if not main.fork_step < r.step <= main.end_step:
+            raise ConfigError(
+                f"version {r.version!r} is released by a merge at step {r.step}, outside the main path's steps "
+                f"({main.fork_step}, {main.end_step}]; move the release inside the main path"
+            )
 
     jobs: list[Job] = []
     segment_of: dict[int, str] = {}
     start, prev = main.fork_step, None
-    for stop in sorted({b.fork_step for b in branches} - {main.end_step}):
+    cuts = {b.fork_step for b in branches} | {r.step for r in merges}
+    for stop in sorted(cuts - {main.end_step}):
         key = f"{MAIN}@{stop}"
         jobs.append(Job(key, MAIN, start, stop, stop, prev))
         segment_of[stop] = key
@@ -64,7 +98,25 @@ def build_jobs(paths: Sequence[PathLike]) -> list[Job]:
     segment_of[main.end_step] = MAIN
     for b in branches:
         jobs.append(Job(b.name, b.name, b.fork_step, b.end_step, None, segment_of[b.fork_step]))
+    for r in merges:
+        steps = tuple(r.merge["save_steps"])
+        jobs.append(Job(r.version, r.version, steps[0], r.step, None, segment_of[r.step],
+                        MergeSpec(steps, str(r.merge["weights"]))))
     return jobs
+
+
+def merge_args(run_dir: Path, job: Job) -> list[str]:
+    """``lrpath`` arguments of a merge job: main-path checkpoints -> ``RUN/<version>/checkpoints/iter_<step>``
+    (where `lrpath status` finds the release). ``--skip-existing`` makes reruns and requeues exit 0."""
+    ckpts = [str(run_dir / MAIN / "checkpoints" / iter_name(s)) for s in job.merge.steps]
+    out = run_dir / job.path / "checkpoints" / iter_name(job.end_step)
+    return ["merge", *ckpts, "--weights", job.merge.weights, "--out", str(out), "--skip-existing"]
+
+
+def merge_time(profile: ClusterProfile, version: str) -> str:
+    """Time limit of a merge job: ``paths.<version>.time``, else ``branches.time``, else :data:`MERGE_TIME`."""
+    own = profile.paths.get(version)
+    return (own.time if own else None) or profile.branches.time or MERGE_TIME
 
 
 def checkpoint_gap(job: Job, save_interval: int, save_steps: set) -> int:
@@ -81,7 +133,7 @@ def checkpoint_gap(job: Job, save_interval: int, save_steps: set) -> int:
 def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], paths: Sequence[PathLike],
                   train: TrainConfig) -> None:
     """Everything that would make a submitted job fail or loop, raised before anything is written."""
-    names = {p.name for p in paths}
+    names = {p.name for p in paths} | {j.key for j in jobs if j.kind == "merge"}
     unknown = sorted(set(profile.paths) - names)
     if unknown:
         raise ConfigError(f"{where}: paths.{unknown[0]} is not a path of the plan (paths: {', '.join(sorted(names))})")
@@ -102,6 +154,8 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
     save_steps = {p.name: set(p.save_steps) for p in paths}
     interval = train.checkpoint.save_interval
     for job in jobs:
+        if job.kind == "merge":  # one CPU task: no GPUs to fit, no checkpoint interval to outlast
+            continue
         nodes, time_text = profile.resources(job.path)
         try:
             train.parallel.data_parallel(nodes * gpn)

@@ -1,4 +1,4 @@
-"""Run a plan on one machine with torchrun: the main path, then each branch (for development)."""
+"""Run a plan on one machine: the main path, then each branch (torchrun), then each merge release."""
 from __future__ import annotations
 
 import subprocess
@@ -10,27 +10,37 @@ from tqdm import tqdm
 
 from lrpath_megatron.errors import LrpathError
 
-from launch.jobs import MAIN, PathLike
+from launch.jobs import Job, build_jobs, merge_args
 
 
-def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, paths: Sequence[PathLike],
-                   nproc_per_node: int) -> list[list[str]]:
-    """One torchrun command per path; the main path runs first (it saves every fork step)."""
-    order = [p.name for p in paths if p.name == MAIN] + [p.name for p in paths if p.name != MAIN]
+def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
+                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
+    """(name, command) per path and merge release, in job order: one torchrun run per trained path (the
+    main path in one piece: it saves every fork and merge step), and `lrpath merge` after it."""
     commands = []
-    for name in order:
+    for job in {job.path: job for job in jobs}.values():
+        if job.kind == "merge":
+            commands.append((job.path, [sys.executable, "-m", "lrpath_megatron.cli", *merge_args(run_dir, job)]))
+            continue
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-               "-m", "lrpath_megatron.cli", "train", str(plan_file), "--path", name, "--run-dir", str(run_dir)]
+               "-m", "lrpath_megatron.cli", "train", str(plan_file), "--path", job.path, "--run-dir", str(run_dir)]
         for item in overrides:
             cmd += ["--set", item]
-        commands.append(cmd)
+        commands.append((job.path, cmd))
     return commands
 
 
-def run_local(commands: Sequence[list[str]]) -> None:
+def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
     """Run the commands in order; stop at the first that fails (rerunning resumes where it stopped)."""
-    for cmd in tqdm(commands, desc="paths", unit="path"):
+    for name, cmd in tqdm(commands, desc="paths", unit="path"):
         code = subprocess.call(cmd)
         if code != 0:
-            raise LrpathError(f"path {cmd[cmd.index('--path') + 1]} exited {code}; rerun the same command to "
-                              f"resume from its latest checkpoint.\n  {' '.join(cmd)}")
+            raise LrpathError(f"{name} exited {code}; rerun the same command to resume from its latest "
+                              f"checkpoint (finished merges are skipped).\n  {' '.join(cmd)}")
+
+
+def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
+                  nproc_per_node: int) -> list[tuple[str, list[str]]]:
+    """Every job of a loaded plan (trained paths, then merge releases) as local commands, in order."""
+    jobs = build_jobs(plan.paths(), [v.release for v in plan.versions])
+    return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

@@ -13,7 +13,7 @@ from launch.sbatch import LaunchSpec, write_scripts
 @dataclass(frozen=True)
 class Rendered:
     jobs: list  # list[Job], in submission order
-    files: list  # list[Path]: <path>.sbatch per path, then submit.sh
+    files: list  # list[Path]: <path>.sbatch per path or merge release, then submit.sh
 
 
 def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file: str | Path,
@@ -23,7 +23,7 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
 
     plan = load_plan(plan_file, list(overrides))
     paths = plan.paths()
-    jobs: list[Job] = build_jobs(paths)
+    jobs: list[Job] = build_jobs(paths, [v.release for v in plan.versions])
     profile = load_profile(profile_file, list(profile_overrides))
     check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
     spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)

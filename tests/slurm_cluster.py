@@ -194,32 +194,59 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
         """Kill all jobs first (their steps outlive a shutdown), then the daemons, then munged."""
         if self.conf.exists():
             _run(["scancel", "--signal=KILL", f"--partition={PARTITION}"], env=self.env, check=False, timeout=15)
-            time.sleep(1)
-            _run(["scancel", f"--partition={PARTITION}"], env=self.env, check=False, timeout=15)
+            deadline = time.time() + 15
+            while time.time() < deadline and _run(["squeue", "-h"], env=self.env, check=False, timeout=15).strip():
+                time.sleep(0.5)
             _run(["scontrol", "shutdown"], env=self.env, check=False, timeout=15)
-        pid_files = [self.root / "slurmctld.pid"] + [self.root / f"slurmd-{n}.pid" for n in NODES]
-        for pid_file in pid_files:
-            _kill_pid_file(pid_file, wait=3)
-        _kill_pid_file(self._munge_pid_file, wait=0)
+        for pid_file in [self.root / "slurmctld.pid"] + [self.root / f"slurmd-{n}.pid" for n in NODES]:
+            _stop_pid(_read_pid(pid_file), grace=3)
+        for pid in self._step_daemons():  # a step stuck on its I/O survives all of the above
+            _stop_pid(pid, grace=0)
+        _stop_pid(_read_pid(self._munge_pid_file), grace=0)
+
+    def _step_daemons(self) -> list[int]:
+        """slurmstepd processes of this cluster (they carry its SLURM_CONF in their environment)."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"slurmstepd") and \
+                        mark in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
 
 
-def _kill_pid_file(pid_file: Path, wait: float) -> None:
-    """SIGTERM the daemon named in ``pid_file`` if it is still alive (after a shutdown it usually is not)."""
+def _read_pid(pid_file: Path) -> int | None:
     try:
-        pid = int(pid_file.read_text().strip())
+        return int(pid_file.read_text().strip())
     except (OSError, ValueError):
-        return
-    deadline = time.time() + float(wait)
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init counts as ended)."""
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_pid(pid: int | None, grace: float) -> None:
+    """Wait up to ``grace`` s for the process to end by itself, then SIGTERM, then SIGKILL."""
+    if pid is None:
+        return
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and _alive(pid):
+            os.kill(pid, sig)
+        deadline = time.time() + (grace if sig is None else 3)
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if not _alive(pid):
+            return
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.jobs import Job, build_jobs
+from launch.jobs import Job, MergeSpec, build_jobs, merge_args
 from lrpath_megatron.cli import main as lrpath_main
 from lrpath_megatron.plan import load_plan
 from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
@@ -61,6 +61,17 @@ def plan_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def merge_plan_file(plan_file, tmp_path_factory) -> Path:
+    """v1 released by merging main-path steps 20, 25, 30 (WSM); v2 by a decay branch from the main end."""
+    plan = yaml.safe_load(plan_file.read_text())
+    plan["plan"]["versions"][0]["release"] = {
+        "method": "merge", "merge": {"num_checkpoints": 3, "weights": "1-sqrt", "window_steps": 10}}
+    path = tmp_path_factory.mktemp("merge_plan") / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
 def trainable_plan_file(tmp_path_factory, demo_data) -> Path:
     return _write_plan(tmp_path_factory.mktemp("plan") / "plan.yaml", demo_data["prefixes"], demo_data["vocab_size"])
 
@@ -88,6 +99,80 @@ def test_jobs_cut_the_main_path_at_fork_steps(plan_file):
     ]
 
 
+def _jobs(plan_file: Path) -> list[Job]:
+    plan = load_plan(plan_file)
+    return build_jobs(plan.paths(), [v.release for v in plan.versions])
+
+
+def test_merge_release_is_a_job_after_the_segment_that_reaches_it(merge_plan_file):
+    assert _jobs(merge_plan_file) == [
+        Job("main@30", "main", 0, 30, 30, None),  # cut at the merge's release step, as at a fork step
+        Job("main", "main", 30, 60, None, "main@30"),
+        Job("v2", "v2", 60, 60 + DECAY_STEPS, None, "main"),
+        Job("v1", "v1", 20, 30, None, "main@30", MergeSpec((20, 25, 30), "1-sqrt")),
+    ]
+    assert [j.kind for j in _jobs(merge_plan_file)] == ["train"] * 3 + ["merge"]
+
+
+def test_rendered_merge_script(merge_plan_file, tmp_path):
+    out, run = tmp_path / "out", tmp_path / "run"
+    assert _launch(merge_plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["main.sbatch", "submit.sh", "v1.sbatch", "v2.sbatch"]
+    for script in out.iterdir():
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    v1 = (out / "v1.sbatch").read_text()
+    opts = {line.split(None, 1)[1] for line in v1.splitlines() if line.startswith("#SBATCH")}
+    assert {"--partition=debug", "--nodes=1", "--ntasks=1", "--time=01:00:00", "--requeue",
+            f"--output={run}/v1/logs/slurm-%j.out"} <= opts
+    assert not any(o.startswith(("--gpus", "--ntasks-per-node", "--signal", "--exclusive")) for o in opts)
+    ckpts = " ".join(f"{run}/main/checkpoints/iter_{s:07d}" for s in (20, 25, 30))
+    assert (f"srun --ntasks=1 \\\n    lrpath merge {ckpts} --weights 1-sqrt "
+            f"--out {run}/v1/checkpoints/iter_0000030 --skip-existing") in v1
+    submit = (out / "submit.sh").read_text()
+    assert "job_main_30=$(sbatch --parsable --job-name=lrpath-main-to-30 main.sbatch 30)" in submit
+    assert "job_v1=$(sbatch --parsable --job-name=lrpath-v1 --dependency=afterok:$job_main_30 v1.sbatch)" in submit
+    # The profile's paths.<version>.time sets a merge job's limit.
+    assert _launch(merge_plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", "paths.v1.time=00:05:00",
+                   "--run-dir", run, "--out", out) == 0
+    assert "#SBATCH --time=00:05:00\n" in (out / "v1.sbatch").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_merge_job_command_is_idempotent(merge_plan_file, tmp_path, capsys):
+    """The merge job's exact command on real dist checkpoints: merges once, then 'already merged'; a
+    different merge already at the output is an error, not a skip."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    for step in (20, 25, 30):
+        dcp.save({"w": torch.full((4, 4), float(step))},
+                 checkpoint_id=str(run / "main" / "checkpoints" / f"iter_{step:07d}" / "model"), no_dist=True)
+    job = _jobs(merge_plan_file)[-1]
+    args = merge_args(run, job)
+    assert lrpath_main([*args, "--no-progress"]) == 0
+    out = run / "v1" / "checkpoints" / "iter_0000030"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["step"] for i in manifest["inputs"]] == [20, 25, 30] and manifest["weights"]["spec"] == "1-sqrt"
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert lrpath_main(args) == 0  # a rerun or requeue of the merge job
+    assert "already merged" in capsys.readouterr().out
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    other = [a if a != "1-sqrt" else "linear" for a in args]
+    assert lrpath_main(other) == 2
+    assert "already holds a different merge" in capsys.readouterr().err
+
+
+def test_local_dry_run_runs_merges_after_main(merge_plan_file, tmp_path, capsys):
+    assert _launch(merge_plan_file, "--local", "--run-dir", tmp_path, "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("lrpath_megatron.cli ")[1].split()[0] for line in lines] == ["train", "train", "merge"]
+    assert "--path main " in lines[0] and "--path v2 " in lines[1]
+    assert lines[2].endswith(f"--weights 1-sqrt --out {tmp_path}/v1/checkpoints/iter_0000030 --skip-existing")
+    assert f"{tmp_path}/main/checkpoints/iter_0000020 " in lines[2]
+
+
 def test_rendered_scripts(plan_file, tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
     assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out,
@@ -100,7 +185,7 @@ def test_rendered_scripts(plan_file, tmp_path):
     assert {"--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--time=00:10:00", "--requeue",
             "--signal=USR1@30", "--open-mode=append", f"--output={run}/main/logs/slurm-%j.out"} <= set(opts)
     assert not any(o.startswith("--gpus-per-node") for o in opts)  # request_gpus: false
-    assert f"--run-dir \"$RUN_DIR\" --set seed=7" in main and f"PLAN={plan_file}" in main
+    assert "--run-dir \"$RUN_DIR\" --set seed=7" in main and f"PLAN={plan_file}" in main
     assert "--nodes=1" in (out / "v1.sbatch").read_text()  # branches.nodes
     assert (run / "v2" / "logs").is_dir()  # sbatch cannot create its output directory itself
     submit = (out / "submit.sh").read_text()

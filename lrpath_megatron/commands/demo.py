@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from data_tools.demo import prepare_demo_data
-    from launch.local import local_commands, run_local
+    from launch.local import plan_commands, run_local
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.status import format_status, run_status
 
@@ -25,6 +25,6 @@ def run(args) -> int:
     print("demo corpora (tokens): " + ", ".join(f"{k} {v:,}" for k, v in data["tokens"].items()))
     plan = load_plan(DEMO_PLAN)
     plan.check_data()
-    run_local(local_commands(DEMO_PLAN, [], run_dir, plan.paths(), args.nproc_per_node))
+    run_local(plan_commands(plan, DEMO_PLAN, [], run_dir, args.nproc_per_node))
     print(format_status(run_status(plan, run_dir)))
     return 0

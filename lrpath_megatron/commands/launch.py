@@ -10,9 +10,10 @@ from lrpath_megatron.errors import LrpathError
 def register(sub) -> None:
     p = sub.add_parser(
         "launch", help="write (and submit) SLURM jobs for every path of a plan, or run it locally with torchrun",
-        description="--slurm writes OUT/<path>.sbatch per path and OUT/submit.sh (branches depend on the main-path "
-                    "job that reaches their fork step); --submit also runs submit.sh. --local runs the plan here "
-                    "with torchrun. See docs/launch.md.")
+        description="--slurm writes OUT/<path>.sbatch per path and merge release, and OUT/submit.sh (branches "
+                    "and merges depend on the main-path job that reaches their fork or release step); --submit "
+                    "also runs submit.sh. --local runs the plan here: torchrun per path, then the merges. See "
+                    "docs/launch.md.")
     p.add_argument("plan", help="version plan YAML")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--slurm", action="store_true", help="render sbatch scripts (needs --cluster)")
@@ -44,7 +45,9 @@ def run(args) -> int:
         print(f"wrote {f}")
     for job in rendered.jobs:
         after = f" after {job.after}" if job.after else ""
-        print(f"  job {job.key}: path {job.path} steps {job.start_step}..{job.end_step}{after}")
+        what = f"merge of main steps {', '.join(map(str, job.merge.steps))}" if job.merge else \
+            f"path {job.path} steps {job.start_step}..{job.end_step}"
+        print(f"  job {job.key}: {what}{after}")
     if not args.submit:
         print(f"submit with: bash {out / 'submit.sh'}   (or rerun with --submit)")
         return 0
@@ -56,15 +59,15 @@ def run(args) -> int:
 
 
 def _local(args, run_dir: Path) -> int:
-    from launch.local import local_commands, run_local
+    from launch.local import plan_commands, run_local
     from lrpath_megatron.plan import load_plan
 
     if args.nproc_per_node <= 0:
         raise LrpathError(f"--nproc-per-node must be > 0, got {args.nproc_per_node}")
     plan = load_plan(args.plan, args.overrides)
-    commands = local_commands(Path(args.plan).resolve(), args.overrides, run_dir, plan.paths(), args.nproc_per_node)
+    commands = plan_commands(plan, Path(args.plan), args.overrides, run_dir, args.nproc_per_node)
     if args.dry_run:
-        for cmd in commands:
+        for _, cmd in commands:
             print(shlex.join(cmd))
         return 0
     run_local(commands)

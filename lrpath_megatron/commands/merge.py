@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from lrpath_megatron.checkpoint_layout import is_complete, read_manifest
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.merge_weights import SPEC_HELP, merge_weights
 
@@ -17,6 +19,9 @@ def register(sub) -> None:
                    help="iter_NNNNNNN directories (or their model/ dirs), or exported .pt files, oldest first")
     p.add_argument("--weights", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--out", help="output directory (dist checkpoints) or file (exported checkpoints); must not exist")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="exit 0 if OUT already holds this merge (OUT/manifest.json of the same checkpoints and "
+                        "weights): reruns and requeued jobs do not fail")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the coefficients and emulated LR multipliers, merge nothing")
     p.add_argument("--num-checkpoints", type=int, metavar="N",
@@ -43,6 +48,9 @@ def run(args) -> int:
         raise LrpathError("--out is required to merge (or pass --print to only show the weights)")
     if args.group_mib <= 0:
         raise LrpathError("--group-mib must be > 0")
+    if args.skip_existing and _already_merged(args.checkpoints, weights.spec, Path(args.out)):
+        print(f"already merged: {args.out}")
+        return 0
     from lrpath_megatron.merge import merge_checkpoints
 
     result = merge_checkpoints(args.checkpoints, weights, args.out, group_bytes=args.group_mib * 2**20,
@@ -53,3 +61,19 @@ def run(args) -> int:
         print(f"copied from {args.checkpoints[-1]}: {', '.join(result.copied[:6])}"
               f"{' ...' if len(result.copied) > 6 else ''}", file=sys.stderr)
     return 0
+
+
+def _already_merged(checkpoints: list, spec: str, out: Path) -> bool:
+    """True if ``out`` is a finished merge of these checkpoints with these weights (it is renamed into place
+    only when complete, so its manifest means done); a different merge there is an error, not a skip."""
+    if not is_complete(out):
+        return False
+    manifest = read_manifest(out)
+    have = ([i["path"] for i in manifest.get("inputs", [])], manifest.get("weights", {}).get("spec"))
+    want = ([str(Path(c).resolve()) for c in checkpoints], spec)
+    if have != want:
+        raise LrpathError(
+            f"{out} already holds a different merge ({len(have[0])} checkpoints, weights {have[1]}; asked for "
+            f"{len(want[0])}, weights {want[1]}); remove it or choose another --out"
+        )
+    return True
