@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from conftest import free_port, losses, run_lrpath, tiny_config  # noqa: E402
 
 CORPORA = ("docs", "code_a", "code_b", "c_headers")
@@ -45,6 +47,7 @@ class Settings:
     eval_batches: int = 16  # micro-batches per corpus
     valid_fraction: float = 0.05  # enough held-out text for eval_batches of the smallest corpus
     decay_branch: bool = True
+    seed: int = 1234  # model initialisation (the data order and held-out split stay fixed)
 
 
 def train_main(s: Settings, data: dict, work: Path) -> tuple[Path, Path]:
@@ -58,6 +61,7 @@ def train_main(s: Settings, data: dict, work: Path) -> tuple[Path, Path]:
         checkpoint={"save_interval": s.save_interval},
         logging={"log_interval": 1, "eval_interval": 0, "eval_batches": s.eval_batches, "tensorboard": False},
     )
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "seed": s.seed}))
     run_lrpath(["train", str(cfg), "--run-dir", str(work / "main")], timeout=3600)
     return cfg, work / "main"
 
@@ -113,12 +117,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=Settings.steps)
     ap.add_argument("--lr", type=float, default=Settings.lr)
     ap.add_argument("--save-interval", type=int, default=Settings.save_interval)
+    ap.add_argument("--seq-length", type=int, default=Settings.seq_length)
     ap.add_argument("--windows", default=",".join(map(str, Settings.windows)))
+    ap.add_argument("--seed", type=int, default=Settings.seed)
     ap.add_argument("--no-decay-branch", action="store_true")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "merge_vs_main.json"))
     args = ap.parse_args(argv)
-    s = Settings(steps=args.steps, lr=args.lr, save_interval=args.save_interval,
+    s = Settings(steps=args.steps, lr=args.lr, save_interval=args.save_interval, seq_length=args.seq_length,
+                 seed=args.seed,
                  windows=tuple(int(w) for w in args.windows.split(",")), decay_branch=not args.no_decay_branch)
     work = Path(args.work or tempfile.mkdtemp(prefix="merge_vs_main_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ def run(s: Settings, work: Path) -> dict:
     at_T = main_eval[T]["val_loss"]
 
     variants = []
-    for window in s.windows:
+    for window in tqdm(s.windows, desc="windows (merge, evaluate, decay branch)"):
         steps = list(range(T - window, T + 1, s.save_interval))
         for spec in s.weights:
             out = work / "merges" / f"w{window}_{spec}"

@@ -218,7 +218,7 @@ def main() -> int:
         r = timed_run(cmd, env, work / "long_doc.log", lambda: count_tokens(prefix + "_text_document"))
         result["long_document"] = {
             "document_chars": size, "workers": 2, **r,
-            "policy": "encoded in ~1M-character pieces cut after newlines (ids equal to encoding the whole "
+            "policy": "encoded in ~64K-character pieces cut after newlines (ids equal to encoding the whole "
                       "text); --max-doc-chars can refuse such documents instead"}
         print(f"long document: {result['long_document']}", flush=True)
         save()

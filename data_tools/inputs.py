@@ -13,7 +13,6 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 from lrpath_megatron.errors import LrpathError

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lrpath_megatron.data import split_string
 from lrpath_megatron.errors import LrpathError
-
-
-def split_string(valid_fraction: float) -> str:
-    """megatron-core split string "train,valid,test" holding out ``valid_fraction`` of the documents.
-
-    Fixed-point digits: megatron-core parses the split with a digits-and-dots regex (no exponents).
-    """
-    return f"{1.0 - valid_fraction:.12f},{valid_fraction:.12f},0"
 
 
 def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:

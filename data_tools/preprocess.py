@@ -5,7 +5,7 @@ Each worker tokenizes whole work units (see :mod:`data_tools.inputs`) into its o
 megatron-core's ``IndexedDatasetBuilder``; the main process appends them in unit order with
 ``IndexedDatasetBuilder.add_index`` into ``*.tmp-PID.bin/.idx`` and renames those only when complete.
 
-Long documents: the text of one document is held in memory once and encoded in ~1 M-character pieces
+Long documents: the text of one document is held in memory once and encoded in ~64 K-character pieces
 (see :meth:`Tokenizer.encode`), so a 50 MB document costs ~50 MB plus its token array. Documents over
 ``max_doc_chars`` (0 = no limit) are reported and skipped/refused like any other bad input.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import threading

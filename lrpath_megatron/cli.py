@@ -5,8 +5,17 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from lrpath_megatron.errors import USER_ERRORS
+
+# megatron-core warns on every import that it falls back to torch kernels without TE/apex (the README says
+# when those are used), about a default of its own config, and torch about APIs megatron-core's checkpoint
+# loader still calls; keep logs to what concerns the run.
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "full scope is deprecated", "`load_state_dict` is deprecated",
+                 "Please use DTensor instead"):
+    warnings.filterwarnings("ignore", message=_message)
 
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
 COMMAND_MODULES = [

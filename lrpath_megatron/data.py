@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def _split_string(valid_fraction: float) -> str:
-    # Fixed-point: megatron-core parses the split with a digits-and-dots regex (no exponents).
+def split_string(valid_fraction: float) -> str:
+    """megatron-core split string "train,valid,test" holding out ``valid_fraction`` of the documents.
+
+    Fixed-point digits: megatron-core parses the split with a digits-and-dots regex (no exponents).
+    """
     return f"{1.0 - valid_fraction:.12f},{valid_fraction:.12f},0"
 
 
@@ -44,7 +47,7 @@ def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_
         # blend must be set, otherwise megatron-core switches to mock data; the prefix is informational
         # here because the datasets are constructed directly.
         blend=(["<per-corpus>"], None),
-        split=_split_string(valid_fraction),
+        split=split_string(valid_fraction),
         # "" (not None): None means "cache next to the data prefix"; "" keeps the indices in memory.
         path_to_cache="",
         tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size),

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from data_tools import demo, make_corpora, tokenizer
-from data_tools.inspect_data import held_out_range, inspect_dataset, split_string
+from data_tools.inspect_data import held_out_range, inspect_dataset
+from lrpath_megatron.data import split_string
 from data_tools.preprocess import PreprocessConfig, preprocess
 from data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
 from data_tools.versions import parse_version, split_versions
