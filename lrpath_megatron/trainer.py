@@ -67,23 +67,52 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_rank0 = self.env.rank == 0
+        own = self._choose_start()
+        weights_only = self.resume_from is not None and not own and self.run.init_weights_only
+        self._build_model_and_optimizer(load_weights_first=weights_only)
+        p = cfg.parallel
+        self.train_data = TrainData(cfg.data, cfg.model.seq_length, p.global_batch_size, p.micro_batch_size,
+                                    self.dp_rank, self.dp_size, self.run.weights_at_step, cfg.data.seed,
+                                    vocab_size=cfg.model.vocab_size)
+        self.valid_data = ValidData(cfg.data, cfg.model.seq_length, p.micro_batch_size, cfg.data.seed,
+                                    vocab_size=cfg.model.vocab_size)
+        self.step = 0
+        if weights_only:
+            self._print(f"[{self.run.name}] initialised from the weights of {self.resume_from}")
+        elif self.resume_from is not None:
+            state = checkpoint.load(self.resume_from, self.model, self.optimizer,
+                                    load_optimizer=own or not self.run.reset_optimizer, restore_rng=own)
+            self.step = state["step"]
+            self.train_data.load_state_dict(state["data"])
+            where = "resumed" if own else f"branched from {self.resume_from}"
+            self._print(f"[{self.run.name}] {where} at step {self.step}")
+        self.logger = MetricsLogger(self.run.run_dir, self.is_rank0, cfg.logging.tensorboard, self.step)
+
+    def _choose_start(self) -> bool:
+        """Sets ``resume_from``: the path's latest checkpoint, else its parent's (a branch). Returns whether
+        the checkpoint is the path's own. Refuses an incompatible start before anything is written."""
         if self.is_rank0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(self.ckpt_root)
         resume = checkpoint.find_latest(self.ckpt_root)
         self.resume_from, own = (resume, True) if resume else (self.run.parent_checkpoint, False)
-        if not own and self.resume_from is not None:
+        if self.resume_from is None:
+            return own
+        if not own:  # complete, and the same checkpoint the branch forked from before (if it did)
+            checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step, write=False)
+        self._check_compatible(self.resume_from, own)
+        if not own:
             checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step, write=self.is_rank0)
-        if self.resume_from is not None:
-            self._check_compatible(self.resume_from, own)
+        return own
 
+    def _build_model_and_optimizer(self, load_weights_first: bool) -> None:
+        cfg = self.cfg
         tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
         dist_opt = cfg.parallel.use_distributed_optimizer
         if dist_opt is None:
             dist_opt = distributed.use_cuda()
         module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
-        weights_only = self.resume_from is not None and not own and self.run.init_weights_only
-        if weights_only:  # base weights go in before the transform adds modules the base never had
+        if load_weights_first:  # base weights go in before the transform adds modules the base never had
             checkpoint.load_model(self.resume_from, module)
         if self.run.model_transform is not None:
             self.run.model_transform(module)
@@ -102,29 +131,9 @@ class Trainer:
             ),
             [self.model],
         )
+        # The schedules call these (loss scaling, grad all-reduce + clipping inputs) after backward.
         tcfg.grad_scale_func = self.optimizer.scale_loss
         tcfg.finalize_model_grads_func = finalize_model_grads
-        self.tcfg = tcfg
-
-        p = cfg.parallel
-        self.num_microbatches = p.global_batch_size // (p.micro_batch_size * self.dp_size)
-        self.train_data = TrainData(cfg.data, cfg.model.seq_length, p.global_batch_size, p.micro_batch_size,
-                                    self.dp_rank, self.dp_size, self.run.weights_at_step, cfg.data.seed,
-                                    vocab_size=cfg.model.vocab_size)
-        self.valid_data = ValidData(cfg.data, cfg.model.seq_length, p.micro_batch_size, cfg.data.seed,
-                                    vocab_size=cfg.model.vocab_size)
-
-        self.step = 0
-        if weights_only:
-            self._print(f"[{self.run.name}] initialised from the weights of {self.resume_from}")
-        elif self.resume_from is not None:
-            state = checkpoint.load(self.resume_from, self.model, self.optimizer,
-                                    load_optimizer=own or not self.run.reset_optimizer, restore_rng=own)
-            self.step = state["step"]
-            self.train_data.load_state_dict(state["data"])
-            where = "resumed" if own else f"branched from {self.resume_from}"
-            self._print(f"[{self.run.name}] {where} at step {self.step}")
-        self.logger = MetricsLogger(self.run.run_dir, self.is_rank0, cfg.logging.tensorboard, self.step)
 
     def _check_compatible(self, ckpt: Path, own: bool) -> None:
         """Refuse, before building anything, a checkpoint this run cannot continue."""
