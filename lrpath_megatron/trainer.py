@@ -187,6 +187,10 @@ class Trainer:
                 if interval and (self.step % interval == 0 or self.step == end):
                     record.update(self.evaluate())
                 if self.step % self.cfg.logging.log_interval == 0 or self.step == end or "val_loss" in record:
+                    # The blend realised since the last logged step, its stage, switches and epoch wraps.
+                    stats = self.train_data.pop_stats()
+                    record.update(samples_per_corpus=stats["samples"], mix_fractions=stats["fractions"],
+                                  stage=stats["stage"], events=stats["events"])
                     self.logger.log(record)
                 signalled = self._signal_received()
                 if signalled or self._should_save(end):
@@ -226,7 +230,6 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = cfg.parallel.global_batch_size * cfg.model.seq_length
         tps = tokens / elapsed
-        stats = self.train_data.pop_stats()
         return {
             "path": self.run.name,
             "step": step,
@@ -236,9 +239,6 @@ class Trainer:
             "tokens": (step + 1) * tokens,
             "tokens_per_s": tps,
             "mfu": tps * cfg.model.flops_per_token() / (H100_BF16_PEAK_FLOPS * self.env.world_size),
-            "samples_per_corpus": stats.get("samples", {}),
-            "stage": stats.get("stage"),
-            "events": stats.get("events", []),
         }
 
     def _forward_backward(self, microbatches: list[dict], forward_only: bool) -> list[float]:

@@ -1,6 +1,7 @@
 """The megatron-core trainer on CPU (gloo): learning, bitwise resume, parallel layouts, resharding, bad configs."""
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -115,3 +116,25 @@ def test_missing_files_fail_clearly(demo_data, tmp_path):
     proc = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run")], check=False, timeout=120)
     assert proc.returncode == 2
     assert "corpus 'docs'" in proc.stderr and "missing_text_document.bin does not exist" in proc.stderr
+
+
+def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):
+    from lrpath_megatron.config import ScheduleConfig
+    from lrpath_megatron.schedules import from_schedule_config
+
+    mix = {"stages": [{"weights": {"docs": 0.75, "code_a": 0.25}},
+                      {"lr_below": "eta_max/5", "weights": {"docs": 0.25, "code_a": 0.75}}]}
+    schedule = {"style": "cosine", "warmup_steps": 4, "train_steps": 30}
+    cfg = tiny_config(demo_data, tmp_path / "c.yaml", data={"mix": mix}, schedule=schedule,
+                      logging={"log_interval": 5, "eval_interval": 0, "tensorboard": False})
+    run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path)])
+    lr = from_schedule_config(ScheduleConfig(**schedule), 3.0e-3, 3.0e-4)
+    switch = next(s for s in range(4, 30) if lr(s) <= 3.0e-3 / 5)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [e for r in records for e in r["events"]]
+    assert events == [f"step {switch}: data mix switches from stage 'stage0' to 'stage1', "
+                      f"weights {{'code_a': 0.75, 'docs': 0.25}}"]
+    assert sum(sum(r["samples_per_corpus"].values()) for r in records) == 30 * 8  # every sample counted once
+    first, last = records[0], records[-1]
+    assert first["stage"] == "stage0" and first["mix_fractions"]["docs"] == pytest.approx(0.75, abs=0.05)
+    assert last["stage"] == "stage1" and last["mix_fractions"]["code_a"] == pytest.approx(0.75, abs=0.05)
