@@ -59,26 +59,35 @@ def _container_opts(prof: ClusterProfile) -> list[str]:
     return opts
 
 
-def render_sbatch(spec: LaunchSpec, path: str) -> str:
+def _sbatch_options(spec: LaunchSpec, name: str, time_limit: str, placement: list[str],
+                    signal: list[str]) -> list[str]:
+    """The #SBATCH options every job shares, around its own placement and signal options."""
     prof = spec.profile
-    nodes, time_limit = prof.resources(path)
-    opts = [f"--job-name=lrpath-{path}", f"--partition={prof.partition}"]
+    opts = [f"--job-name=lrpath-{name}", f"--partition={prof.partition}"]
     opts += [f"--account={prof.account}"] if prof.account else []
     opts += [f"--qos={prof.qos}"] if prof.qos else []
-    opts += [f"--time={time_limit}", f"--nodes={nodes}", f"--ntasks-per-node={prof.gpus_per_node}"]
-    opts += [f"--gpus-per-node={prof.gpus_per_node}"] if prof.request_gpus else []
+    opts += [f"--time={time_limit}", *placement]
     opts += [f"--cpus-per-task={prof.cpus_per_task}"] if prof.cpus_per_task else []
     opts += [f"--mem={prof.mem}"] if prof.mem is not None else []
-    opts += ["--exclusive"] if prof.exclusive else []
     opts += [f"--constraint={prof.constraint}"] if prof.constraint else []
     opts += [
         f"--chdir={spec.workdir}",
-        f"--output={log_dir(spec, path)}/slurm-%j.out",
+        f"--output={log_dir(spec, name)}/slurm-%j.out",
         "--open-mode=append",  # a requeued job appends to its log instead of truncating it
-        f"--signal=USR1@{prof.signal_grace}",  # to the srun step: save and exit {REQUEUE_EXIT} before the limit
-        "--requeue",  # preemption and `scontrol requeue` rerun the job; it resumes from its latest checkpoint
+        *signal,
+        "--requeue",  # preemption and `scontrol requeue` rerun the job; it resumes where it stopped
     ]
-    opts += [str(o) for o in prof.sbatch_extra]
+    return opts + [str(o) for o in prof.sbatch_extra]
+
+
+def render_sbatch(spec: LaunchSpec, path: str) -> str:
+    prof = spec.profile
+    nodes, time_limit = prof.resources(path)
+    placement = [f"--nodes={nodes}", f"--ntasks-per-node={prof.gpus_per_node}"]
+    placement += [f"--gpus-per-node={prof.gpus_per_node}"] if prof.request_gpus else []
+    placement += ["--exclusive"] if prof.exclusive else []
+    # USR1 goes to the srun step: the trainer saves and exits REQUEUE_EXIT before the limit.
+    opts = _sbatch_options(spec, path, time_limit, placement, [f"--signal=USR1@{prof.signal_grace}"])
 
     srun = ["srun", f"--ntasks-per-node={prof.gpus_per_node}", "--kill-on-bad-exit=0", f"--wait={RANK_EXIT_WAIT}"]
     srun += _container_opts(prof) + [str(o) for o in prof.srun_extra]
@@ -142,16 +151,7 @@ def render_merge_sbatch(spec: LaunchSpec, job: Job) -> str:
     """A merge release: one CPU task (no GPUs, not exclusive) running ``lrpath merge``; a rerun or requeue
     after the merge finished exits 0 (``--skip-existing``), one cut short redoes it (its output is atomic)."""
     prof = spec.profile
-    opts = [f"--job-name=lrpath-{job.key}", f"--partition={prof.partition}"]
-    opts += [f"--account={prof.account}"] if prof.account else []
-    opts += [f"--qos={prof.qos}"] if prof.qos else []
-    opts += [f"--time={merge_time(prof, job.path)}", "--nodes=1", "--ntasks=1"]
-    opts += [f"--cpus-per-task={prof.cpus_per_task}"] if prof.cpus_per_task else []
-    opts += [f"--mem={prof.mem}"] if prof.mem is not None else []
-    opts += [f"--constraint={prof.constraint}"] if prof.constraint else []
-    opts += [f"--chdir={spec.workdir}", f"--output={log_dir(spec, job.path)}/slurm-%j.out", "--open-mode=append",
-             "--requeue"]
-    opts += [str(o) for o in prof.sbatch_extra]
+    opts = _sbatch_options(spec, job.path, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1"], [])
     srun = ["srun", "--ntasks=1", *_container_opts(prof)]
     merge = [prof.lrpath, *map(shlex.quote, merge_args(spec.run_dir, job))]
     lines = [
