@@ -59,6 +59,13 @@ def _container_opts(prof: ClusterProfile) -> list[str]:
     return opts
 
 
+def _profile_env(prof: ClusterProfile) -> list[str]:
+    """The profile's `env`, exported after the defaults so it wins."""
+    if not prof.env:
+        return []
+    return ["# Cluster profile `env`."] + [f"export {k}={shlex.quote(str(v))}" for k, v in prof.env.items()]
+
+
 def _sbatch_options(spec: LaunchSpec, name: str, time_limit: str, placement: list[str],
                     signal: list[str]) -> list[str]:
     """The #SBATCH options every job shares, around its own placement and signal options."""
@@ -126,9 +133,7 @@ def render_sbatch(spec: LaunchSpec, path: str) -> str:
         "# NCCL/CUDA defaults (docs/launch.md); values already in the environment win.",
     ]
     lines += [f"export {k}=${{{k}:-{v}}}" for k, v in ENV_DEFAULTS.items()]
-    if prof.env:
-        lines += ["# Cluster profile `env`."]
-        lines += [f"export {k}={shlex.quote(str(v))}" for k, v in prof.env.items()]
+    lines += _profile_env(prof)
     lines += [
         "",
         f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) path {path} ${{STOP_ARGS[*]}} '
@@ -165,9 +170,7 @@ def render_merge_sbatch(spec: LaunchSpec, job: Job) -> str:
     if prof.setup:
         lines += ["# Site setup (cluster profile `setup`)."] + [str(s) for s in prof.setup] + [""]
     lines += ["export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}"]
-    if prof.env:
-        lines += ["# Cluster profile `env`."]
-        lines += [f"export {k}={shlex.quote(str(v))}" for k, v in prof.env.items()]
+    lines += _profile_env(prof)
     lines += [
         "",
         f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) merge release {job.path} '
