@@ -59,6 +59,7 @@ class Trainer:
         self.stop_at_step = stop_at_step
         self.ckpt_root = Path(run.run_dir) / "checkpoints"
         self._signal: int | None = None
+        self.schedule_hash = None  # running hash of the trained steps' schedule (see _schedule_hash)
 
     # ---------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -87,6 +88,8 @@ class Trainer:
             where = "resumed" if own else f"branched from {self.resume_from}"
             self._print(f"[{self.run.name}] {where} at step {self.step}")
         self.logger = MetricsLogger(self.run.run_dir, self.is_rank0, cfg.logging.tensorboard, self.step)
+        if self.schedule_hash is None:  # not resumed from an own checkpoint (which computed it)
+            self.schedule_hash = self._schedule_hash(self.step)
 
     def _choose_start(self) -> bool:
         """Sets ``resume_from``: the path's latest checkpoint, else its parent's (a branch). Returns whether
@@ -147,17 +150,21 @@ class Trainer:
                 f"cannot resume from {ckpt}: the model differs ({changes}); use the original model settings "
                 f"or a new --run-dir"
             )
-        if own and manifest.get("schedule_digest") != self.schedule_digest(manifest["step"]):
+        if not own:
+            return
+        self.schedule_hash = self._schedule_hash(manifest["step"])
+        if manifest.get("schedule_digest") != self.schedule_hash.hexdigest()[:16]:
             raise LrpathError(
                 f"cannot resume path {self.run.name!r} from {ckpt}: the LR schedule, data blend or data "
                 f"settings of steps {self.run.start_step}..{manifest['step'] - 1} differ from what was trained; "
                 f"restore the original plan (extending it with later versions is fine), or use a new --run-dir"
             )
 
-    def schedule_digest(self, upto: int) -> str:
-        """Digest of everything that decided steps start_step..upto-1 besides the model: LR and blend per
+    def _schedule_hash(self, upto: int):
+        """Hash of everything that decided steps start_step..upto-1 besides the model: LR and blend per
         step, batch shape, data seed and corpora. A plan extended with new versions keeps the digest of the
-        steps already trained, so the main path can resume; a changed past cannot."""
+        steps already trained, so the main path can resume; a changed past cannot. Computed once at start;
+        each trained step then extends it (``_extend_schedule_hash``), so saves cost O(1)."""
         cfg = self.cfg
         h = hashlib.sha256(json.dumps({
             "global_batch_size": cfg.parallel.global_batch_size, "seq_length": cfg.model.seq_length,
@@ -165,8 +172,11 @@ class Trainer:
             "valid_fraction": cfg.data.valid_fraction,
         }, sort_keys=True).encode())
         for step in range(self.run.start_step, upto):
-            h.update(repr((self.run.lr_at_step(step), self.run.weights_at_step(step))).encode())
-        return h.hexdigest()[:16]
+            self._extend_schedule_hash(h, step)
+        return h
+
+    def _extend_schedule_hash(self, h, step: int) -> None:
+        h.update(repr((self.run.lr_at_step(step), self.run.weights_at_step(step))).encode())
 
     # ---------------------------------------------------------------------------------------- loop
     def train(self) -> int:
@@ -182,6 +192,7 @@ class Trainer:
             last_saved = self.step if self.resume_from is not None else -1
             while self.step < end:
                 record = self._train_step()
+                self._extend_schedule_hash(self.schedule_hash, self.step)
                 self.step += 1
                 interval = self.cfg.logging.eval_interval
                 if interval and (self.step % interval == 0 or self.step == end):
@@ -281,7 +292,7 @@ class Trainer:
         cfg = self.cfg
         manifest = {
             "path": self.run.name,
-            "schedule_digest": self.schedule_digest(self.step),
+            "schedule_digest": self.schedule_hash.hexdigest()[:16],
             "config": to_dict(cfg),
             "code_version": checkpoint.code_version(),
             "parent": str(self.run.parent_checkpoint) if self.run.parent_checkpoint else None,
