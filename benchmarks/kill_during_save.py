@@ -25,7 +25,7 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
     rng = random.Random(seed)
     results = []
     for _ in range(points):
-        env = dict(os.environ, MASTER_PORT=str(rng.randint(20000, 40000)), PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
         proc = subprocess.Popen([sys.executable, "-m", "lrpath_megatron.cli", "train", str(config),
                                  "--run-dir", str(run_dir)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -56,13 +56,15 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
     else:
         cpu_compat.enable()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s)
+        if env.world_size == 1:
+            # One process needs no rendezvous: an in-process store, so single-process runs never compete
+            # for MASTER_PORT on a shared machine.
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                                 world_size=1, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
