@@ -32,6 +32,11 @@ from lrpath_megatron.checkpoint_layout import (  # noqa: F401
 )
 from lrpath_megatron.errors import LrpathError
 
+# The distributed optimizer's state in its canonical per-parameter form, so a checkpoint resumes at any
+# TP/PP/DP (megatron-core 0.16's default, fully_sharded_model_space, cannot be saved by its own
+# dist-checkpointing; dp_reshardable reshards only in DP). The other optimizers ignore it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
 
 def _barrier() -> None:
     if torch.distributed.is_initialized():
@@ -64,8 +69,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def unwrap(model):
-    """The GPTModel inside a DDP wrapper: checkpoint keys carry no wrapper prefix."""
-    return getattr(model, "module", model)
+    """The GPTModel inside its wrappers (DDP, bf16's Float16Module): checkpoint keys carry no wrapper prefix."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
@@ -83,7 +90,7 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
     _barrier()
     model_sd = model.sharded_state_dict()
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
-    optim_sd = optimizer.sharded_state_dict(model_sd) if save_optimizer and optimizer is not None else None
+    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA) if save_optimizer and optimizer is not None else None
     dist_checkpointing.save(model_sd, str(tmp / "model"))
     if optim_sd is not None:
         dist_checkpointing.save(optim_sd, str(tmp / "optimizer"))
@@ -135,12 +142,59 @@ def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng:
                 f"{ckpt} has no optimizer state (saved with checkpoint.save_optimizer=false); resume "
                 f"with a fresh optimizer by setting the path's reset_optimizer option"
             )
-        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        held = _prepare_torch_adam_load(optimizer)
+        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                             metadata=OPTIMIZER_METADATA)
         optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(ckpt / "optimizer")))
+        _restore_steps(held)
     rng_file = ckpt / "rng" / f"rank_{_rank()}.pt"
     if restore_rng and read_manifest(ckpt).get("world_size") == _world() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _prepare_torch_adam_load(optimizer) -> list:
+    """megatron-core 0.16.1's distributed optimizer over torch's AdamW (its fallback without TE or apex)
+    cannot load as it stands: ``sharded_state_dict(is_loading=True)`` reads the step of the optimizer
+    state, which a fresh optimizer does not have yet; ``load_state_dict`` gives every parameter the same
+    ``step`` tensor (which torch's foreach and fused kernels would advance once per parameter) and then
+    copies the loaded per-parameter state over every key of the live state, ``step`` included, which the
+    loaded state does not have. So: give the fresh state a step, hold the steps aside while the state is
+    copied in, and give each parameter its own step back (:func:`_restore_steps`). Returns what to restore."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    held = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(part, DistributedOptimizer) or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        steps: dict = {}
+        inner.register_load_state_dict_post_hook(
+            lambda opt, steps=steps: steps.update({p: s.pop("step") for p, s in opt.state.items() if "step" in s}))
+        held.append((inner, steps))
+    return held
+
+
+def _restore_steps(held: list) -> None:
+    for inner, steps in held:
+        for p, step in steps.items():
+            inner.state[p]["step"] = step.clone()
+
+
+def check_model(ckpt: Path, model: dict, what: str) -> None:
+    """Raise if the checkpoint's model settings differ from ``model`` (a ``to_dict(ModelConfig)``): a
+    checkpoint only loads into the model it was saved from. ``what`` says what was attempted."""
+    saved = read_manifest(ckpt)["config"]["model"]
+    diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    if diff:
+        changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in diff)
+        raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); use the model settings it was "
+                          f"trained with (or a new --run-dir for a different model)")
 
 
 def code_version() -> str:

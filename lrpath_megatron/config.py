@@ -135,7 +135,12 @@ class ParallelConfig:
 class PrecisionConfig:
     dtype: str = "fp32"  # fp32 | bf16
     fp8: Optional[str] = None  # None | hybrid | e4m3 (needs Transformer Engine)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 (TE recipes)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise (TE recipes)
+    # Scaling of the delayed recipe (megatron-core's defaults): amax window, how the amax is taken from
+    # it, and the margin (scale = fp8_max / amax / 2^margin).
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"  # most_recent | max
+    fp8_margin: int = 0
 
     def validate(self) -> None:
         _choice(self, "precision", "dtype", ["fp32", "bf16"])
@@ -143,6 +148,35 @@ class PrecisionConfig:
             _choice(self, "precision", "fp8", ["hybrid", "e4m3"])
             if self.dtype != "bf16":
                 raise ConfigError("precision.fp8 requires precision.dtype=bf16")
+        _choice(self, "precision", "fp8_recipe", ["delayed", "tensorwise", "mxfp8", "blockwise"])
+        _choice(self, "precision", "fp8_amax_compute_algo", ["most_recent", "max"])
+        _positive(self, "precision", ["fp8_amax_history_len"])
+        if self.fp8_margin < 0:
+            raise ConfigError(f"precision.fp8_margin must be >= 0, got {self.fp8_margin}")
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed levers; each off by default (off = the plain megatron-core path). What each does, what it
+    needs and how it falls back: docs/performance.md."""
+
+    # torch.compile each TransformerLayer (fuses RoPE, norms, residual adds, activation, casts).
+    compile_layers: bool = False
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs
+    # torch's single-kernel AdamW for the fp32 master weights instead of its multi-kernel foreach path.
+    fused_adam: bool = False
+    # Gradient norm and clipping with torch._foreach ops instead of megatron-core's per-tensor loop
+    # with one host sync per tensor (its fallback when neither Transformer Engine nor apex is installed).
+    foreach_grad_norm: bool = False
+    # megatron-core fusions that have pure-torch implementations (compiled by megatron-core itself).
+    bias_dropout_fusion: bool = False
+    bias_activation_fusion: bool = False  # swiglu only (the gelu fusion changes numerics: tanh approximation)
+    cross_entropy_fusion: bool = False  # bf16 only (its logits gradient is always bf16)
+    # Needs Transformer Engine (refused without it).
+    rope_fusion: bool = False
+
+    def validate(self) -> None:
+        _choice(self, "performance", "compile_mode", ["default", "max-autotune-no-cudagraphs"])
 
 
 @dataclass
@@ -270,13 +304,25 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     seed: int = 1234
 
     def validate(self) -> "TrainConfig":
         for section in (self.model, self.parallel, self.precision, self.optimizer, self.schedule,
-                        self.data, self.checkpoint, self.logging):
+                        self.data, self.checkpoint, self.logging, self.performance):
             section.validate()
         self.parallel.check_model(self.model)
+        if self.performance.bias_activation_fusion and self.model.activation != "swiglu":
+            raise ConfigError(
+                f"performance.bias_activation_fusion needs model.activation=swiglu (got "
+                f"{self.model.activation!r}: megatron-core's fused gelu is the tanh approximation, other "
+                f"numerics than the unfused exact gelu); set it to false"
+            )
+        if self.performance.cross_entropy_fusion and self.precision.dtype != "bf16":
+            raise ConfigError(
+                "performance.cross_entropy_fusion needs precision.dtype=bf16 (megatron-core's fused cross "
+                "entropy returns the logits gradient in bf16, a precision loss for an fp32 run); set it to false"
+            )
         return self
 
 

@@ -17,7 +17,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lrpath_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from lrpath_megatron import performance
+from lrpath_megatron.config import ConfigError, ModelConfig, ParallelConfig, PerformanceConfig, PrecisionConfig
 from lrpath_megatron.distributed import use_cuda
 
 
@@ -52,13 +53,17 @@ class SDPAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       perf: PerformanceConfig | None = None) -> TransformerConfig:
+    """``perf`` None = no performance levers (what export, evaluation and merging build)."""
     cuda = use_cuda()
     if precision.fp8 and not have_transformer_engine():
         raise ConfigError(
             "precision.fp8 is set but Transformer Engine is not importable; install the [te] extra "
-            "or set precision.fp8=null"
+            "or set precision.fp8=null (docs/performance.md says why there is no FP8 path without it)"
         )
+    if perf is not None:
+        performance.check(perf, cuda, have_transformer_engine())
     bf16 = precision.dtype == "bf16"
     kwargs = dict(
         num_layers=model.num_layers,
@@ -81,15 +86,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         use_cpu_initialization=not cuda,
         # CPU: p2p calls torch.cuda.synchronize when batched (see cpu_compat notes).
         batch_p2p_sync=cuda,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **performance.transformer_flags(perf),
+        **performance.fp8_settings(precision),
     )
-    if precision.fp8:
-        kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
     return TransformerConfig(**kwargs)
 
 

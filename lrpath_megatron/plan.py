@@ -42,6 +42,8 @@ from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_s
 
 RELEASE_METHODS = ("decay", "merge")
 BRANCH_DATA = ("tail", "replay")
+# Reference methods a plan can also train on the same data, as paths named "<method>/<version>".
+BASELINES = ("ptfs", "cpt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,6 +56,8 @@ class MainPathConfig:
     warmup_steps: Optional[int] = None  # give steps or tokens (neither = no warmup)
     warmup_tokens: Optional[int] = None
     replay: float = 0.0  # share of each main-path segment drawn from the older versions' corpora
+    # Extra main-path checkpoints beyond those the releases need: places to fork or merge from later.
+    save_steps: list = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +192,7 @@ class Plan:
         self.versions: list[ResolvedVersion] = self._resolve_versions()
         self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
         self.main_end = max(v.release.step for v in self.versions)
+        self._validate_save_steps()
         self._paths = self._build_paths()
 
     # ---------------------------------------------------------------- construction
@@ -245,6 +250,15 @@ class Plan:
             self.warmup_steps = warmup[1] if warmup[0] == "warmup_steps" else self._steps(warmup[1])
         if not self.config.versions:
             raise ConfigError("plan.versions is empty; list the versions in the order their data arrives")
+
+    def _validate_save_steps(self) -> None:
+        steps = self.config.main.save_steps
+        if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
+            raise ConfigError(f"plan.main.save_steps={steps!r} must be a list of main-path steps (integers)")
+        outside = [x for x in steps if not 0 < x <= self.main_end]
+        if outside:
+            raise ConfigError(f"plan.main.save_steps: {outside} outside the main path's steps 1..{self.main_end}; "
+                              f"the main path trains up to its last release")
 
     def _resolve_versions(self) -> list[ResolvedVersion]:
         resolved: list[ResolvedVersion] = []
@@ -375,7 +389,7 @@ class Plan:
         return f"main:{v.name}", {n: w for n, w in blend.items() if w > 0}
 
     def _build_paths(self) -> dict[str, PathSpec]:
-        save = set()
+        save = set(self.config.main.save_steps)
         for v in self.versions:
             save |= v.main_save_steps()
         paths = {"main": PathSpec("main", None, 0, self.main_end, save, None, self.tokens_per_step,
@@ -414,12 +428,45 @@ class Plan:
                         _lr=lr, _weights=weights)
 
     def path(self, name: str) -> PathSpec:
+        """A plan path (``main`` or a version with a decay release) or a baseline ``ptfs/<version>``,
+        ``cpt/<version>``."""
         if name in self._paths:
             return self._paths[name]
+        if "/" in name:
+            return self._baseline(*name.split("/", 1))
         for v in self.versions:
             if v.name == name:
                 raise LrpathError(f"version {name!r} is released by {v.release.method}; it has no training path")
         raise LrpathError(f"no path {name!r} in the plan; paths: {', '.join(self._paths)}")
+
+    def _baseline(self, method: str, version: str) -> PathSpec:
+        """The reference a plan is measured against, trained on the same data with the same LRs:
+        - ``ptfs/<v>``: from scratch on the cumulative blend of D_1..D_v for all their steps (one pass),
+          warmup then cosine to eta_min on the last step;
+        - ``cpt/<v>``: from ``cpt/<v-1>``'s last checkpoint (optimizer state included) on D_v only for the
+          version's steps, re-warmup from eta_min to eta_max then cosine to eta_min. ``cpt/<v1>`` is PTFS
+          of the first version."""
+        if method not in BASELINES:
+            raise LrpathError(f"no path {method + '/' + version!r}: baselines are "
+                              f"{', '.join(b + '/<version>' for b in BASELINES)}")
+        by_name = {v.name: v for v in self.versions}
+        if version not in by_name:
+            raise LrpathError(f"no version {version!r} in the plan for {method}/{version}; versions: "
+                              f"{', '.join(by_name)}")
+        v, name = by_name[version], f"{method}/{version}"
+        scratch = method == "ptfs" or v.index == 0
+        try:
+            lr = (schedules.ptfs(self.eta_max, self.eta_min, self.warmup_steps, v.end_step) if scratch else
+                  schedules.cpt(self.eta_max, self.eta_min, self.warmup_steps, v.start_step, v.steps))
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc} (plan.main.warmup_steps is too long for version {version!r})") from None
+        if scratch:
+            blend = self._cumulative_blend(v.index + 1)
+            return PathSpec(name, None, 0, v.end_step, set(), None, self.tokens_per_step,
+                            _lr=lr, _weights=lambda step: (method, dict(blend)))
+        parent = f"cpt/{self.versions[v.index - 1].name}"
+        return PathSpec(name, parent, v.start_step, v.end_step, set(), None, self.tokens_per_step,
+                        _lr=lr, _weights=lambda step: ("cpt", dict(v.corpora)))
 
     def paths(self) -> list[PathSpec]:
         """Every trainable path, main first, then the branches in version order."""
@@ -491,7 +538,8 @@ class Plan:
     def resolved(self) -> dict:
         """Everything that determines what trains: the base config and the resolved plan."""
         return {
-            "train_config": to_dict(self.train_config),
+            # performance levers change how fast, not what trains
+            "train_config": {k: v for k, v in to_dict(self.train_config).items() if k != "performance"},
             "plan": to_dict(self.config),
             "resolved": {
                 "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,

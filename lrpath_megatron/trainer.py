@@ -11,7 +11,6 @@ import json
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,9 +18,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
-from lrpath_megatron import checkpoint, distributed
+from lrpath_megatron import checkpoint, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import LrpathError
@@ -109,8 +108,10 @@ class Trainer:
         return own
 
     def _build_model_and_optimizer(self, load_weights_first: bool) -> None:
-        cfg = self.cfg
-        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        from lrpath_megatron import performance
+
+        cfg, perf = self.cfg, self.cfg.performance
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision, perf)
         dist_opt = cfg.parallel.use_distributed_optimizer
         if dist_opt is None:
             dist_opt = distributed.use_cuda()
@@ -119,6 +120,12 @@ class Trainer:
             checkpoint.load_model(self.resume_from, module)
         if self.run.model_transform is not None:
             self.run.model_transform(module)
+        if perf.compile_layers:  # after the transform: the compiled layers include its modules
+            self._print(f"[{self.run.name}] torch.compile: {performance.compile_layers(module, perf)} layers")
+        if tcfg.bf16:
+            # As Megatron-LM: every parameter in bf16 (the local spec's torch norms are built in fp32), the
+            # optimizer keeps fp32 master weights, and the loss comes back in fp32.
+            module = Float16Module(tcfg, module)
         self.model = DistributedDataParallel(
             config=tcfg,
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
@@ -134,24 +141,22 @@ class Trainer:
             ),
             [self.model],
         )
+        if perf.fused_adam and not performance.use_fused_adam(self.optimizer):
+            self._print(f"[{self.run.name}] performance.fused_adam: megatron-core's optimizer is already fused "
+                        f"(Transformer Engine or apex) or has no torch Adam here; left as built")
+        if perf.foreach_grad_norm and not performance.use_foreach_grad_norm():
+            self._print(f"[{self.run.name}] performance.foreach_grad_norm: megatron-core uses the multi-tensor "
+                        f"kernels of Transformer Engine or apex; left as is")
         # The schedules call these (loss scaling, grad all-reduce + clipping inputs) after backward.
         tcfg.grad_scale_func = self.optimizer.scale_loss
         tcfg.finalize_model_grads_func = finalize_model_grads
 
     def _check_compatible(self, ckpt: Path, own: bool) -> None:
         """Refuse, before building anything, a checkpoint this run cannot continue."""
-        manifest = checkpoint.read_manifest(ckpt)
-        saved = manifest["config"]["model"]
-        wanted = to_dict(self.cfg.model)
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        if diff:
-            changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in diff)
-            raise LrpathError(
-                f"cannot resume from {ckpt}: the model differs ({changes}); use the original model settings "
-                f"or a new --run-dir"
-            )
+        checkpoint.check_model(ckpt, to_dict(self.cfg.model), "resume from" if own else "branch from")
         if not own:
             return
+        manifest = checkpoint.read_manifest(ckpt)
         self.schedule_hash = self._schedule_hash(manifest["step"])
         if manifest.get("schedule_digest") != self.schedule_hash.hexdigest()[:16]:
             raise LrpathError(
@@ -237,7 +242,7 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise LrpathError(f"optimizer step {step} failed (non-finite gradients)")
-        loss = self._global_mean(losses)
+        loss = forward.global_mean(losses)
         elapsed = time.perf_counter() - start
         tokens = cfg.parallel.global_batch_size * cfg.model.seq_length
         tps = tokens / elapsed
@@ -253,39 +258,13 @@ class Trainer:
         }
 
     def _forward_backward(self, microbatches: list[dict], forward_only: bool) -> list[float]:
-        """Runs the (pipelined) schedule; returns this rank's per-microbatch losses (last stage) or []."""
-        out = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iter(microbatches),
-            model=[self.model],
-            num_microbatches=len(microbatches),
-            seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.parallel.micro_batch_size,
-            forward_only=forward_only,
-        )
-        return [float(d["lm loss"]) for d in out] if parallel_state.is_pipeline_last_stage() else []
+        return forward.forward_backward(self.model, microbatches, self.cfg.model.seq_length,
+                                        self.cfg.parallel.micro_batch_size, forward_only)
 
-    def _global_mean(self, local_losses: list[float]) -> float:
-        """Mean of the micro-batch losses of all DP replicas (counted once per replica: last stage, TP rank 0)."""
-        contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        value = torch.tensor([sum(local_losses), len(local_losses)] if contributes else [0.0, 0.0],
-                             dtype=torch.float64)
-        if distributed.use_cuda():
-            value = value.cuda()
-        torch.distributed.all_reduce(value)
-        return float(value[0] / value[1])
-
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss per corpus on fixed held-out micro-batches (the same for every layout)."""
-        self.model.eval()
-        per_corpus = {}
-        for corpus in self.valid_data.corpora:
-            batches = self.valid_data.batches(corpus, self.cfg.logging.eval_batches, self.dp_rank, self.dp_size)
-            local = self._forward_backward(batches, forward_only=True)
-            per_corpus[corpus] = self._global_mean(local)
-        self.model.train()
-        return {"val_loss": sum(per_corpus.values()) / len(per_corpus), "val_loss_per_corpus": per_corpus}
+        return forward.validation_losses(self.model, self.valid_data, self.cfg.logging.eval_batches,
+                                         self.cfg.model.seq_length, self.cfg.parallel.micro_batch_size)
 
     # ---------------------------------------------------------------------------------------- state
     def save(self) -> Path:
@@ -318,21 +297,6 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.is_rank0:
             print(msg, flush=True)
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_masked_mean_loss, batch["loss_mask"])
-
-
-def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    mask = loss_mask.float()
-    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
-    # clone: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
 
 
 def run_path(cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None) -> int:

@@ -295,3 +295,53 @@ def test_property_every_plan_path_is_continuous_and_complete(sizes, warmup, deca
         lrs = [b.lr_at_step(s) for s in range(b.fork_step, b.end_step)]
         assert all(x >= y for x, y in zip(lrs, lrs[1:]))
         assert b.fork_step in main.save_steps
+
+
+def test_ptfs_baseline_trains_the_cumulative_blend_from_scratch():
+    plan = Plan.from_dict(tiny())
+    p = plan.path("ptfs/v2")
+    assert (p.parent, p.fork_step, p.end_step) == (None, 0, 200)  # D_1..D_2, one pass
+    assert p.lr_at_step(0) == 0.0 and p.lr_at_step(10) == pytest.approx(1e-3)  # warmup to eta_max
+    assert p.lr_at_step(199) == pytest.approx(1e-4)  # fully decayed on its last step
+    assert all(p.lr_at_step(s + 1) <= p.lr_at_step(s) for s in range(10, 199))
+    assert p.weights_at_step(150) == ("ptfs", {"docs": 0.5, "code_a": 0.5})
+    assert plan.path("ptfs/v3").end_step == 300
+
+
+def test_cpt_baseline_continues_the_previous_version_on_new_data_only():
+    plan = Plan.from_dict(tiny())
+    first, p = plan.path("cpt/v1"), plan.path("cpt/v3")
+    assert (first.parent, first.fork_step, first.end_step) == (None, 0, 100)
+    assert (p.parent, p.fork_step, p.end_step) == ("cpt/v2", 200, 300)
+    assert p.lr_at_step(200) == pytest.approx(1e-4)  # re-warmup from where v2's release ended
+    assert p.lr_at_step(210) == pytest.approx(1e-3)
+    assert p.lr_at_step(299) == pytest.approx(1e-4)
+    assert p.weights_at_step(250) == ("cpt", {"code_b": 1.0})
+    with pytest.raises(ValueError, match="outside path"):
+        p.lr_at_step(199)
+    # Cost accounting agrees with the trained steps: CPT trains each increment once, PTFS the cumulative data.
+    costs = plan.costs()
+    assert costs["cpt_tokens"] == sum(plan.path(f"cpt/v{i}").steps for i in (1, 2, 3)) * TPS
+    assert costs["ptfs_tokens"] == sum(plan.path(f"ptfs/v{i}").steps for i in (1, 2, 3)) * TPS
+
+
+@pytest.mark.parametrize("name,match", [
+    ("ptfs/v9", "no version 'v9'"),
+    ("scratch/v1", "baselines are ptfs/<version>, cpt/<version>"),
+])
+def test_unknown_baselines_are_refused(name, match):
+    with pytest.raises(LrpathError, match=match):
+        Plan.from_dict(tiny()).path(name)
+
+
+def test_main_path_extra_save_steps_are_validated_and_saved():
+    data = tiny()
+    data["plan"]["main"]["save_steps"] = [5, 150]
+    plan = Plan.from_dict(data)
+    assert {5, 150} <= plan.path("main").save_steps
+    data["plan"]["main"]["save_steps"] = [5, 400]
+    with pytest.raises(ConfigError, match=r"plan.main.save_steps: \[400\] outside the main path's steps 1..260"):
+        Plan.from_dict(data)
+    data["plan"]["main"]["save_steps"] = ["x"]
+    with pytest.raises(ConfigError, match="must be a list of main-path steps"):
+        Plan.from_dict(data)

@@ -1,0 +1,59 @@
+"""``lrpath eval CONFIG CKPT...``: validation loss of checkpoints on every corpus's held-out split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrpath_megatron.config import read_yaml
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss per corpus of saved checkpoints (trained or merged)",
+                       description="Loads each checkpoint into the config's model (any TP/PP it was saved with) "
+                                   "and computes the loss on the first N held-out micro-batches of every corpus "
+                                   "in data.corpora: the same batches as the trainer's periodic evaluation.")
+    p.add_argument("config", help="the training config or version plan the checkpoints belong to")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="iter_NNNNNNN directories")
+    p.add_argument("--batches", type=int, default=None, help="held-out micro-batches per corpus "
+                                                              "(default: logging.eval_batches)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lrpath_megatron.errors import LrpathError
+    from lrpath_megatron.evaluate import evaluate_checkpoints
+
+    if args.batches is not None and args.batches <= 0:
+        raise LrpathError(f"--batches {args.batches}: give a positive number of micro-batches")
+    results = evaluate_checkpoints(load_config(args.config, args.overrides), args.checkpoints, args.batches)
+    if _rank() == 0:
+        corpora = list(next(iter(results.values()))["val_loss_per_corpus"])
+        print(f"{'checkpoint':<48} {'mean':>7} " + " ".join(f"{c:>10}" for c in corpora))
+        for ckpt, r in results.items():
+            print(f"{ckpt[-48:]:<48} {r['val_loss']:>7.4f} "
+                  + " ".join(f"{r['val_loss_per_corpus'][c]:>10.4f}" for c in corpora))
+        if args.json_out:
+            from lrpath_megatron.checkpoint_layout import write_json_atomic
+
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(args.json_out), results)
+    return 0
+
+
+def load_config(path: str, overrides: list[str]):
+    """The TrainConfig of a stand-alone config or of a plan."""
+    from lrpath_megatron.config import load_train_config
+
+    if "plan" in read_yaml(path):
+        from lrpath_megatron.plan import load_plan
+
+        return load_plan(path, overrides).train_config
+    return load_train_config(path, overrides)
+
+
+def _rank() -> int:
+    from lrpath_megatron.distributed import read_env
+
+    return read_env().rank

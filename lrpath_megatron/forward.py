@@ -1,0 +1,68 @@
+"""The (pipelined) forward/backward schedule and the loss reduction, shared by training and evaluation."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lrpath_megatron import distributed
+
+
+def forward_backward(model, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+                     forward_only: bool) -> list[float]:
+    """Runs megatron-core's schedule over ``microbatches``; returns this rank's per-microbatch losses
+    (last pipeline stage) or []. ``model`` is the DDP-wrapped model or a bare GPTModel (evaluation)."""
+    out = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return [float(d["lm loss"]) for d in out] if parallel_state.is_pipeline_last_stage() else []
+
+
+def global_mean(local_losses: list[float]) -> float:
+    """Mean of the micro-batch losses of all DP replicas (counted once per replica: last stage, TP rank 0)."""
+    contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    value = torch.tensor([sum(local_losses), len(local_losses)] if contributes else [0.0, 0.0],
+                         dtype=torch.float64)
+    if distributed.use_cuda():
+        value = value.cuda()
+    torch.distributed.all_reduce(value)
+    return float(value[0] / value[1])
+
+
+@torch.no_grad()
+def validation_losses(model, valid_data, num_batches: int, seq_length: int, micro_batch_size: int) -> dict:
+    """Loss per corpus on the first ``num_batches`` held-out micro-batches (the same set for every layout),
+    and their mean: ``{"val_loss": x, "val_loss_per_corpus": {corpus: x}}``. Collective."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    was_training = model.training
+    model.eval()
+    per_corpus = {}
+    for corpus in valid_data.corpora:
+        batches = valid_data.batches(corpus, num_batches, dp_rank, dp_size)
+        per_corpus[corpus] = global_mean(forward_backward(model, batches, seq_length, micro_batch_size, True))
+    model.train(was_training)
+    return {"val_loss": sum(per_corpus.values()) / len(per_corpus), "val_loss_per_corpus": per_corpus}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.float()
+    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}

@@ -1,0 +1,180 @@
+"""Performance levers on CPU (gloo, world size 1, real megatron-core): off = unchanged, each on = the same
+losses as the baseline within fp32 tolerance, resume keeps the fused optimizer, clear refusals.
+
+torch.compile on CPU (inductor, C++ backend) takes about 20-40 s for the 2-layer model used here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import losses, run_lrpath, tiny_config
+from lrpath_megatron import performance
+from lrpath_megatron.config import (ConfigError, ModelConfig, ParallelConfig, PerformanceConfig, PrecisionConfig,
+                                    load_train_config)
+
+STEPS = 6
+# fp32 on CPU: the fused kernels change the order of additions only (observed differences <= 2e-5).
+TOLERANCE = 1e-4
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def config(demo_data, tmp_path_factory) -> Path:
+    return tiny_config(demo_data, tmp_path_factory.mktemp("perf") / "tiny.yaml",
+                       model={"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
+                              "vocab_size": demo_data["vocab_size"]})
+
+
+def _train(config: Path, run_dir: Path, *sets: str, stop: int = STEPS):
+    args = ["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", str(stop)]
+    for item in sets:
+        args += ["--set", item]
+    return run_lrpath(args)
+
+
+@pytest.fixture(scope="module")
+def baseline(config, tmp_path_factory) -> dict[int, dict]:
+    run_dir = tmp_path_factory.mktemp("baseline")
+    _train(config, run_dir)
+    return _records(run_dir)
+
+
+LEVERS = {
+    "optimizer": ["performance.fused_adam=true", "performance.foreach_grad_norm=true"],
+    # cross_entropy_fusion is bf16-only (refused below); bf16 runs on CPU cannot save a checkpoint yet.
+    "fusions": ["performance.bias_dropout_fusion=true"],
+    "compile": ["performance.compile_layers=true"],
+}
+
+
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_lever_matches_the_baseline(config, baseline, lever, tmp_path):
+    out = _train(config, tmp_path, *LEVERS[lever])
+    got = _records(tmp_path)
+    assert sorted(got) == sorted(baseline) == list(range(STEPS))
+    for step in baseline:
+        assert got[step]["loss"] == pytest.approx(baseline[step]["loss"], abs=TOLERANCE), step
+        assert got[step]["grad_norm"] == pytest.approx(baseline[step]["grad_norm"], rel=TOLERANCE), step
+    assert baseline[STEPS - 1]["loss"] < baseline[0]["loss"] - 0.1  # it trains: the comparison has teeth
+    if lever == "compile":
+        assert "torch.compile: 2 layers" in out.stdout
+
+
+def test_swiglu_activation_fusion_matches_unfused(config, tmp_path):
+    _train(config, tmp_path / "plain", "model.activation=swiglu")
+    _train(config, tmp_path / "fused", "model.activation=swiglu", "performance.bias_activation_fusion=true")
+    plain, fused = losses(tmp_path / "plain"), losses(tmp_path / "fused")
+    assert sorted(plain) == sorted(fused) == list(range(STEPS))
+    for step in plain:
+        assert fused[step] == pytest.approx(plain[step], abs=TOLERANCE), step
+
+
+def test_resume_keeps_the_fused_optimizer_bitwise(config, tmp_path_factory):
+    """A checkpoint saved by the fused optimizer resumes into it (flags and per-parameter step tensors
+    restored by the load hook): the resumed run equals the uninterrupted one exactly."""
+    whole, split = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("split")
+    _train(config, whole, *LEVERS["optimizer"])
+    _train(config, split, *LEVERS["optimizer"], stop=3)
+    out = _train(config, split, *LEVERS["optimizer"])
+    assert "resumed at step 3" in out.stdout
+    assert losses(split) == losses(whole)
+
+
+def test_fused_adam_is_torch_adamw_with_the_fused_kernel():
+    torch.manual_seed(0)
+    plain, fused = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    fused.load_state_dict(plain.state_dict())
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    opt_fused = torch.optim.AdamW(fused.parameters(), lr=1e-2)
+    assert performance.fuse_torch_adam(opt_fused)
+    assert not performance.fuse_torch_adam(torch.optim.SGD(plain.parameters(), lr=0.1))  # falls back
+    for _ in range(5):
+        x = torch.randn(3, 8)
+        for model, opt in ((plain, opt_plain), (fused, opt_fused)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    assert torch.allclose(plain.weight, fused.weight, atol=1e-6)
+    # A state saved without the fused flag and with one step tensor shared by all parameters (as
+    # megatron-core's distributed optimizer builds it) loads as fused with one step per parameter.
+    saved = opt_plain.state_dict()
+    shared = torch.tensor(5.0)
+    for state in saved["state"].values():
+        state["step"] = shared
+    opt_fused.load_state_dict(saved)
+    assert all(g["fused"] and not g["foreach"] for g in opt_fused.param_groups)
+    assert len({id(s["step"]) for s in opt_fused.state.values()}) == len(opt_fused.state) == 2
+
+
+def test_foreach_grad_norm_matches_the_plain_norm():
+    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
+    norm, _ = performance._foreach_l2_norm(2048, None, [grads], False)
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    assert float(norm) == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-6)
+    expected = [g * 0.5 for g in grads]
+    performance._foreach_scale(2048, None, [grads, grads], 0.5)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+
+
+def test_levers_off_leave_the_transformer_config_unchanged():
+    from lrpath_megatron.model import transformer_config
+
+    args = (ModelConfig(), ParallelConfig(), PrecisionConfig())
+    off, default = transformer_config(*args), transformer_config(*args, PerformanceConfig())
+    for name in ("bias_dropout_fusion", "bias_activation_fusion", "cross_entropy_loss_fusion", "apply_rope_fusion",
+                 "masked_softmax_fusion", "gradient_accumulation_fusion", "persist_layer_norm"):
+        assert getattr(off, name) is False and getattr(default, name) is False, name
+    assert off.fp8 is None
+    on = transformer_config(*args, PerformanceConfig(bias_dropout_fusion=True, cross_entropy_fusion=True))
+    assert on.bias_dropout_fusion and on.cross_entropy_loss_fusion and on.cross_entropy_fusion_impl == "native"
+
+
+def test_fp8_settings_reach_megatron_core_field_names():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    precision = PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
+                                fp8_amax_compute_algo="max", fp8_margin=1)
+    settings = performance.fp8_settings(precision)
+    assert settings == {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_margin": 1, "fp8_amax_history_len": 1024,
+                        "fp8_amax_compute_algo": "max"}
+    assert set(settings) <= {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert performance.fp8_settings(PrecisionConfig()) == {}
+
+
+def test_refusals_name_the_lever_and_the_fix(monkeypatch):
+    from lrpath_megatron.model import have_transformer_engine, transformer_config
+
+    if not have_transformer_engine():
+        with pytest.raises(ConfigError, match="performance.rope_fusion needs Transformer Engine"):
+            performance.check(PerformanceConfig(rope_fusion=True), cuda=False, have_te=False)
+        with pytest.raises(ConfigError, match="Transformer Engine is not importable"):
+            transformer_config(ModelConfig(), ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="hybrid"))
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(ConfigError, match=r"performance.compile_layers needs torch.compile, but no C\+\+ compiler"):
+        performance.check(PerformanceConfig(compile_layers=True, cross_entropy_fusion=True), cuda=False, have_te=False)
+    performance.check(PerformanceConfig(fused_adam=True), cuda=False, have_te=False)  # needs no compiler
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["performance.compile_mode=reduce-overhead"], "performance.compile_mode='reduce-overhead' is not one of"),
+    (["performance.bias_activation_fusion=true"], "performance.bias_activation_fusion needs model.activation=swiglu"),
+    (["performance.cross_entropy_fusion=true"], "performance.cross_entropy_fusion needs precision.dtype=bf16"),
+    (["performance.fused_adam=1"], "performance.fused_adam must be true or false"),
+    (["performance.fuse_everything=true"], "unknown key performance.fuse_everything"),
+    (["precision.fp8_amax_compute_algo=mean"], "precision.fp8_amax_compute_algo='mean' is not one of"),
+    (["precision.fp8_amax_history_len=0"], "precision.fp8_amax_history_len must be > 0"),
+    (["precision.fp8_margin=-1"], "precision.fp8_margin must be >= 0"),
+    (["precision.fp8_recipe=custom"], "precision.fp8_recipe='custom' is not one of"),
+], ids=["compile-mode", "gelu-fusion", "ce-fusion-fp32", "not-bool", "typo", "amax-algo", "history", "margin", "recipe"])
+def test_bad_performance_config_fails_with_one_clear_message(config, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_train_config(config, overrides)
+    assert str(err.value).count(message) == 1, str(err.value)
