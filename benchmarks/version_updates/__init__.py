@@ -1,0 +1,1 @@
+"""The version-update benchmark: PTFS vs CPT vs path switching (decay branches and WSM merges)."""

@@ -1,0 +1,118 @@
+"""The four data increments of the benchmark, tokenized into Megatron .bin/.idx.
+
+Two sources:
+
+- ``demo``: the corpora shipped in ``data/corpora`` (Python 3.11 standard library: prose docs, two groups
+  of packages, C API headers), tokenized by ``data_tools.demo.prepare_demo_data``. Used on CPU.
+- ``machine``: four domains of source text found on the machine that runs the benchmark, so a GPU
+  machine with no network and no carried data can build them (with the interpreter and packages of the
+  machine the text differs, so the exact token counts are written to ``increments.json``):
+
+  1. ``stdlib``  - the interpreter's standard library ``.py`` files (tests, idlelib, ... left out);
+  2. ``numeric`` - the ``.py`` files of numpy and matplotlib;
+  3. ``torch``   - the ``.py`` files of torch;
+  4. ``cxx``     - the C/C++ headers under ``torch/include`` (a strong shift: another language).
+
+  Files are read in sorted order, each file is one document, files under 200 characters are left out,
+  and each increment stops at ``max_chars`` characters. One SentencePiece BPE model (``data_tools``) is
+  trained on a sample of all four and every increment is tokenized with it.
+"""
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+MIN_CHARS = 200
+SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "turtledemo", "ensurepip", "lib2to3", "__pycache__",
+             "site-packages", "dist-packages", "lib-dynload", "testing"}
+DOMAINS = ("stdlib", "numeric", "torch", "cxx")
+
+
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name!r} is not installed here; the 'machine' increments need it "
+                         f"(or use --data demo)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.rglob(pattern)
+                  if p.is_file() and not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def domain_files(domain: str) -> list[Path]:
+    if domain == "stdlib":
+        return _files(Path(sysconfig.get_paths()["stdlib"]), "*.py")
+    if domain == "numeric":
+        return _files(_package_dir("numpy"), "*.py") + _files(_package_dir("matplotlib"), "*.py")
+    if domain == "torch":
+        return [p for p in _files(_package_dir("torch"), "*.py") if "include" not in p.parts]
+    if domain == "cxx":
+        root = _package_dir("torch") / "include"
+        return sorted(set(_files(root, "*.h")) | set(_files(root, "*.hpp")) | set(_files(root, "*.cuh")))
+    raise ValueError(domain)
+
+
+def documents(domain: str, max_chars: int) -> Iterator[str]:
+    total = 0
+    for path in domain_files(domain):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary or unreadable files are not text of the domain
+        if len(text.strip()) < MIN_CHARS:
+            continue
+        yield text
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
+def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, workers: int) -> dict:
+    """Write ``out_dir/{domain}.jsonl``, the tokenizer and ``{domain}_text_document.bin/.idx``; returns
+    ``{"prefixes", "tokens", "documents", "vocab_size", "source"}`` (also saved as increments.json).
+    Reuses a finished build in ``out_dir``."""
+    from data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
+    from data_tools.tokenizer import TokenizerSpec, train_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "increments.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    for domain in DOMAINS:
+        with (out_dir / f"{domain}.jsonl").open("w", encoding="utf-8") as f:
+            for text in documents(domain, max_chars):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    def all_texts() -> Iterator[str]:
+        for domain in DOMAINS:
+            with (out_dir / f"{domain}.jsonl").open(encoding="utf-8") as f:
+                yield from (json.loads(line)["text"] for line in f)
+
+    spec = TokenizerSpec(vocab_size=vocab_size, model_type="bpe", character_coverage=0.9995,
+                         sample_sentences=1_000_000, threads=workers)
+    model = train_tokenizer(all_texts(), out_dir / "tokenizer", spec)
+    result = {"prefixes": {}, "tokens": {}, "documents": {}, "vocab_size": vocab_size,
+              "source": "machine", "max_chars": max_chars}
+    for domain in DOMAINS:
+        summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{domain}.jsonl")],
+                                              output_prefix=str(out_dir / domain), tokenizer_model=str(model),
+                                              workers=workers))
+        result["prefixes"][domain] = output_prefix(out_dir / domain, "text")
+        result["tokens"][domain] = summary.tokens["text"]
+        result["documents"][domain] = summary.documents
+    manifest.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def demo_increments(out_dir: Path, vocab_size: int) -> dict:
+    from data_tools.demo import prepare_demo_data
+
+    data = prepare_demo_data(out_dir, vocab_size)
+    return {"prefixes": data["prefixes"], "tokens": data["tokens"], "documents": data["documents"],
+            "vocab_size": data["vocab_size"], "source": "demo"}

@@ -1,0 +1,504 @@
+"""PTFS vs CPT vs path switching (decay branches, WSM merges) over four data increments.
+
+From one plan template (model, batch, LRs) and four increments, the driver trains every version of the
+release train each way with the lrpath trainer (`lrpath train`, `lrpath merge`, `lrpath eval`: the
+product's own commands, in this process or under torchrun), evaluates every released version on the
+held-out split of every increment, and writes a table, a plot and a JSON.
+
+Methods (every one trains the same tokens per increment):
+- ``ptfs``: version v from scratch on D_1..D_v (`lrpath train PLAN --path ptfs/vN`);
+- ``cpt``: version v from version v-1 on D_v, re-warmup + cosine (`--path cpt/vN`);
+- ``switch/<main>-main/<release>``: one main path at eta_max (``new``: each segment on its new increment
+  only; ``replay``: ``--replay`` of each later segment from older increments) and per version a
+  release: a decay branch (``<shape>-tail-F``: forks at 1-F of the version's segment and decays on the
+  rest of it; ``<shape>-replay-F``: forks at the segment's end and decays for F of a segment on the
+  cumulative blend) or a WSM merge of main-path checkpoints over the last F of the segment;
+- ``main/<main>-main``: the main path's own checkpoint at each version's end - not a release (never
+  decayed), shown to measure what the release adds.
+
+    python benchmarks/version_updates/run.py --size cpu                 # minutes on CPU (demo corpora)
+    python benchmarks/version_updates/run.py --size gpu                 # one H100, machine increments
+Rerunning resumes: finished paths, merges and evaluations are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(REPO), str(HERE.parent)]
+
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from version_updates import increments  # noqa: E402
+
+SIZES = {
+    "cpu": {"plan": HERE / "plan_cpu.yaml", "steps_per_version": 150, "data": "demo"},
+    "gpu": {"plan": HERE / "plan_gpu.yaml", "steps_per_version": 300, "data": "machine"},
+}
+# A version's release is "comparable" to PTFS when its loss on the data it has seen is within this
+# relative gap (stated with the result; the paper gives no number).
+COMPARABLE = 0.01
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # ptfs | cpt | switch | main
+    main: Optional[str] = None  # main-path variant: "new" | "replay"
+    release: Optional[dict] = None  # the release every version gets (kind switch)
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace("/", "__")
+
+
+# ------------------------------------------------------------------------------------------ the methods
+def build_methods(fractions: list[float], shapes: list[str], merge_weights: str, merge_checkpoints: int,
+                  mains: list[str], steps_per_version: int) -> list[Method]:
+    methods = [Method("ptfs", "ptfs"), Method("cpt", "cpt")]
+    for main in mains:
+        for shape in shapes:
+            for data in ("tail", "replay", "lrmix"):
+                for f in fractions:
+                    release = {"method": "decay", "shape": shape, "decay_fraction": f, "data": data}
+                    methods.append(Method(f"switch/{main}-main/{shape}-{data}-{f:g}", "switch", main, release))
+        for f in fractions:
+            window = max(merge_checkpoints - 1, round(f * steps_per_version))
+            release = {"method": "merge", "merge": {"num_checkpoints": merge_checkpoints, "weights": merge_weights,
+                                                     "window_steps": window}}
+            methods.append(Method(f"switch/{main}-main/wsm-{merge_weights}-{f:g}", "switch", main, release))
+        methods.append(Method(f"main/{main}-main", "main", main))
+    return methods
+
+
+def plan_dict(template: dict, corpora: dict, steps_per_version: int, replay: float,
+              release: Optional[dict], main_save_steps: list[int] = ()) -> dict:
+    """The plan of one method: the template, one corpus and one version per increment, the main path's
+    replay share, and the same release for every version."""
+    plan = copy.deepcopy(template)
+    plan.setdefault("data", {})["corpora"] = [{"name": n, "prefix": p} for n, p in corpora.items()]
+    # A main-path-only plan still needs releases: branches at each segment's end (never trained here).
+    release = release or {"method": "decay", "shape": "cosine", "decay_steps": 2, "data": "replay"}
+    plan["plan"]["main"] = {**plan["plan"].get("main", {}), "replay": replay, "save_steps": sorted(main_save_steps)}
+    plan["plan"]["versions"] = [{"name": f"v{i + 1}", "corpora": [n], "steps": steps_per_version,
+                                 "release": version_release(release, list(corpora)[: i + 1])}
+                                for i, n in enumerate(corpora)]
+    return plan
+
+
+def version_release(release: dict, seen: list[str]) -> dict:
+    """``data: lrmix`` is a replay branch with an LR-triggered blend (the continued-pretraining recipe):
+    the cumulative blend first, then half of the samples from the newest increment once the LR is below
+    eta_max/5."""
+    release = copy.deepcopy(release)
+    if release.get("data") != "lrmix":
+        return release
+    release["data"] = "replay"
+    if len(seen) > 1:
+        old, new = seen[:-1], seen[-1]
+        release["mix"] = {"stages": [
+            {"weights": {c: 1.0 for c in seen}},
+            {"lr_below": "eta_max/5", "weights": {new: 0.5, **{c: 0.5 / len(old) for c in old}}},
+        ], "ramp_steps": 2}
+    return release
+
+
+# ------------------------------------------------------------------------------------------ running lrpath
+class Lrpath:
+    """Runs ``lrpath`` commands: in this process (one device) or under torchrun (``nproc`` > 1)."""
+
+    def __init__(self, nproc: int):
+        self.nproc = nproc
+
+    def __call__(self, *argv: str) -> None:
+        if self.nproc > 1 and argv[0] in ("train", "eval"):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+                   "-m", "lrpath_megatron.cli", *argv]
+            code = subprocess.call(cmd, cwd=REPO)
+        else:
+            from lrpath_megatron.cli import main
+
+            code = main(list(argv))
+            gc.collect()
+            _empty_cuda_cache()
+        if code != 0:
+            raise SystemExit(f"lrpath {' '.join(argv)} exited {code}; rerun the benchmark to resume")
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+class Benchmark:
+    def __init__(self, args, template: dict, data: dict):
+        self.args, self.template, self.data = args, template, data
+        self.run = Path(args.run_dir).resolve()
+        self.lrpath = Lrpath(args.nproc)
+        self.corpora = data["prefixes"]
+        self.spv = args.steps_per_version
+        self.replay = {"new": 0.0, "replay": args.replay}
+        self.methods = build_methods(args.fractions, args.shapes, args.merge_weights, args.merge_checkpoints,
+                                     args.mains, self.spv)
+        if args.only:
+            self.methods = [m for m in self.methods if m.kind in ("ptfs", "cpt") or m.name in args.only]
+        self.plans: dict[str, Path] = {}
+        self.loaded = {}
+
+    # Every plan is written and validated before anything trains.
+    def write_plans(self) -> None:
+        (self.run / "plans").mkdir(parents=True, exist_ok=True)
+        for m in self.methods:
+            if m.kind == "switch":
+                self._write(m.slug, plan_dict(self.template, self.corpora, self.spv, self.replay[m.main], m.release))
+        self._write("baselines", plan_dict(self.template, self.corpora, self.spv, 0.0, None))
+        for main in {m.main for m in self.methods if m.main}:
+            # The main path saves at every step any method of it forks or merges from, and at each version's end.
+            save = set()
+            for m in self.methods:
+                if m.main == main and m.kind == "switch":
+                    save |= self.loaded[m.slug].path("main").save_steps
+            self._write(f"main-{main}", plan_dict(self.template, self.corpora, self.spv, self.replay[main], None,
+                                                  sorted(save)))
+
+    def _write(self, name: str, plan: dict) -> None:
+        from lrpath_megatron.plan import Plan
+
+        self.loaded[name] = Plan.from_dict(copy.deepcopy(plan), name)  # raises before anything is written
+        path = self.run / "plans" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        self.plans[name] = path
+
+    def jobs(self) -> list[tuple[str, tuple]]:
+        """(label, lrpath argv) in dependency order."""
+        from launch.jobs import build_jobs, merge_args
+
+        versions = self.loaded["baselines"].versions
+        base = str(self.run / "baselines")
+        jobs = [(f"ptfs/{v.name}", ("train", str(self.plans["baselines"]), "--path", f"ptfs/{v.name}",
+                                    "--run-dir", base)) for v in versions]
+        jobs += [(f"cpt/{v.name}", ("train", str(self.plans["baselines"]), "--path", f"cpt/{v.name}",
+                                    "--run-dir", base)) for v in versions[1:]]
+        for main in sorted({m.main for m in self.methods if m.main}):
+            jobs.append((f"main ({main})", ("train", str(self.plans[f"main-{main}"]), "--path", "main",
+                                            "--run-dir", str(self.run / "mains" / main))))
+        for m in self.methods:
+            if m.kind != "switch":
+                continue
+            plan, run_dir = self.loaded[m.slug], self.run / "switch" / m.slug
+            for job in build_jobs(plan.paths(), [v.release for v in plan.versions]):
+                if job.kind == "merge":
+                    jobs.append((f"{m.name} {job.path}", tuple(merge_args(run_dir, job)) + ("--no-progress",)))
+                elif job.path != "main":
+                    # A release is only evaluated: no optimizer state (a third of the disk on the GPU run).
+                    jobs.append((f"{m.name} {job.path}", ("train", str(self.plans[m.slug]), "--path", job.path,
+                                                         "--run-dir", str(run_dir),
+                                                         "--set", "checkpoint.save_optimizer=false")))
+        return jobs
+
+    def link_shared_paths(self) -> None:
+        """CPT's first version is PTFS's; every switch method uses its main path's run."""
+        cpt1 = self.run / "baselines" / "cpt" / "v1"
+        if not cpt1.exists():
+            cpt1.parent.mkdir(parents=True, exist_ok=True)
+            cpt1.symlink_to(Path("..") / "ptfs" / "v1")
+        for m in self.methods:
+            if m.kind == "switch":
+                link = self.run / "switch" / m.slug / "main"
+                if not link.exists():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(self.run / "mains" / m.main / "main")
+
+    def release_checkpoints(self, m: Method) -> list[Path]:
+        from lrpath_megatron.checkpoint_layout import iter_name
+
+        versions = self.loaded["baselines"].versions
+        if m.kind in ("ptfs", "cpt"):
+            return [self.run / "baselines" / m.kind / v.name / "checkpoints" / iter_name(v.end_step) for v in versions]
+        if m.kind == "main":
+            return [self.run / "mains" / m.main / "main" / "checkpoints" / iter_name(v.end_step) for v in versions]
+        plan = self.loaded[m.slug]
+        return [self.run / "switch" / m.slug / v.name / "checkpoints" / iter_name(v.branch_end) for v in plan.versions]
+
+    def evaluate(self) -> dict:
+        """{method: {version: lrpath eval result}}; one `lrpath eval` over the checkpoints not evaluated yet
+        (results are kept in RUN/eval.json by checkpoint path)."""
+        cache = self.run / "eval.json"
+        done = json.loads(cache.read_text()) if cache.is_file() else {}
+        wanted = {m.name: [str(c) for c in self.release_checkpoints(m)] for m in self.methods}
+        todo = sorted({c for ckpts in wanted.values() for c in ckpts} - set(done))
+        if todo:
+            part = self.run / "eval.new.json"
+            self.lrpath("eval", str(self.plans["baselines"]), *todo, "--batches", str(self.args.eval_batches),
+                        "--json", str(part))
+            done.update(json.loads(part.read_text()))
+            cache.write_text(json.dumps(done, indent=1))
+            part.unlink()
+        names = [v.name for v in self.loaded["baselines"].versions]
+        return {m: dict(zip(names, (done[c] for c in ckpts))) for m, ckpts in wanted.items()}
+
+    def costs(self, m: Method) -> tuple[list[int], int]:
+        """Cumulative tokens trained when each version is released, and the PTFS total."""
+        base = self.loaded["baselines"].costs()
+        rows = base["versions"]
+        if m.kind == "ptfs":
+            cumulative = [r["ptfs_cumulative_tokens"] for r in rows]
+        elif m.kind == "cpt":
+            cumulative = [r["cpt_cumulative_tokens"] for r in rows]
+        elif m.kind == "main":
+            cumulative = [v.end_step * base["tokens_per_step"] for v in self.loaded["baselines"].versions]
+        else:
+            cumulative = [r["cumulative_tokens"] for r in self.loaded[m.slug].costs()["versions"]]
+        return cumulative, base["ptfs_tokens"]
+
+
+# ------------------------------------------------------------------------------------------ results
+def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
+    corpora = list(bench.corpora)
+    methods = {}
+    for m in bench.methods:
+        cumulative, ptfs_total = bench.costs(m)
+        versions = {}
+        for i, (name, r) in enumerate(evals[m.name].items()):
+            seen = corpora[: i + 1]
+            per = r["val_loss_per_corpus"]
+            versions[name] = {
+                "val_loss": per,
+                "val_loss_seen": sum(per[c] for c in seen) / len(seen),
+                "val_loss_all": r["val_loss"],
+                "cumulative_tokens": cumulative[i],
+                "cumulative_cost_vs_ptfs_total": cumulative[i] / ptfs_total,
+            }
+        methods[m.name] = {"kind": m.kind, "main": m.main, "release": m.release,
+                           "tokens": cumulative[-1], "cost_ratio_vs_ptfs": cumulative[-1] / ptfs_total,
+                           "versions": versions}
+    ptfs = methods["ptfs"]["versions"]
+    for row in methods.values():
+        for name, v in row["versions"].items():
+            v["gap_vs_ptfs"] = v["val_loss_seen"] - ptfs[name]["val_loss_seen"]
+            v["relative_gap_vs_ptfs"] = v["gap_vs_ptfs"] / ptfs[name]["val_loss_seen"]
+        gaps = [v["relative_gap_vs_ptfs"] for v in row["versions"].values()]
+        row["mean_relative_gap_vs_ptfs"] = sum(gaps) / len(gaps)
+        row["max_relative_gap_vs_ptfs"] = max(gaps)
+        row["comparable_to_ptfs"] = row["max_relative_gap_vs_ptfs"] <= COMPARABLE
+    return {
+        "benchmark": "version_updates",
+        "size": bench.args.size,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "versions": _versions(),
+        "device": _device(),
+        "data": {k: bench.data[k] for k in ("source", "tokens", "documents", "vocab_size")},
+        "increments": corpora,
+        "steps_per_version": bench.spv,
+        "tokens_per_version": bench.spv * bench.loaded["baselines"].tokens_per_step,
+        "model": bench.loaded["baselines"].train_config.model.__dict__,
+        "parameters": _parameters(bench.loaded["baselines"].train_config.model),
+        "eval_batches": bench.args.eval_batches,
+        "comparable_criterion": f"max over versions of (seen-data loss - PTFS) / PTFS <= {COMPARABLE}",
+        "methods": methods,
+        "paper_setting": _paper_setting(methods),
+        "recommended": _recommend(methods),
+        "seconds_this_invocation": round(elapsed, 1),  # a rerun reuses finished runs
+    }
+
+
+def _paper_setting(methods: dict) -> Optional[dict]:
+    """The paper's configuration: new-data main path, cosine branches on the last 60% of each segment."""
+    name = "switch/new-main/cosine-tail-0.6"
+    if name not in methods:
+        return None
+    row = methods[name]
+    return {"method": name, "cost_ratio_vs_ptfs": row["cost_ratio_vs_ptfs"],
+            "max_relative_gap_vs_ptfs": row["max_relative_gap_vs_ptfs"], "holds": row["comparable_to_ptfs"]}
+
+
+def _recommend(methods: dict) -> dict:
+    """The default the example plans should take: the cheapest switch setting comparable to PTFS at every
+    version (ties: the smaller mean gap); if none is, the one with the smallest mean gap. The setting with
+    the smallest mean gap is reported beside it."""
+    switch = {n: r for n, r in methods.items() if r["kind"] == "switch"}
+    best = min(switch, key=lambda n: (switch[n]["mean_relative_gap_vs_ptfs"], switch[n]["cost_ratio_vs_ptfs"]))
+    comparable = [n for n, r in switch.items() if r["comparable_to_ptfs"]]
+    pick = min(comparable, key=lambda n: (switch[n]["cost_ratio_vs_ptfs"], switch[n]["mean_relative_gap_vs_ptfs"])) \
+        if comparable else best
+    reason = (f"the cheapest setting within {COMPARABLE:.0%} of PTFS at every version" if comparable
+              else f"no setting stays within {COMPARABLE:.0%} of PTFS at every version; smallest mean gap")
+    return {"method": pick, "reason": reason, "cost_ratio_vs_ptfs": switch[pick]["cost_ratio_vs_ptfs"],
+            "mean_relative_gap_vs_ptfs": switch[pick]["mean_relative_gap_vs_ptfs"],
+            "max_relative_gap_vs_ptfs": switch[pick]["max_relative_gap_vs_ptfs"],
+            "lowest_gap": {"method": best, "cost_ratio_vs_ptfs": switch[best]["cost_ratio_vs_ptfs"],
+                           "mean_relative_gap_vs_ptfs": switch[best]["mean_relative_gap_vs_ptfs"]}}
+
+
+def _parameters(model) -> int:
+    h, layers, ffn, v = model.hidden_size, model.num_layers, model.ffn_size, model.padded_vocab_size
+    per_layer = 4 * h * h + (3 if model.activation == "swiglu" else 2) * h * ffn + 2 * h
+    return layers * per_layer + v * h * (2 if model.untie_embeddings else 1) + h
+
+
+def _versions() -> dict:
+    import megatron.core
+    import torch
+
+    from lrpath_megatron.checkpoint import code_version
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "megatron_core": megatron.core.__version__, "lrpath_megatron": code_version()}
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+def table(result: dict) -> str:
+    corpora = result["increments"]
+    head = ["method", "version", "cost vs PTFS (cum.)", *[f"loss {c}" for c in corpora], "seen mean", "gap vs PTFS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in result["methods"].items():
+        for vname, v in row["versions"].items():
+            cells = [name, vname, f"{v['cumulative_cost_vs_ptfs_total']:.3f}",
+                     *[f"{v['val_loss'][c]:.3f}" for c in corpora], f"{v['val_loss_seen']:.3f}",
+                     f"{v['gap_vs_ptfs']:+.3f} ({v['relative_gap_vs_ptfs']:+.1%})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| method | tokens | cost ratio vs PTFS | mean gap | max gap | comparable |", "|---|---|---|---|---|---|"]
+    for name, row in result["methods"].items():
+        lines.append(f"| {name} | {row['tokens']:,} | {row['cost_ratio_vs_ptfs']:.3f} | "
+                     f"{row['mean_relative_gap_vs_ptfs']:+.2%} | {row['max_relative_gap_vs_ptfs']:+.2%} | "
+                     f"{'yes' if row['comparable_to_ptfs'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    others = [n for n, r in result["methods"].items() if r["kind"] in ("switch", "main")]
+    for name, row in result["methods"].items():
+        xs = [v["cumulative_cost_vs_ptfs_total"] for v in row["versions"].values()]
+        ys = [v["val_loss_seen"] for v in row["versions"].values()]
+        if row["kind"] in ("ptfs", "cpt"):
+            style = dict(color="black" if row["kind"] == "ptfs" else "tab:red", lw=2.5)
+        else:  # one colour per method; dashed: main path on new data only; dotted: no release (main itself)
+            style = dict(color=plt.cm.tab20(others.index(name) % 20), lw=1.2,
+                         ls=":" if row["kind"] == "main" else "--" if row["main"] == "new" else "-")
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{name} ({row['cost_ratio_vs_ptfs']:.2f})", **style)
+    ax.set_xlabel("cumulative training tokens / PTFS total (each point: a released version)")
+    ax.set_ylabel("val loss on the increments seen so far (mean)")
+    ax.set_title(f"version updates, {result['parameters'] / 1e6:.1f}M-parameter GPT, {result['device']}")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fit_steps(requested: int, template: dict, data: dict) -> int:
+    """Steps per version, fewer than requested if the smallest increment's training split holds fewer
+    tokens: every method then reads each increment at most once in its own segment."""
+    from lrpath_megatron.config import TrainConfig, from_dict
+
+    cfg = from_dict(TrainConfig, {k: v for k, v in template.items() if k != "plan"})
+    tokens_per_step = cfg.parallel.global_batch_size * cfg.model.seq_length
+    smallest = min(data["tokens"].values())
+    fit = int(smallest * (1 - cfg.data.valid_fraction) * 0.98) // tokens_per_step
+    if fit < requested:
+        print(f"the smallest increment holds {smallest:,} tokens: {fit} steps per version instead of {requested}")
+    return min(requested, fit)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="cpu")
+    p.add_argument("--plan", type=Path, help="plan template (default: plan_<size>.yaml)")
+    p.add_argument("--data", choices=("demo", "machine"), help="increments (default: demo on cpu, machine on gpu)")
+    p.add_argument("--data-dir", type=Path, default=REPO / "runs" / "version_updates_data")
+    p.add_argument("--max-chars", type=int, default=60_000_000, help="machine increments: characters per increment")
+    p.add_argument("--steps-per-version", type=int, help="main-path steps per increment (same for every method)")
+    p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.6],
+                   help="release lengths as fractions of a version's steps (branch decay, merge window)")
+    p.add_argument("--shapes", type=lambda s: s.split(","), default=["cosine"], help="branch decay shapes")
+    p.add_argument("--mains", type=lambda s: s.split(","), default=["new", "replay"], help="main-path variants")
+    p.add_argument("--replay", type=float, default=0.2, help="replay share of the 'replay' main path")
+    p.add_argument("--merge-weights", default="1-sqrt")
+    p.add_argument("--merge-checkpoints", type=int, default=4)
+    p.add_argument("--only", type=lambda s: s.split(","), help="switch/main methods to run (PTFS and CPT always run)")
+    p.add_argument("--eval-batches", type=int, default=None, help="held-out micro-batches per increment")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun when > 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the plan template, e.g. model.num_layers=4")
+    p.add_argument("--run-dir", type=Path, help="default runs/version_updates_<size>")
+    p.add_argument("--out", type=Path, help="default benchmarks/results/version_updates_<size>.json (+ .md, .png)")
+    args = p.parse_args(argv)
+    size = SIZES[args.size]
+    args.plan = args.plan or size["plan"]
+    args.data = args.data or size["data"]
+    args.steps_per_version = args.steps_per_version or size["steps_per_version"]
+    args.run_dir = args.run_dir or REPO / "runs" / f"version_updates_{args.size}"
+    args.out = args.out or REPO / "benchmarks" / "results" / f"version_updates_{args.size}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from lrpath_megatron.config import apply_overrides, read_yaml
+
+    start = time.time()
+    template = read_yaml(args.plan)
+    apply_overrides(template, args.overrides)
+    args.eval_batches = args.eval_batches or template.get("logging", {}).get("eval_batches", 4)
+    vocab = template["model"]["vocab_size"]
+    data = (increments.demo_increments(args.data_dir, vocab) if args.data == "demo" else
+            increments.build_machine_increments(args.data_dir, args.max_chars, vocab, os.cpu_count() or 1))
+    args.steps_per_version = fit_steps(args.steps_per_version, template, data)
+    bench = Benchmark(args, template, data)
+    bench.write_plans()
+    bench.link_shared_paths()
+    for label, argv_ in tqdm(bench.jobs(), desc="version-update runs", unit="run"):
+        tqdm.write(f"== {label}")
+        bench.lrpath(*argv_)
+    evals = bench.evaluate()
+    result = summarize(bench, evals, time.time() - start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(text)
+    rec, paper = result["recommended"], result["paper_setting"]
+    low = rec["lowest_gap"]
+    print(f"\nrecommended release setting: {rec['method']} ({rec['reason']}: cost {rec['cost_ratio_vs_ptfs']:.2f} of "
+          f"PTFS, mean gap {rec['mean_relative_gap_vs_ptfs']:+.2%}, max {rec['max_relative_gap_vs_ptfs']:+.2%}); "
+          f"smallest mean gap: {low['method']} ({low['mean_relative_gap_vs_ptfs']:+.2%} at "
+          f"{low['cost_ratio_vs_ptfs']:.2f} of PTFS)")
+    if paper:
+        print(f"paper setting {paper['method']}: cost {paper['cost_ratio_vs_ptfs']:.2f} of PTFS, max gap "
+              f"{paper['max_relative_gap_vs_ptfs']:+.2%} -> the claim {'holds' if paper['holds'] else 'does not hold'} "
+              f"at this scale (criterion: {result['comparable_criterion']})")
+    print(f"wrote {args.out} (+ .md, .png) in {result['seconds_this_invocation']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
