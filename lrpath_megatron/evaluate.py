@@ -13,7 +13,7 @@ from lrpath_megatron import checkpoint, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import ValidData
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.model import build_model
+from lrpath_megatron.model import build_model, transformer_config, with_precision
 
 
 def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int | None = None) -> dict:
@@ -29,7 +29,8 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     batches = num_batches or cfg.logging.eval_batches
     distributed.initialize(cfg.parallel, cfg.seed)
     try:
-        model = build_model(cfg.model, cfg.parallel, cfg.precision)
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        model = with_precision(build_model(cfg.model, cfg.parallel, cfg.precision, tcfg), tcfg)
         valid = ValidData(cfg.data, cfg.model.seq_length, cfg.parallel.micro_batch_size, cfg.data.seed,
                           vocab_size=cfg.model.vocab_size)
         results = {}

@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -120,3 +121,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     if use_cuda():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def with_precision(module: torch.nn.Module, config: TransformerConfig) -> torch.nn.Module:
+    """bf16 as Megatron-LM runs it: megatron-core's Float16Module holds every parameter in bf16 (the local
+    spec's torch norms are built in fp32) and returns the loss in fp32; the optimizer keeps fp32 master
+    weights. fp32 runs use the module as it is."""
+    return Float16Module(config, module) if config.bf16 else module

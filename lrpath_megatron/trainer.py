@@ -18,14 +18,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.module import Float16Module
 
 from lrpath_megatron import checkpoint, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.metrics import H100_BF16_PEAK_FLOPS, MetricsLogger
-from lrpath_megatron.model import build_model, transformer_config
+from lrpath_megatron.model import build_model, transformer_config, with_precision
 
 # Exit code that asks the launcher to requeue the job (the trainer saved and stopped on a signal).
 EXIT_REQUEUE = 3
@@ -122,10 +121,7 @@ class Trainer:
             self.run.model_transform(module)
         if perf.compile_layers:  # after the transform: the compiled layers include its modules
             self._print(f"[{self.run.name}] torch.compile: {performance.compile_layers(module, perf)} layers")
-        if tcfg.bf16:
-            # As Megatron-LM: every parameter in bf16 (the local spec's torch norms are built in fp32), the
-            # optimizer keeps fp32 master weights, and the loss comes back in fp32.
-            module = Float16Module(tcfg, module)
+        module = with_precision(module, tcfg)
         self.model = DistributedDataParallel(
             config=tcfg,
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),

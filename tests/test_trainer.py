@@ -170,7 +170,7 @@ def test_bf16_holds_every_parameter_in_bf16_and_resumes_bitwise(config, referenc
     from megatron.core import dist_checkpointing
 
     sets = ["--set", "precision.dtype=bf16", "--set", f"parallel.use_distributed_optimizer={distributed_optimizer}",
-            "--set", "schedule.train_steps=8"]
+            "--set", "schedule.train_steps=8", "--set", "logging.eval_interval=8"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_lrpath(["train", str(config), "--run-dir", str(whole), *sets])
     run_lrpath(["train", str(config), "--run-dir", str(split), "--stop-at-step", "3", *sets])
@@ -180,3 +180,9 @@ def test_bf16_holds_every_parameter_in_bf16_and_resumes_bitwise(config, referenc
     model_dir = whole / "checkpoints" / "iter_0000008" / "model"
     dtypes = {t.dtype for t in dist_checkpointing.load_tensors_metadata(str(model_dir)).values()}
     assert dtypes == {torch.bfloat16}
+    # `lrpath eval` builds the same bf16 model: it reproduces the trainer's last validation loss.
+    logged = json.loads((whole / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "eval.json"
+    run_lrpath(["eval", str(config), str(whole / "checkpoints" / "iter_0000008"), "--json", str(out), *sets[:2]])
+    assert json.loads(out.read_text())[str(whole / "checkpoints" / "iter_0000008")]["val_loss"] == \
+        pytest.approx(logged["val_loss"], abs=1e-6)

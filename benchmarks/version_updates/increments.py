@@ -8,8 +8,9 @@ Two sources:
   machine with no network and no carried data can build them (with the interpreter and packages of the
   machine the text differs, so the exact token counts are written to ``increments.json``):
 
-  1. ``stdlib``  - the interpreter's standard library ``.py`` files (tests, idlelib, ... left out);
-  2. ``numeric`` - the ``.py`` files of numpy and matplotlib;
+  1. ``stdlib``  - the interpreter's standard library ``.py`` files, its tests included;
+  2. ``numeric`` - the ``.py`` files of numpy, matplotlib and sympy (those installed; numpy required -
+     sympy comes with every pip install of torch);
   3. ``torch``   - the ``.py`` files of torch;
   4. ``cxx``     - the C/C++ headers under ``torch/include`` (a strong shift: another language).
 
@@ -25,16 +26,19 @@ from pathlib import Path
 from typing import Iterator
 
 MIN_CHARS = 200
-SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "turtledemo", "ensurepip", "lib2to3", "__pycache__",
-             "site-packages", "dist-packages", "lib-dynload", "testing"}
+# Caches, and the installed packages under the stdlib directory (they belong to other domains).
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "lib-dynload"}
+NUMERIC = ("numpy", "matplotlib", "sympy")
 DOMAINS = ("stdlib", "numeric", "torch", "cxx")
 
 
-def _package_dir(name: str) -> Path:
+def _package_dir(name: str, required: bool = True) -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return None
         raise SystemExit(f"package {name!r} is not installed here; the 'machine' increments need it "
                          f"(or use --data demo)")
     return Path(list(spec.submodule_search_locations)[0])
@@ -49,7 +53,8 @@ def domain_files(domain: str) -> list[Path]:
     if domain == "stdlib":
         return _files(Path(sysconfig.get_paths()["stdlib"]), "*.py")
     if domain == "numeric":
-        return _files(_package_dir("numpy"), "*.py") + _files(_package_dir("matplotlib"), "*.py")
+        roots = [_package_dir("numpy")] + [_package_dir(n, required=False) for n in NUMERIC[1:]]
+        return [f for root in roots if root is not None for f in _files(root, "*.py")]
     if domain == "torch":
         return [p for p in _files(_package_dir("torch"), "*.py") if "include" not in p.parts]
     if domain == "cxx":
@@ -98,7 +103,8 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
                          sample_sentences=1_000_000, threads=workers)
     model = train_tokenizer(all_texts(), out_dir / "tokenizer", spec)
     result = {"prefixes": {}, "tokens": {}, "documents": {}, "vocab_size": vocab_size,
-              "source": "machine", "max_chars": max_chars}
+              "source": "machine", "max_chars": max_chars,
+              "numeric_packages": [n for n in NUMERIC if _package_dir(n, required=False) is not None]}
     for domain in DOMAINS:
         summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{domain}.jsonl")],
                                               output_prefix=str(out_dir / domain), tokenizer_model=str(model),
