@@ -134,21 +134,8 @@ def render_sbatch(spec: LaunchSpec, path: str) -> str:
     ]
     lines += [f"export {k}=${{{k}:-{v}}}" for k, v in ENV_DEFAULTS.items()]
     lines += _profile_env(prof)
-    lines += [
-        "",
-        f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) path {path} ${{STOP_ARGS[*]}} '
-        f'on $SLURM_JOB_NODELIST, start $(date -Is)"',
-        " \\\n    ".join([" ".join(srun), " ".join(train)]),
-        "rc=$?",
-        f"if [[ $rc -eq {REQUEUE_EXIT} ]]; then",
-        "    # The trainer saved a checkpoint on USR1/TERM: rerun this job; it resumes from that checkpoint.",
-        '    echo "lrpath: saved on signal, requeueing job $SLURM_JOB_ID at $(date -Is)"',
-        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        "fi",
-        f'echo "lrpath: path {path} exited $rc at $(date -Is)"',
-        "exit $rc",
-        "",
-    ]
+    lines += _step_lines(f"path {path} ${{STOP_ARGS[*]}} on $SLURM_JOB_NODELIST", srun, train, f"path {path}",
+                         requeue=True)
     return "\n".join(lines)
 
 
@@ -171,17 +158,28 @@ def render_merge_sbatch(spec: LaunchSpec, job: Job) -> str:
         lines += ["# Site setup (cluster profile `setup`)."] + [str(s) for s in prof.setup] + [""]
     lines += ["export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}"]
     lines += _profile_env(prof)
-    lines += [
-        "",
-        f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) merge release {job.path} '
-        f'at step {job.end_step}, start $(date -Is)"',
-        " \\\n    ".join([" ".join(srun), " ".join(merge)]),
-        "rc=$?",
-        f'echo "lrpath: merge release {job.path} exited $rc at $(date -Is)"',
-        "exit $rc",
-        "",
-    ]
+    lines += _step_lines(f"merge release {job.path} at step {job.end_step}", srun, merge, f"merge release {job.path}")
     return "\n".join(lines)
+
+
+def _step_lines(started: str, srun: list[str], command: list[str], finished: str, requeue: bool = False) -> list[str]:
+    """The job's one srun step between a start and an exit line; with ``requeue``, the trainer's exit after a
+    signal-triggered save requeues the job instead of ending it."""
+    lines = [
+        "",
+        f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) {started}, start $(date -Is)"',
+        " \\\n    ".join([" ".join(srun), " ".join(command)]),
+        "rc=$?",
+    ]
+    if requeue:
+        lines += [
+            f"if [[ $rc -eq {REQUEUE_EXIT} ]]; then",
+            "    # The trainer saved a checkpoint on USR1/TERM: rerun this job; it resumes from that checkpoint.",
+            '    echo "lrpath: saved on signal, requeueing job $SLURM_JOB_ID at $(date -Is)"',
+            '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            "fi",
+        ]
+    return lines + [f'echo "lrpath: {finished} exited $rc at $(date -Is)"', "exit $rc", ""]
 
 
 def _var(key: str) -> str:

@@ -186,15 +186,18 @@ def _restore_steps(held: list) -> None:
             inner.state[p]["step"] = step.clone()
 
 
-def check_model(ckpt: Path, model: dict, what: str) -> None:
+def check_model(ckpt: Path, model: dict, what: str) -> dict:
     """Raise if the checkpoint's model settings differ from ``model`` (a ``to_dict(ModelConfig)``): a
-    checkpoint only loads into the model it was saved from. ``what`` says what was attempted."""
-    saved = read_manifest(ckpt)["config"]["model"]
+    checkpoint only loads into the model it was saved from. ``what`` says what was attempted. Returns the
+    checkpoint's manifest."""
+    manifest = read_manifest(ckpt)
+    saved = manifest["config"]["model"]
     diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
     if diff:
         changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in diff)
         raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); use the model settings it was "
                           f"trained with (or a new --run-dir for a different model)")
+    return manifest
 
 
 def code_version() -> str:

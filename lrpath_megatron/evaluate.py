@@ -21,11 +21,12 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     group (collective: run it on every rank of the config's TP x PP x DP layout). ``num_batches``
     defaults to ``logging.eval_batches``."""
     checkpoints = [Path(c) for c in checkpoints]
+    steps = {}
     for ckpt in checkpoints:  # every refusal before the process group starts
         if not checkpoint.is_complete(ckpt):
             raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
                               f"directory written by `lrpath train` or `lrpath merge`")
-        checkpoint.check_model(ckpt, to_dict(cfg.model), "evaluate")
+        steps[ckpt] = checkpoint.check_model(ckpt, to_dict(cfg.model), "evaluate").get("step")
     batches = num_batches or cfg.logging.eval_batches
     distributed.initialize(cfg.parallel, cfg.seed)
     try:
@@ -39,7 +40,7 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
             checkpoint.load_model(ckpt, model)
             losses = forward.validation_losses(model, valid, batches, cfg.model.seq_length,
                                                cfg.parallel.micro_batch_size)
-            results[str(ckpt)] = {"step": checkpoint.read_manifest(ckpt).get("step"), **losses}
+            results[str(ckpt)] = {"step": steps[ckpt], **losses}
         return results
     finally:
         distributed.shutdown()

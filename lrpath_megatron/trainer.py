@@ -149,10 +149,9 @@ class Trainer:
 
     def _check_compatible(self, ckpt: Path, own: bool) -> None:
         """Refuse, before building anything, a checkpoint this run cannot continue."""
-        checkpoint.check_model(ckpt, to_dict(self.cfg.model), "resume from" if own else "branch from")
+        manifest = checkpoint.check_model(ckpt, to_dict(self.cfg.model), "resume from" if own else "branch from")
         if not own:
             return
-        manifest = checkpoint.read_manifest(ckpt)
         self.schedule_hash = self._schedule_hash(manifest["step"])
         if manifest.get("schedule_digest") != self.schedule_hash.hexdigest()[:16]:
             raise LrpathError(
