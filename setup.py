@@ -7,7 +7,6 @@ setup(
     "LR-triggered data mixing, checkpoint merging, adapters.",
     python_requires=">=3.10",
     packages=find_packages(include=["lrpath_megatron*", "data_tools*", "launch*"]),
-    package_data={"launch": ["templates/*"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.17",

@@ -3,8 +3,10 @@
 Layout of one checkpoint (``iter_NNNNNNN`` = steps completed)::
 
     model/              dist checkpoint of model.sharded_state_dict() (any TP/PP can load it)
-    optimizer/          dist checkpoint of the optimizer state (unless checkpoint.save_optimizer=false)
-    trainer_state.pt    step, consumed samples, data-sampler state (identical on all ranks)
+    optimizer/          dist checkpoint of the optimizer state; absent from weights-only checkpoints (merge
+                        inputs, releases saved with checkpoint.save_optimizer=false), which training
+                        does not resume from
+    trainer_state.pt    step and data-sampler state (identical on all ranks)
     rng/rank_R.pt       each rank's RNG states (restored only when the world shape is unchanged)
     manifest.json       written last: config, lineage, file checksums
 
@@ -27,8 +29,8 @@ from megatron.core import dist_checkpointing
 
 # The layout (names, completeness, latest, manifests, forks) is torch-free; re-exported for callers.
 from lrpath_megatron.checkpoint_layout import (  # noqa: F401
-    FORK, LATEST, MANIFEST, checkpoint_at, find_latest, is_complete, iter_name, read_manifest, record_fork,
-    remove_stale_temporaries, sha256_file, verify, write_json_atomic, write_text_atomic,
+    FORK, LATEST, MANIFEST, checkpoint_at, find_latest, find_resumable, has_optimizer_state, is_complete,
+    iter_name, prune, read_manifest, record_fork, remove_stale_temporaries, sha256_file, verify, write_json_atomic, write_text_atomic,
 )
 from lrpath_megatron.errors import LrpathError
 
@@ -90,19 +92,20 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
     _barrier()
     model_sd = model.sharded_state_dict()
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
-    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA) if save_optimizer and optimizer is not None else None
+    save_optimizer = save_optimizer and optimizer is not None
+    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA) if save_optimizer else None
     dist_checkpointing.save(model_sd, str(tmp / "model"))
     if optim_sd is not None:
         dist_checkpointing.save(optim_sd, str(tmp / "optimizer"))
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        if not (save_optimizer and optimizer is not None):
+        if not save_optimizer:
             (tmp / "optimizer").rmdir()
         torch.save(trainer_state, tmp / "trainer_state.pt")
     _barrier()
     checksums = _distributed_checksums(tmp)
     if rank == 0:
-        manifest = dict(manifest, step=step, world_size=_world(), files=checksums)
+        manifest = dict(manifest, step=step, world_size=_world(), optimizer_state=save_optimizer, files=checksums)
         write_json_atomic(tmp / MANIFEST, manifest)
         if final.exists():  # a re-save of the same step (e.g. a resumed run stopped at the same point)
             shutil.rmtree(final)
@@ -139,8 +142,9 @@ def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng:
     if load_optimizer and optimizer is not None and state["step"] > 0:
         if not (ckpt / "optimizer").is_dir():
             raise LrpathError(
-                f"{ckpt} has no optimizer state (saved with checkpoint.save_optimizer=false); resume "
-                f"with a fresh optimizer by setting the path's reset_optimizer option"
+                f"{ckpt} holds model weights only (a merge input, or a path end saved with "
+                f"checkpoint.save_optimizer=false), so training cannot continue from it; list its step in "
+                f"plan.main.save_steps, or retrain its path with checkpoint.save_optimizer=true"
             )
         held = _prepare_torch_adam_load(optimizer)
         opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,

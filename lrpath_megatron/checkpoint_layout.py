@@ -39,6 +39,35 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def has_optimizer_state(ckpt: Path) -> bool:
+    """Whether training can continue exactly from ``ckpt``: it holds the optimizer state, or it is a step-0
+    checkpoint (a fresh optimizer is its state). Merge inputs and weights-only releases are not."""
+    return (Path(ckpt) / "optimizer").is_dir() or read_manifest(ckpt)["step"] == 0
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` that training can continue from."""
+    for ckpt in sorted((p for p in Path(root).glob("iter_*") if p.is_dir() and is_complete(p)), reverse=True):
+        if has_optimizer_state(ckpt):
+            return ckpt
+    return None
+
+
+def prune(root: Path, keep_last: int, protected: set) -> list[Path]:
+    """Delete all but the ``keep_last`` newest resumable checkpoints, never a step in ``protected`` (fork
+    points, merge inputs, the path's end) nor a weights-only one (always a merge input or a release).
+    Each is renamed out of sight first, so a kill mid-delete leaves only a leftover that
+    :func:`remove_stale_temporaries` removes. Returns the deleted checkpoints."""
+    resumable = [p for p in sorted(Path(root).glob("iter_*"), reverse=True)
+                 if p.is_dir() and is_complete(p) and has_optimizer_state(p)]
+    doomed = [p for p in resumable[keep_last:] if read_manifest(p)["step"] not in protected]
+    for ckpt in doomed:
+        hidden = ckpt.with_name(f".del_{ckpt.name}")
+        os.rename(ckpt, hidden)
+        shutil.rmtree(hidden)
+    return doomed
+
+
 def checkpoint_at(root: Path, step: int) -> Path | None:
     ckpt = Path(root) / iter_name(step)
     return ckpt if is_complete(ckpt) else None
@@ -79,9 +108,11 @@ def record_fork(path_dir: Path, parent: Path, fork_step: int, write: bool = True
 
 
 def remove_stale_temporaries(root: Path) -> None:
-    """Leftovers of saves that were killed: never loadable, safe to delete (rank 0, before training)."""
-    for tmp in Path(root).glob(".tmp_iter_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Leftovers of saves and deletes that were killed: never loadable, safe to delete (rank 0, before
+    training)."""
+    for pattern in (".tmp_iter_*", ".del_iter_*"):
+        for tmp in Path(root).glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

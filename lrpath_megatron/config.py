@@ -273,7 +273,11 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save_interval: int = 50  # steps; 0 = only at the end / on signal
-    keep_last: int = 0  # 0 = keep every checkpoint (branches and merges reference them)
+    # Keep only the newest N checkpoints a run can resume from (0 = all); the plan's fork points, merge
+    # inputs and the path's end are never deleted.
+    keep_last: int = 0
+    # false: the path's final checkpoint holds the weights only (a release nobody continues training;
+    # the optimizer state is 6/7 of a bf16 checkpoint, 2/3 of an fp32 one). Interval and signal saves keep it.
     save_optimizer: bool = True
 
     def validate(self) -> None:

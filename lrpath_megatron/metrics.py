@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per step in ``metrics.jsonl``, TensorBoard scalars, a concise stdout line.
+"""Training metrics: one JSON line per logged step in ``metrics.jsonl`` (every ``logging.log_interval``
+steps, at evaluations and at the path's end), the same as TensorBoard scalars, a concise stdout line.
 
 Only rank 0 writes. On resume at step k, lines for steps >= k (written before a crash, after the last
 checkpoint) are dropped so the file always describes one uninterrupted run.

@@ -58,6 +58,8 @@ class MainPathConfig:
     replay: float = 0.0  # share of each main-path segment drawn from the older versions' corpora
     # Extra main-path checkpoints beyond those the releases need: places to fork or merge from later.
     save_steps: list = field(default_factory=list)
+    # Extra main-path checkpoints of the weights only (no optimizer state): inputs of merges defined later.
+    weights_only_steps: list = field(default_factory=list)
 
 
 @dataclass
@@ -124,10 +126,11 @@ class PathSpec:
     parent: Optional[str]
     fork_step: int
     end_step: int
-    save_steps: set
+    save_steps: set  # checkpoints with optimizer state: fork points, segment ends
     release: Optional[ReleaseInfo]
     tokens_per_step: int
     switch_steps: list = field(default_factory=list)  # [(step, stage label)] of LR-triggered blends
+    weights_only_steps: set = field(default_factory=set)  # checkpoints only merged: no optimizer state
     _lr: Callable[[int], float] = field(default=None, repr=False)
     _weights: Callable[[int], tuple] = field(default=None, repr=False)
 
@@ -171,9 +174,9 @@ class ResolvedVersion:
     def steps(self) -> int:
         return self.end_step - self.start_step
 
-    def main_save_steps(self) -> set:
-        """Main-path steps this release needs checkpointed: the fork, or every checkpoint a merge uses."""
-        return {self.release.step, *self.release.merge.get("save_steps", ())}
+    def merge_input_steps(self) -> set:
+        """Main-path steps a merge release reads before its last one (which ends a main-path segment)."""
+        return set(self.release.merge.get("save_steps", ())) - {self.release.step}
 
 
 class Plan:
@@ -252,13 +255,14 @@ class Plan:
             raise ConfigError("plan.versions is empty; list the versions in the order their data arrives")
 
     def _validate_save_steps(self) -> None:
-        steps = self.config.main.save_steps
-        if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
-            raise ConfigError(f"plan.main.save_steps={steps!r} must be a list of main-path steps (integers)")
-        outside = [x for x in steps if not 0 < x <= self.main_end]
-        if outside:
-            raise ConfigError(f"plan.main.save_steps: {outside} outside the main path's steps 1..{self.main_end}; "
-                              f"the main path trains up to its last release")
+        for key in ("save_steps", "weights_only_steps"):
+            steps = getattr(self.config.main, key)
+            if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
+                raise ConfigError(f"plan.main.{key}={steps!r} must be a list of main-path steps (integers)")
+            outside = [x for x in steps if not 0 < x <= self.main_end]
+            if outside:
+                raise ConfigError(f"plan.main.{key}: {outside} outside the main path's steps 1..{self.main_end}; "
+                                  f"the main path trains up to its last release")
 
     def _resolve_versions(self) -> list[ResolvedVersion]:
         resolved: list[ResolvedVersion] = []
@@ -389,10 +393,13 @@ class Plan:
         return f"main:{v.name}", {n: w for n, w in blend.items() if w > 0}
 
     def _build_paths(self) -> dict[str, PathSpec]:
-        save = set(self.config.main.save_steps)
+        # A release's own step is a full checkpoint: branches fork there and launch ends a main segment there.
+        save = set(self.config.main.save_steps) | {v.release.step for v in self.versions}
+        weights_only = set(self.config.main.weights_only_steps)
         for v in self.versions:
-            save |= v.main_save_steps()
+            weights_only |= v.merge_input_steps()
         paths = {"main": PathSpec("main", None, 0, self.main_end, save, None, self.tokens_per_step,
+                                  weights_only_steps=weights_only - save,
                                   _lr=self.main_lr, _weights=self.main_weights)}
         for v, raw in zip(self.versions, self.config.versions):
             if v.release.method != "decay":
@@ -521,7 +528,8 @@ class Plan:
             "eta_min": self.eta_min,
             "warmup_steps": self.warmup_steps,
             "main": {"steps": self.main_end, "tokens": self.main_end * tps, "flops": self.main_end * tps * fpt,
-                     "save_steps": sorted(self._paths["main"].save_steps)},
+                     "save_steps": sorted(self._paths["main"].save_steps),
+                     "weights_only_steps": sorted(self._paths["main"].weights_only_steps)},
             "versions": rows,
             "branch_tokens": branches * tps,
             "total_steps": total,

@@ -40,7 +40,8 @@ class PathRun:
     lr_at_step: Callable[[int], float]
     weights_at_step: Callable[[int], tuple]  # step -> (stage label, {corpus: weight})
     start_step: int = 0  # the fork step of a branch
-    save_steps: frozenset = frozenset()
+    save_steps: frozenset = frozenset()  # checkpoints with optimizer state (forks, segment ends)
+    weights_only_steps: frozenset = frozenset()  # checkpoints that are only merged: weights only
     parent_checkpoint: Optional[Path] = None  # a branch starts here until it has checkpoints of its own
     reset_optimizer: bool = False  # start a branch with fresh Adam moments
     # Start from the parent's model weights only (step 0, fresh optimizer and data): adapters, LP-FT.
@@ -79,8 +80,10 @@ class Trainer:
         if weights_only:
             self._print(f"[{self.run.name}] initialised from the weights of {self.resume_from}")
         elif self.resume_from is not None:
+            # An own checkpoint without optimizer state is the end of a finished path: nothing to continue.
+            load_optimizer = checkpoint.has_optimizer_state(self.resume_from) if own else not self.run.reset_optimizer
             state = checkpoint.load(self.resume_from, self.model, self.optimizer,
-                                    load_optimizer=own or not self.run.reset_optimizer, restore_rng=own)
+                                    load_optimizer=load_optimizer, restore_rng=own)
             self.step = state["step"]
             self.train_data.load_state_dict(state["data"])
             where = "resumed" if own else f"branched from {self.resume_from}"
@@ -91,11 +94,15 @@ class Trainer:
 
     def _choose_start(self) -> bool:
         """Sets ``resume_from``: the path's latest checkpoint, else its parent's (a branch). Returns whether
-        the checkpoint is the path's own. Refuses an incompatible start before anything is written."""
+        the checkpoint is the path's own. Refuses an incompatible start before anything is written.
+        Training continues only from a checkpoint with optimizer state; a newer weights-only one (a merge
+        input) is trained again, identically. A weights-only one at or past the stop means: done."""
         if self.is_rank0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(self.ckpt_root)
         resume = checkpoint.find_latest(self.ckpt_root)
+        if resume is not None and checkpoint.read_manifest(resume)["step"] < self._end():
+            resume = checkpoint.find_resumable(self.ckpt_root)
         self.resume_from, own = (resume, True) if resume else (self.run.parent_checkpoint, False)
         if self.resume_from is None:
             return own
@@ -179,14 +186,17 @@ class Trainer:
         h.update(repr((self.run.lr_at_step(step), self.run.weights_at_step(step))).encode())
 
     # ---------------------------------------------------------------------------------------- loop
+    def _end(self) -> int:
+        return self.run.end_step if self.stop_at_step is None else min(self.run.end_step, self.stop_at_step)
+
     def train(self) -> int:
         """Runs to the end of the path (or the stop step). Returns 0, or EXIT_REQUEUE after a signal."""
-        end = self.run.end_step if self.stop_at_step is None else min(self.run.end_step, self.stop_at_step)
+        end = self._end()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             if self.step >= end:
                 if checkpoint.checkpoint_at(self.ckpt_root, self.step) is None:
-                    self.save()  # e.g. --stop-at-step 0: the initial weights, to start other layouts from
+                    self.save(end)  # e.g. --stop-at-step 0: the initial weights, to start other layouts from
                 self._print(f"[{self.run.name}] at step {self.step}, stop at {end}: nothing to train")
                 return 0
             last_saved = self.step if self.resume_from is not None else -1
@@ -205,13 +215,13 @@ class Trainer:
                     self.logger.log(record)
                 signalled = self._signal_received()
                 if signalled or self._should_save(end):
-                    self.save()
+                    self.save(end, for_resume=signalled)
                     last_saved = self.step
                 if signalled:
                     self._print(f"[{self.run.name}] signal received: saved at step {self.step}, exiting for requeue")
                     return EXIT_REQUEUE
             if last_saved != self.step:
-                self.save()
+                self.save(end)
             return 0
         finally:
             for s, handler in previous.items():
@@ -219,9 +229,24 @@ class Trainer:
             self.logger.close()
 
     def _should_save(self, end: int) -> bool:
+        return self.step == end or self.step in self.run.save_steps | self.run.weights_only_steps or self._interval_save()
+
+    def _interval_save(self) -> bool:
         interval = self.cfg.checkpoint.save_interval
-        return (self.step == end or self.step in self.run.save_steps
-                or (interval > 0 and self.step % interval == 0))
+        return interval > 0 and self.step % interval == 0
+
+    def _saves_optimizer(self, end: int, for_resume: bool) -> bool:
+        """Whether the checkpoint at the current step keeps the optimizer state: every checkpoint training
+        may continue from does; merge inputs and (with checkpoint.save_optimizer=false) the path's final
+        checkpoint hold the weights only."""
+        step = self.step
+        if step == 0:  # a fresh optimizer has no state to save
+            return False
+        if for_resume or step in self.run.save_steps:
+            return True
+        if step == self.run.end_step:
+            return self.cfg.checkpoint.save_optimizer
+        return step == end or self._interval_save() or step not in self.run.weights_only_steps
 
     def _train_step(self) -> dict:
         step, cfg = self.step, self.cfg
@@ -262,7 +287,7 @@ class Trainer:
                                          self.cfg.model.seq_length, self.cfg.parallel.micro_batch_size)
 
     # ---------------------------------------------------------------------------------------- state
-    def save(self) -> Path:
+    def save(self, end: int, for_resume: bool = False) -> Path:
         cfg = self.cfg
         manifest = {
             "path": self.run.name,
@@ -275,8 +300,14 @@ class Trainer:
             **self.run.lineage,
         }
         state = {"step": self.step, "data": self.train_data.state_dict()}
-        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
-                               save_optimizer=cfg.checkpoint.save_optimizer and self.step > 0)
+        saved = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
+                                save_optimizer=self._saves_optimizer(end, for_resume))
+        if cfg.checkpoint.keep_last and self.is_rank0:
+            # A merge input on an interval step keeps its optimizer state but must stay for the merge.
+            protected = self.run.save_steps | self.run.weights_only_steps | {self.run.end_step}
+            for old in checkpoint.prune(self.ckpt_root, cfg.checkpoint.keep_last, protected):
+                self._print(f"[{self.run.name}] deleted {old.name} (checkpoint.keep_last={cfg.checkpoint.keep_last})")
+        return saved
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum

@@ -196,8 +196,10 @@ def test_merge_release_costs_no_training_and_marks_a_save_step():
         "method": "merge", "merge": {"num_checkpoints": 4, "window_steps": 30, "weights": "linear"}}
     plan = Plan.from_dict(data)
     assert [p.name for p in plan.paths()] == ["main", "v1", "v3"]
-    # merge releases default to the end of their segment; the main path saves every merged checkpoint
-    assert {170, 180, 190, 200} <= plan.path("main").save_steps
+    # merge releases default to the end of their segment; the main path saves every merged checkpoint,
+    # those before the release step without optimizer state
+    assert 200 in plan.path("main").save_steps
+    assert plan.path("main").weights_only_steps == {170, 180, 190}
     assert plan.versions[1].release.merge["save_steps"] == [170, 180, 190, 200]
     assert plan.costs()["versions"][1]["tokens"] == 0
     with pytest.raises(LrpathError, match="released by merge"):
@@ -344,4 +346,10 @@ def test_main_path_extra_save_steps_are_validated_and_saved():
         Plan.from_dict(data)
     data["plan"]["main"]["save_steps"] = ["x"]
     with pytest.raises(ConfigError, match="must be a list of main-path steps"):
+        Plan.from_dict(data)
+    data["plan"]["main"]["save_steps"] = [150]
+    data["plan"]["main"]["weights_only_steps"] = [7, 150]  # a full checkpoint wins
+    assert Plan.from_dict(data).path("main").weights_only_steps == {7}
+    data["plan"]["main"]["weights_only_steps"] = [0]
+    with pytest.raises(ConfigError, match=r"plan.main.weights_only_steps: \[0\] outside"):
         Plan.from_dict(data)

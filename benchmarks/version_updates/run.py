@@ -88,14 +88,15 @@ def build_methods(fractions: list[float], shapes: list[str], branch_data: list[s
 
 
 def plan_dict(template: dict, corpora: dict, steps_per_version: int, replay: float,
-              release: Optional[dict], main_save_steps: list[int] = ()) -> dict:
+              release: Optional[dict], main_save_steps: list[int] = (), main_weights_only_steps: list[int] = ()) -> dict:
     """The plan of one method: the template, one corpus and one version per increment, the main path's
     replay share, and the same release for every version."""
     plan = copy.deepcopy(template)
     plan.setdefault("data", {})["corpora"] = [{"name": n, "prefix": p} for n, p in corpora.items()]
     # A main-path-only plan still needs releases: branches at each segment's end (never trained here).
     release = release or {"method": "decay", "shape": "cosine", "decay_steps": 2, "data": "replay"}
-    plan["plan"]["main"] = {**plan["plan"].get("main", {}), "replay": replay, "save_steps": sorted(main_save_steps)}
+    plan["plan"]["main"] = {**plan["plan"].get("main", {}), "replay": replay, "save_steps": sorted(main_save_steps),
+                            "weights_only_steps": sorted(set(main_weights_only_steps) - set(main_save_steps))}
     plan["plan"]["versions"] = [{"name": f"v{i + 1}", "corpora": [n], "steps": steps_per_version,
                                  "release": version_release(release, list(corpora)[: i + 1])}
                                 for i, n in enumerate(corpora)]
@@ -173,13 +174,15 @@ class Benchmark:
         plans["baselines"] = plan_dict(self.template, self.corpora, self.spv, 0.0, None)
         self._load(plans)
         for main in {m.main for m in self.methods if m.main}:
-            # The main path saves at every step any method of it forks or merges from, and at each version's end.
-            save = set()
+            # The main path saves at every step any method of it forks or merges from, and at each version's
+            # end; checkpoints that are only merged hold the weights only.
+            save, weights_only = set(), set()
             for m in self.methods:
                 if m.main == main and m.kind == "switch":
                     save |= self.loaded[m.slug].path("main").save_steps
+                    weights_only |= self.loaded[m.slug].path("main").weights_only_steps
             plans[f"main-{main}"] = plan_dict(self.template, self.corpora, self.spv, self.replay[main], None,
-                                              sorted(save))
+                                              sorted(save), sorted(weights_only))
         self._load(plans)
         (self.run / "plans").mkdir(parents=True, exist_ok=True)
         for name, plan in plans.items():

@@ -66,7 +66,8 @@ def format_table(costs: dict) -> str:
         f"tokens per step {tps:,}; warmup {costs['warmup_steps']} steps; eta_max {costs['eta_max']:g}, "
         f"eta_min {costs['eta_min']:g}; plan hash {costs['plan_hash']}",
         f"main path   {main['steps']} steps, {human(main['tokens'])} tokens; checkpoints at steps "
-        f"{', '.join(map(str, main['save_steps']))}",
+        f"{', '.join(map(str, main['save_steps']))}"
+        + (f"; weights only at {', '.join(map(str, main['weights_only_steps']))}" if main["weights_only_steps"] else ""),
         f"branches    {human(costs['branch_tokens'])} tokens",
         f"total       {human(costs['total_tokens'])} tokens, {costs['total_flops']:.3e} FLOPs",
         f"PTFS        {human(costs['ptfs_tokens'])} tokens, {costs['ptfs_flops']:.3e} FLOPs   "

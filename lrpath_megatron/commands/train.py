@@ -79,4 +79,5 @@ def path_run(plan, name: str, run_dir: Path):
                "release": dataclasses.asdict(spec.release) if spec.release else None}
     return PathRun(name=name, run_dir=run_dir / name, end_step=spec.end_step, lr_at_step=spec.lr_at_step,
                    weights_at_step=spec.weights_at_step, start_step=spec.fork_step,
-                   save_steps=frozenset(spec.save_steps), parent_checkpoint=parent, lineage=lineage)
+                   save_steps=frozenset(spec.save_steps), weights_only_steps=frozenset(spec.weights_only_steps),
+                   parent_checkpoint=parent, lineage=lineage)
