@@ -155,6 +155,13 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
     interval = train.checkpoint.save_interval
     for job in jobs:
         if job.kind == "merge":  # one CPU task: no GPUs to fit, no checkpoint interval to outlast
+            own = profile.paths.get(job.path)
+            if own and own.nodes not in (None, 1):
+                raise ConfigError(
+                    f"{where}: paths.{job.path}.nodes={own.nodes}, but version {job.path!r} is released by a merge, "
+                    f"which runs as one CPU task on one node; remove paths.{job.path}.nodes (a merge job uses "
+                    f"only paths.{job.path}.time)"
+                )
             continue
         nodes, time_text = profile.resources(job.path)
         try:

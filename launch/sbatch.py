@@ -144,7 +144,8 @@ def render_merge_sbatch(spec: LaunchSpec, job: Job) -> str:
     after the merge finished exits 0 (``--skip-existing``), one cut short redoes it (its output is atomic)."""
     prof = spec.profile
     opts = _sbatch_options(spec, job.path, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1"], [])
-    srun = ["srun", "--ntasks=1", *_container_opts(prof)]
+    # srun_extra holds site flags (--mpi, --cpu-bind, container options) that every srun step needs.
+    srun = ["srun", "--ntasks=1", *_container_opts(prof), *map(str, prof.srun_extra)]
     merge = [prof.lrpath, *map(shlex.quote, merge_args(spec.run_dir, job))]
     lines = [
         "#!/bin/bash",

@@ -135,6 +135,26 @@ def test_rendered_merge_script(merge_plan_file, tmp_path):
     assert _launch(merge_plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", "paths.v1.time=00:05:00",
                    "--run-dir", run, "--out", out) == 0
     assert "#SBATCH --time=00:05:00\n" in (out / "v1.sbatch").read_text()
+    # The profile's srun_extra (site flags every srun step needs) is on the merge's srun step too.
+    profile = _profile(tmp_path, srun_extra=["--mpi=pmix", "--cpu-bind=none"])
+    assert _launch(merge_plan_file, "--slurm", "--cluster", profile, "--run-dir", run, "--out", out) == 0
+    assert "srun --ntasks=1 --mpi=pmix --cpu-bind=none \\\n    lrpath merge " in (out / "v1.sbatch").read_text()
+    assert " --mpi=pmix --cpu-bind=none \\\n    lrpath train " in (out / "main.sbatch").read_text()
+
+
+def test_merge_version_nodes_is_refused(merge_plan_file, tmp_path, capsys):
+    """A merge job is one CPU task on one node: paths.<merge version>.nodes other than 1 would be ignored."""
+    out, run = tmp_path / "out", tmp_path / "run"
+    code = _launch(merge_plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", "paths.v1.nodes=2",
+                   "--run-dir", run, "--out", out)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "cluster_local.yaml: paths.v1.nodes=2" in err
+    assert "released by a merge, which runs as one CPU task on one node; remove paths.v1.nodes" in err
+    assert not out.exists() and not run.exists()
+    # nodes: 1 is what the merge job gets anyway.
+    assert _launch(merge_plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--cluster-set", "paths.v1.nodes=1",
+                   "--run-dir", run, "--out", out) == 0
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -232,6 +252,32 @@ def test_local_dry_run_uses_torchrun(plan_file, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("--path ")[1].split()[0] for line in lines] == ["main", "v1", "v2"]
     assert all("torch.distributed.run --standalone --nproc-per-node=2" in line for line in lines)
+
+
+@pytest.mark.parametrize("mode_args, extra, expected", [
+    # --dry-run keeps a --local run from training should the check not fire.
+    (["--local", "--dry-run"], ["--submit"],
+     "--submit only applies to --slurm, not to --local; remove it or use --slurm"),
+    (["--local", "--dry-run"], ["--cluster", LOCAL_PROFILE], "--cluster only applies to --slurm, not to --local"),
+    (["--local", "--dry-run"], ["--cluster-set", "nodes=4"], "--cluster-set only applies to --slurm, not to --local"),
+    (["--local", "--dry-run"], ["--out", "OUT"], "--out only applies to --slurm, not to --local"),
+    (["--local", "--dry-run"], ["--out", "OUT", "--submit"],
+     "--out, --submit only apply to --slurm, not to --local; remove them"),
+    (["--slurm", "--cluster", LOCAL_PROFILE], ["--nproc-per-node", "2"],
+     "--nproc-per-node only applies to --local, not to --slurm; remove it or use --local"),
+    (["--slurm", "--cluster", LOCAL_PROFILE], ["--nproc-per-node", "0"], "--nproc-per-node only applies to --local"),
+    (["--slurm", "--cluster", LOCAL_PROFILE, "--submit"], ["--dry-run"],
+     "--dry-run only applies to --local, not to --slurm; remove it or use --local; without --submit, --slurm "
+     "writes the scripts and submits nothing"),
+])
+def test_option_of_the_other_mode_is_an_error(plan_file, tmp_path, monkeypatch, capsys, mode_args, extra, expected):
+    monkeypatch.chdir(tmp_path)  # a relative --out would land here
+    code = _launch(plan_file, *mode_args, "--run-dir", tmp_path / "run", *extra)
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"lrpath launch: error: {expected}")
+    assert captured.err.count("error:") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run dir, no scripts
 
 
 # --------------------------------------------------------------------------------- real SLURM cluster
