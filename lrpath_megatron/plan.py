@@ -64,11 +64,15 @@ class MainPathConfig:
 
 @dataclass
 class ReleaseConfig:
+    """A version's release as written. Settings default to None (= not written) so that one written where
+    it does not apply (a decay setting on a merge, a multistep setting on a cosine) is refused rather than
+    ignored; :data:`RELEASE_DEFAULTS` holds the defaults of those the plan reads."""
+
     method: str = "decay"  # decay | merge
-    shape: str = "cosine"  # cosine | linear | 1-sqrt | knee | multistep
-    stable_fraction: Optional[float] = None  # None = 0.5 for knee, 0 otherwise
-    drop_points: list = field(default_factory=lambda: list(schedules.MULTISTEP_POINTS))
-    drop_factors: Optional[list] = None  # None = geometric drops ending at eta_min
+    shape: Optional[str] = None  # cosine (default) | linear | 1-sqrt | knee | multistep
+    stable_fraction: Optional[float] = None  # not for multistep; None = 0.5 for knee, 0 otherwise
+    drop_points: Optional[list] = None  # multistep only; None = schedules.MULTISTEP_POINTS
+    drop_factors: Optional[list] = None  # multistep only; None = geometric drops ending at eta_min
     # Where the branch leaves the main path (at most one; default: tail -> end - decay, replay -> end).
     fork_step: Optional[int] = None  # global main-path step
     fork_tokens: Optional[int] = None  # global main-path token position
@@ -77,9 +81,23 @@ class ReleaseConfig:
     decay_steps: Optional[int] = None
     decay_tokens: Optional[int] = None
     decay_fraction: Optional[float] = None  # of the version's own steps
-    data: str = "tail"  # tail: the rest of the version's segment (no extra data) | replay: D_1..D_v blend
+    # tail (default): the rest of the version's segment (no extra data) | replay: D_1..D_v blend
+    data: Optional[str] = None
     mix: Optional[MixConfig] = None  # LR-triggered blend on the branch (replaces the data blend)
-    merge: dict = field(default_factory=dict)  # method=merge settings (WSM), read by the merge module
+    merge: Optional[dict] = None  # method=merge settings (WSM), read by the merge module
+
+
+# What the plan reads for release settings left unwritten (None in ReleaseConfig).
+RELEASE_DEFAULTS = {"shape": "cosine", "data": "tail", "drop_points": list(schedules.MULTISTEP_POINTS), "merge": {}}
+# Settings of a decay release (all but method, merge and the fork position): a merge trains no branch.
+DECAY_SETTINGS = ("shape", "stable_fraction", "drop_points", "drop_factors", "decay_steps", "decay_tokens",
+                  "decay_fraction", "data", "mix")
+
+
+def _with_defaults(release: ReleaseConfig) -> ReleaseConfig:
+    """``release`` with its unwritten settings at their defaults."""
+    return dataclasses.replace(release, **{k: copy.deepcopy(v) for k, v in RELEASE_DEFAULTS.items()
+                                           if getattr(release, k) is None})
 
 
 @dataclass
@@ -191,6 +209,12 @@ class Plan:
         main = config.main
         self.eta_max = main.eta_max if main.eta_max is not None else train_config.optimizer.lr
         self.eta_min = main.eta_min if main.eta_min is not None else train_config.optimizer.min_lr
+        if train_config.data.mix != MixConfig():
+            raise ConfigError(
+                "data.mix is not used in a plan (it blends stand-alone runs); blend a plan's data with "
+                "plan.main.replay, the versions' corpora weights and a release's mix: "
+                "(plan.versions[i].release.mix); remove data.mix"
+            )
         self._validate_main()
         self.versions: list[ResolvedVersion] = self._resolve_versions()
         self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
@@ -300,8 +324,11 @@ class Plan:
         where = f"plan.versions[{i}].release"
         if r.method not in RELEASE_METHODS:
             raise ConfigError(f"{where}.method={r.method!r} is not one of {', '.join(RELEASE_METHODS)}")
+        written, r = r, _with_defaults(r)
+        # A merge's shape is refused below as a decay setting, not as an unknown shape.
         if r.method == "decay" and r.shape not in schedules.BRANCH_SHAPES:
             raise ConfigError(f"{where}.shape={r.shape!r} is not one of {', '.join(schedules.BRANCH_SHAPES)}")
+        _refuse_unused_settings(written, r.shape, where)
         if r.data not in BRANCH_DATA:
             raise ConfigError(f"{where}.data={r.data!r} is not one of {', '.join(BRANCH_DATA)}")
         seg_steps = end - start
@@ -404,7 +431,7 @@ class Plan:
         for v, raw in zip(self.versions, self.config.versions):
             if v.release.method != "decay":
                 continue
-            paths[v.name] = self._branch(v, raw.release)
+            paths[v.name] = self._branch(v, _with_defaults(raw.release))
         return paths
 
     def _branch(self, v: ResolvedVersion, r: ReleaseConfig) -> PathSpec:
@@ -545,10 +572,13 @@ class Plan:
 
     def resolved(self) -> dict:
         """Everything that determines what trains: the base config and the resolved plan."""
+        # Unwritten release settings count as their defaults: writing a default out keeps the hash.
+        plan = dataclasses.replace(self.config, versions=[dataclasses.replace(v, release=_with_defaults(v.release))
+                                                          for v in self.config.versions])
         return {
             # performance levers change how fast, not what trains
             "train_config": {k: v for k, v in to_dict(self.train_config).items() if k != "performance"},
-            "plan": to_dict(self.config),
+            "plan": to_dict(plan),
             "resolved": {
                 "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,
                 "eta_max": self.eta_max, "eta_min": self.eta_min, "main_end": self.main_end,
@@ -576,6 +606,36 @@ class Plan:
             raise LrpathError(
                 "data files missing: " + "; ".join(missing) + " (build them with data_tools, or fix data.corpora)"
             )
+
+
+def _refuse_unused_settings(written: ReleaseConfig, shape: str, where: str) -> None:
+    """Refuse release settings written where they do not apply (``shape``: the decay's shape, default
+    included): ignoring them would release something other than what the plan says."""
+    if written.method == "merge":
+        unused = [f"{where}.{k}" for k in DECAY_SETTINGS if getattr(written, k) is not None]
+        if unused:
+            raise ConfigError(
+                f"{', '.join(unused)}: decay settings do not apply to method: merge (a merge averages main-path "
+                f"checkpoints and trains no branch; its settings go under {where}.merge); remove "
+                f"{'them' if len(unused) > 1 else 'it'}, or use method: decay"
+            )
+        return
+    if written.merge is not None:
+        raise ConfigError(
+            f"{where}.merge: merge settings do not apply to method: decay (the release trains a decay branch); "
+            "remove merge:, or use method: merge"
+        )
+    if shape == "multistep" and written.stable_fraction is not None:
+        raise ConfigError(
+            f"{where}.stable_fraction does not apply to shape: multistep (its LR steps down at drop_points); "
+            "remove it, or use a shape that holds eta_max first: knee, cosine, linear or 1-sqrt"
+        )
+    unused = [f"{where}.{k}" for k in ("drop_points", "drop_factors") if getattr(written, k) is not None]
+    if shape != "multistep" and unused:
+        raise ConfigError(
+            f"{', '.join(unused)}: drop settings apply to shape: multistep only, not {shape}; remove "
+            f"{'them' if len(unused) > 1 else 'it'}, or use shape: multistep"
+        )
 
 
 def _as_list(value: Any, where: str) -> list:

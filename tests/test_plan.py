@@ -179,6 +179,68 @@ def test_contradictory_plans_fail_with_one_clear_message(edit, field, match):
     assert field in str(err.value)
 
 
+def test_data_mix_is_refused_in_a_plan():
+    data = tiny()
+    data["data"]["mix"] = {"stages": [{"weights": {"docs": 1}}]}  # only stand-alone runs read data.mix
+    with pytest.raises(ConfigError, match="data.mix is not used in a plan") as err:
+        Plan.from_dict(data)
+    assert "plan.main.replay" in str(err.value) and "plan.versions[i].release.mix" in str(err.value)
+    data["data"]["mix"] = {"stages": []}  # the empty default blends nothing
+    Plan.from_dict(data)
+
+
+MERGE = {"method": "merge", "merge": {"num_checkpoints": 4, "window_steps": 30}}
+
+
+@pytest.mark.parametrize("setting", [
+    {"shape": "cosine"}, {"stable_fraction": 0.5}, {"drop_points": [0.8, 0.9]}, {"drop_factors": [0.3, 0.1]},
+    {"decay_steps": 40}, {"decay_tokens": 40 * TPS}, {"decay_fraction": 0.4}, {"data": "tail"},
+    {"mix": {"stages": [{"weights": {"docs": 1}}]}},
+])
+def test_decay_settings_on_a_merge_release_are_refused(setting):
+    data = tiny()
+    data["plan"]["versions"][1]["release"] = {**MERGE, **setting}
+    with pytest.raises(ConfigError, match="decay settings do not apply to method: merge") as err:
+        Plan.from_dict(data)
+    field = f"plan.versions[1].release.{next(iter(setting))}"
+    assert str(err.value).startswith(f"{field}: ") and "use method: decay" in str(err.value)
+
+
+def test_release_settings_that_do_not_apply_are_refused_in_one_message():
+    data = tiny()
+    data["plan"]["versions"][1]["release"] = {**MERGE, "decay_steps": 40, "data": "replay"}
+    with pytest.raises(ConfigError, match=r"^plan.versions\[1\].release.decay_steps, "
+                                          r"plan.versions\[1\].release.data: decay settings"):
+        Plan.from_dict(data)
+
+
+@pytest.mark.parametrize("release,field,match", [
+    ({"merge": {"num_checkpoints": 4, "window_steps": 30}}, "plan.versions[0].release.merge",
+     "merge settings do not apply to method: decay"),
+    ({"shape": "multistep", "stable_fraction": 0.5}, "plan.versions[0].release.stable_fraction",
+     "does not apply to shape: multistep"),
+    ({"shape": "knee", "drop_points": [0.5, 0.9]}, "plan.versions[0].release.drop_points",
+     "drop settings apply to shape: multistep only, not knee"),
+    ({"shape": None, "drop_factors": [0.3, 0.1]}, "plan.versions[0].release.drop_factors",
+     "apply to shape: multistep only, not cosine"),  # the default shape
+])
+def test_decay_release_settings_for_another_shape_or_method_are_refused(release, field, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        Plan.from_dict(tiny(**release))
+    assert str(err.value).startswith(field)
+
+
+def test_written_defaults_and_stable_fraction_on_decay_shapes_are_accepted():
+    bare = tiny()
+    for v in bare["plan"]["versions"]:
+        del v["release"]["shape"], v["release"]["data"]
+    # "shape: cosine, data: tail" written out or left to the default: the same plan
+    assert Plan.from_dict(bare).plan_hash() == Plan.from_dict(tiny()).plan_hash()
+    for shape in ("cosine", "linear", "1-sqrt", "knee"):  # WSD-style: hold eta_max, then decay
+        v1 = Plan.from_dict(tiny(shape=shape, stable_fraction=0.5)).path("v1")  # steps 60..99
+        assert v1.lr_at_step(79) == 1e-3 > v1.lr_at_step(81)
+
+
 def test_load_plan_prefixes_the_file_and_applies_overrides(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(tiny()))
