@@ -257,7 +257,6 @@ class DataConfig:
     mix: MixConfig = field(default_factory=MixConfig)  # empty = equal weights, one stage
     valid_fraction: float = 0.02  # per corpus, held out deterministically
     seed: int = 1234
-    tokenizer_model: Optional[str] = None  # SentencePiece model (for decode/inspect); vocab from model cfg
 
     def validate(self) -> None:
         names = set()

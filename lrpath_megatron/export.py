@@ -55,6 +55,9 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, TrainConfig]:
         raise LrpathError(f"{ckpt / MANIFEST} is not valid JSON ({exc}); {hint}") from None
     if not isinstance(manifest.get("config"), dict):
         raise LrpathError(f"{ckpt / MANIFEST} has no 'config' (the model settings are needed to rebuild it); {hint}")
+    data = manifest["config"].get("data")
+    if isinstance(data, dict):  # checkpoints written before data.tokenizer_model (never read) was removed
+        data.pop("tokenizer_model", None)
     try:
         cfg = from_dict(TrainConfig, manifest["config"]).validate()
     except ConfigError as exc:

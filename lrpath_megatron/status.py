@@ -104,23 +104,27 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
     )
 
 
+def release_status(plan: Plan, run_dir: Path, version: str) -> ReleaseStatus:
+    """Whether ``version`` is released under ``run_dir`` and where its weights are: a decay release is its
+    branch's last checkpoint once the branch is done; a merge writes its output as the version's checkpoint
+    at the release step (``RUN/<version>/checkpoints/iter_<step>``)."""
+    r = next(v.release for v in plan.versions if v.name == version)
+    if r.method == "decay":
+        step = plan.path(version).end_step
+        steps = _checkpoint_steps(Path(run_dir) / version / "checkpoints")
+        target = iter_dir(run_dir, version, steps[-1]) if steps else None
+        released = bool(steps) and steps[-1] >= step
+    else:
+        step = r.step
+        target = iter_dir(run_dir, version, step)
+        released = is_complete(target)
+    return ReleaseStatus(version, r.method, step, released, str(target) if released else None)
+
+
 def run_status(plan: Plan, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     paths = [path_status(spec, run_dir, plan.tokens_per_step) for spec in plan.paths()]
-    by_name = {p.name: p for p in paths}
-    releases = []
-    for v in plan.versions:
-        r = v.release
-        if r.method == "decay":
-            branch = by_name[v.name]
-            released = branch.state == DONE
-            ckpt, step = branch.checkpoint if released else None, branch.end_step
-        else:  # a merge writes its output as the version's checkpoint at the release step
-            step = r.step
-            target = iter_dir(run_dir, v.name, step)
-            released = is_complete(target)
-            ckpt = str(target) if released else None
-        releases.append(ReleaseStatus(v.name, r.method, step, released, ckpt))
+    releases = [release_status(plan, run_dir, v.name) for v in plan.versions]
     return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)
 
 

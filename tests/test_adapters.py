@@ -340,3 +340,44 @@ def test_lpft_cli_trains_head_first(released):
     proc = run_lrpath(["adapt", str(root / "plan.yaml"), "--version", "v2", "--method", "lora", "--run-dir",
                        str(root), "--set", "adapt.lora.target_modules=[linear_qkv,q_proj]"], check=False)
     assert proc.returncode == 2 and "unknown target module(s) 'q_proj'" in proc.stderr
+
+
+def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
+    """A base released by a merge (WSM) has no training path: the update finds it where `lrpath merge`
+    writes it, and until then the error gives the commands that make it."""
+    import shlex
+
+    from lrpath_megatron import cli
+    from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
+    from lrpath_megatron.commands.train import path_run
+    from lrpath_megatron.trainer import run_path
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    prefixes = demo_data["prefixes"]
+    plan = {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64,
+                  "vocab_size": demo_data["vocab_size"]},
+        "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
+        "data": {"corpora": [{"name": n, "prefix": prefixes[n]} for n in ("docs", "code_a")]},
+        "checkpoint": {"save_interval": 0},
+        "logging": {"log_interval": 5, "eval_interval": 0, "eval_batches": 1, "tensorboard": False},
+        "plan": {"main": {"eta_max": 3e-3, "eta_min": 3e-4, "warmup_steps": 2},
+                 "versions": [{"name": "v1", "corpora": ["docs"], "steps": 8,
+                               "release": {"method": "merge", "merge": {"window_steps": 4, "num_checkpoints": 3,
+                                                                        "weights": "linear"}}},
+                              {"name": "v2", "corpora": ["code_a"], "steps": 4,
+                               "release": {"decay_steps": 2, "data": "replay"}}]},
+        "adapt": {"steps": 3, "warmup_steps": 0, "eval_batches": 1},
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    loaded, adapt = load_adapt_plan(tmp_path / "plan.yaml")
+    run_path(loaded.train_config, path_run(loaded, "main", tmp_path), stop_at_step=8)
+    with pytest.raises(LrpathError, match="base release v1 is not in .* then merge it") as missing:
+        resolve_update(loaded, adapt, "v2", "lora", tmp_path)
+    merge_command = str(missing.value).split("then merge it (`")[1].split("`")[0]
+    assert cli.main(shlex.split(merge_command)[1:]) == 0  # the command the error names writes the release
+
+    update = resolve_update(loaded, adapt, "v2", "lora", tmp_path)
+    assert update.base == "v1" and update.base_checkpoint == tmp_path / "v1" / "checkpoints" / "iter_0000008"
+    result = run_update(update, progress=False)
+    assert result["base_checkpoint"] == str(update.base_checkpoint) and set(result["val_loss"]) == {"docs", "code_a"}

@@ -302,6 +302,36 @@ def test_split_versions_cuts_consecutive_ranges(demo_data, tmp_path):
         parse_version("v1")
 
 
+def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_model, tmp_path, capsys):
+    """Every accepted --tokenizer-type is, in Megatron-LM's preprocess_data.py (megatron-core 0.16.1's
+    build_tokenizer), the tokenizer preprocess uses: the same ids and EOD. Other types are refused."""
+    from argparse import Namespace
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+    from lrpath_megatron.commands.data import SENTENCEPIECE_TYPES
+
+    texts = ["  Indented\tline\n<|sep|> and </s> <s> <pad> as text", "déjà vu 中 😀\n\n"]
+    src = _write_jsonl(tmp_path / "in.jsonl", texts)
+    args = ["data", "preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+            str(small_model), "--workers", "1", "--no-progress"]
+    assert cli.main(args + ["--tokenizer-type", "SentencePieceTokenizer"]) == 0
+    ours = IndexedDataset(str(tmp_path / "out_text_document"))
+    for kind in SENTENCEPIECE_TYPES:
+        theirs = build_tokenizer(Namespace(tokenizer_type=kind, tokenizer_model=str(small_model),
+                                           tokenizer_sentencepiece_legacy=False, tokenizer_special_tokens=None,
+                                           tokenizer_metadata=None))
+        for i, text in enumerate(texts):
+            assert ours[i].tolist() == theirs.tokenize(text) + [theirs.eod], kind
+    capsys.readouterr()
+    for kind in ("GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer"):
+        with pytest.raises(SystemExit) as exc:  # a usage error, before any input is read
+            cli.main(args + ["--tokenizer-type", kind])
+        assert exc.value.code == 2
+        assert f"'{kind}' is not supported: preprocess tokenizes with the SentencePiece model" in capsys.readouterr().err
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     texts = [t[:5000] for _, t in zip(range(30), demo.iter_corpus("code_a"))]
     src = _write_jsonl(tmp_path / "in.jsonl", texts)

@@ -10,8 +10,9 @@ import torch
 import yaml
 from conftest import run_lrpath, tiny_config
 
+from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.export import export_checkpoint
+from lrpath_megatron.export import export_checkpoint, read_checkpoint
 from lrpath_megatron.merge import DcpTensorReader
 from lrpath_megatron.plan import load_plan
 from lrpath_megatron.status import run_status, to_json
@@ -170,3 +171,12 @@ def test_export_rejects_incomplete_checkpoints(tmp_path, make, fragment):
     with pytest.raises(LrpathError, match=fragment):
         export_checkpoint(make(tmp_path), out)
     assert not out.exists()
+
+
+def test_checkpoints_that_record_the_removed_tokenizer_model_still_read(tmp_path):
+    config = to_dict(TrainConfig())
+    config["data"]["tokenizer_model"] = None  # every manifest written before the field was removed has it
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / ".metadata").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": config}))
+    assert read_checkpoint(tmp_path)[1] == TrainConfig()

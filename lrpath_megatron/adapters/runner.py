@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from lrpath_megatron.adapters.selector import (
 )
 from lrpath_megatron.config import ConfigError, TrainConfig, apply_overrides, from_dict, read_yaml
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.status import release_status
 
 
 
@@ -169,18 +171,31 @@ def resolve_update(plan, adapt: AdaptConfig, version: str, method: str, run_root
         raise ConfigError(f"adapt.base={base!r} must name a version released before {version!r} "
                           f"(versions in order: {', '.join(names)})")
     if base_checkpoint is None:
-        try:
-            spec = plan.path(base)
-        except LrpathError as exc:
-            raise LrpathError(f"{exc}: pass its release checkpoint with --base-checkpoint") from None
-        base_checkpoint = run_root / base / "checkpoints" / checkpoint.iter_name(spec.end_step)
-    if not checkpoint.is_complete(Path(base_checkpoint)):
-        raise LrpathError(f"base release {base_checkpoint} does not exist (yet): train it first "
-                          f"(`lrpath train PLAN --path {base} --run-dir {run_root}`) or pass --base-checkpoint")
+        release = release_status(plan, run_root, base)
+        if not release.released:
+            raise LrpathError(f"base release {base} is not in {run_root} yet: "
+                              f"{_how_to_release(plan, run_root, base)}; or pass its checkpoint with --base-checkpoint")
+        base_checkpoint = Path(release.checkpoint)
+    elif not checkpoint.is_complete(Path(base_checkpoint)):
+        raise LrpathError(f"--base-checkpoint {base_checkpoint} is not a complete checkpoint (no manifest.json)")
     if method == "conpet-dynamic" and adapt.lora.train_output_layer:
         raise ConfigError("adapt.lora.train_output_layer cannot be used with conpet-dynamic: the experts share "
                           "one base, so none of them may change its output layer")
     return Update(plan, adapt, version, method, Path(run_root), Path(base_checkpoint))
+
+
+def _how_to_release(plan, run_root: Path, version: str) -> str:
+    """The commands that write ``version``'s release into ``run_root``."""
+    plan_file = plan.source or "PLAN"
+    r = next(v.release for v in plan.versions if v.name == version)
+    if r.method == "decay":
+        return f"train its branch (`lrpath train {plan_file} --path {version} --run-dir {run_root}`)"
+    # The merge job `lrpath launch` would run, so the command cannot drift from the one that releases it.
+    from launch.jobs import build_jobs, merge_args
+
+    job = next(j for j in build_jobs(plan.paths(), [v.release for v in plan.versions]) if j.key == version)
+    return (f"train the main path through step {r.step} (`lrpath train {plan_file} --path main --run-dir "
+            f"{run_root}`), then merge it (`{shlex.join(['lrpath', *merge_args(run_root, job)])}`)")
 
 
 def _lr(update: Update):

@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--run-dir", default="runs/train", help="the plan's run directory (updates go to RUN/adapt/)")
     p.add_argument("--base-checkpoint", type=Path, default=None,
-                   help="release checkpoint to adapt (default: RUN/<base>/checkpoints/<its last iter>)")
+                   help="release checkpoint to adapt (default: the base's release as `lrpath status` finds it, "
+                        "RUN/<base>/checkpoints/iter_<step> of its decay branch or merge)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set adapt.lora.rank=8 (repeatable)")
     p.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """``lrpath data {train-tokenizer,preprocess,inspect,split-versions,demo}``: thin calls into :mod:`data_tools`.
 
-Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning.
+Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning; ``--tokenizer-type``
+is accepted for its command lines only (see :data:`SENTENCEPIECE_TYPES`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ from dataclasses import asdict
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.errors import LrpathError
 
-SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
+# Megatron-LM's tools/preprocess_data.py (core_v0.16.1, default tokenizer system) builds one and the same
+# SentencePiece tokenizer for these types: ids of the model as is, EOD = its eos id. That is what preprocess
+# does, so the flag only keeps Megatron-LM command lines working; other types are not SentencePiece models.
+SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+
+
+def _tokenizer_type(value: str) -> str:
+    if value not in SENTENCEPIECE_TYPES:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not supported: preprocess tokenizes with the SentencePiece model of --tokenizer-model "
+            f"only; accepted for Megatron-LM compatibility: {', '.join(SENTENCEPIECE_TYPES)} (all the same here)")
+    return value
 
 
 def register(sub) -> None:
@@ -44,8 +56,10 @@ def register(sub) -> None:
     _inputs(pp)
     pp.add_argument("--output-prefix", required=True)
     pp.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
-    pp.add_argument("--tokenizer-type", choices=SENTENCEPIECE_TYPES, default="SentencePieceTokenizer",
-                    help="accepted for Megatron-LM compatibility; both mean the SentencePiece model as is")
+    pp.add_argument("--tokenizer-type", type=_tokenizer_type, metavar="{" + ",".join(SENTENCEPIECE_TYPES) + "}",
+                    help="optional; accepted so Megatron-LM command lines run unchanged, and changes nothing: "
+                         "Megatron-LM's preprocess_data.py (megatron-core 0.16.1) tokenizes the same way for all "
+                         "three (the --tokenizer-model ids as is, EOD = its eos id). Other types are refused")
     pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     pp.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                     help="append the EOD (eos) id after every document (default on)")
