@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from lrpath_megatron.checkpoint_layout import is_complete, iter_name
+from lrpath_megatron.checkpoint_layout import find_resumable, is_complete, iter_name
 from lrpath_megatron.metrics import read_metrics
 from lrpath_megatron.plan import Plan, PathSpec
 
@@ -84,6 +84,9 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
     elif step is not None or records:
         where = f"step {step}" if step is not None else "no checkpoint yet"
         state, note = PARTIAL, f"running or stopped at {where}; rerun its train command to continue"
+        resumable = find_resumable(root) if step is not None else None
+        if resumable is not None and resumable.name != iter_name(step):
+            note += f" (from {resumable.name}: the newer checkpoints hold weights only)"
     elif spec.parent is None:
         state, note = NOT_STARTED, NOT_STARTED
     elif is_complete(iter_dir(run_dir, spec.parent, spec.fork_step)):

@@ -41,6 +41,8 @@ def test_merge_inputs_hold_weights_only_and_a_resume_trains_them_again_bitwise(d
     # What a kill -9 between the saves of steps 22 and 24 leaves: the newest checkpoint is weights-only.
     shutil.rmtree(ckpts / "iter_0000024")
     assert checkpoint.find_latest(ckpts).name == "iter_0000022"
+    status = run_lrpath(["status", str(plan), "--run-dir", str(run)]).stdout
+    assert "continue (from iter_0000012: the newer checkpoints hold weights only)" in status
     out = run_lrpath(["train", str(plan), "--path", "main", "--run-dir", str(run)]).stdout
     assert "resumed at step 12" in out
     for step, tensors in before.items():
