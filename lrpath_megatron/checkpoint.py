@@ -21,11 +21,12 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 # The layout (names, completeness, latest, manifests, forks) is torch-free; re-exported for callers.
 from lrpath_megatron.checkpoint_layout import (  # noqa: F401
@@ -51,6 +52,15 @@ def _rank() -> int:
 
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _gather(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (collective)."""
+    if _world() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * _world()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def rng_state() -> dict:
@@ -120,23 +130,58 @@ def _distributed_checksums(ckpt: Path) -> dict[str, str]:
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
     rank, world = _rank(), _world()
     mine = {name: sha256_file(ckpt / name) for i, name in enumerate(files) if i % world == rank}
-    if world == 1:
-        return mine
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    return {k: v for part in gathered for k, v in sorted(part.items())}
+    return {k: v for part in _gather(mine) for k, v in sorted(part.items())}
 
 
-def load_model(ckpt: Path, model) -> None:
-    """Collective. Model weights only, at whatever TP/PP the live model has."""
-    model = unwrap(model)
+# What to do about a damaged checkpoint when the caller has nothing more specific to say.
+DAMAGED_FIX = "restore it from a copy, or use another checkpoint"
+T = TypeVar("T")
+
+
+def _explain_load_failure(ckpt: Path, fix: str, read: Callable[[], T]) -> T:
+    """Collective. ``read()``; if it fails on any rank, compare the files with the checksums of the
+    manifest (split across ranks) and name the damaged ones in one error, instead of the reader's
+    traceback (a truncated file reads as EOFError). Only after a failure: an intact load reads nothing more."""
+    error = None
+    try:
+        result = read()
+    except LrpathError:
+        raise  # a refusal from the manifest or layout, the same on every rank
+    # Any reader error (torch's CheckpointException, a reader error gathered from the ranks, is a
+    # BaseException); the checksums decide what it means.
+    except (Exception, CheckpointException) as exc:
+        result, error = None, exc
+    if not any(_gather(error is not None)):
+        return result
+    damaged = sorted(name for part in _gather(verify(ckpt, _rank(), _world())) for name in part)
+    if damaged:
+        raise LrpathError(f"checkpoint {ckpt} is damaged (truncated, changed or missing against the checksums in "
+                          f"its {MANIFEST}: {', '.join(damaged)}); {fix}") from None
+    if error is not None:
+        raise error
+    raise LrpathError(f"loading {ckpt} failed on another rank (its files match their checksums); see that "
+                      f"rank's error")
+
+
+def _read_model(ckpt: Path, model) -> None:
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt) / "model")))
 
 
-def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng: bool = True) -> dict:
+def load_model(ckpt: Path, model, fix: str = DAMAGED_FIX) -> None:
+    """Collective. Model weights only, at whatever TP/PP the live model has. ``fix``: what the error
+    of a damaged checkpoint tells the user to do."""
+    _explain_load_failure(Path(ckpt), fix, lambda: _read_model(ckpt, unwrap(model)))
+
+
+def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng: bool = True,
+         fix: str = DAMAGED_FIX) -> dict:
     """Collective. Loads model (and optimizer) state into the live objects; returns the trainer state."""
-    ckpt, model = Path(ckpt), unwrap(model)
-    load_model(ckpt, model)
+    return _explain_load_failure(Path(ckpt), fix, lambda: _load(Path(ckpt), unwrap(model), optimizer,
+                                                                load_optimizer, restore_rng))
+
+
+def _load(ckpt: Path, model, optimizer, load_optimizer: bool, restore_rng: bool) -> dict:
+    _read_model(ckpt, model)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     # A step-0 checkpoint has no optimizer state: a fresh optimizer is exactly its state.
     if load_optimizer and optimizer is not None and state["step"] > 0:
@@ -190,17 +235,16 @@ def _restore_steps(held: list) -> None:
             inner.state[p]["step"] = step.clone()
 
 
-def check_model(ckpt: Path, model: dict, what: str) -> dict:
+def check_model(ckpt: Path, model: dict, what: str, fix: str) -> dict:
     """Raise if the checkpoint's model settings differ from ``model`` (a ``to_dict(ModelConfig)``): a
-    checkpoint only loads into the model it was saved from. ``what`` says what was attempted. Returns the
-    checkpoint's manifest."""
+    checkpoint only loads into the model it was saved from. ``what`` says what was attempted, ``fix`` the
+    caller's way out. Returns the checkpoint's manifest."""
     manifest = read_manifest(ckpt)
     saved = manifest["config"]["model"]
     diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
     if diff:
         changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in diff)
-        raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); use the model settings it was "
-                          f"trained with (or a new --run-dir for a different model)")
+        raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); {fix}")
     return manifest
 
 

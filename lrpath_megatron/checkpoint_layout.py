@@ -74,7 +74,12 @@ def checkpoint_at(root: Path, step: int) -> Path | None:
 
 
 def read_manifest(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / MANIFEST).read_text())
+    path = Path(ckpt) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:  # it is written atomically: a broken one is damage, not a save in progress
+        raise LrpathError(f"{path} is damaged (not valid JSON: {exc}); move {ckpt} aside or restore it "
+                          f"from a copy") from None
 
 
 FORK = "fork.json"
@@ -123,11 +128,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(ckpt: Path) -> list[str]:
-    """Files whose checksum does not match the manifest (empty list = intact)."""
-    manifest = read_manifest(ckpt)
-    return [name for name, digest in manifest["files"].items()
-            if not (ckpt / name).is_file() or sha256_file(ckpt / name) != digest]
+def verify(ckpt: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Files whose checksum does not match the manifest (empty list = intact; merges record none). With
+    ``rank`` of ``world``: only that rank's share (every world-th file), so ranks can check in parallel."""
+    files = sorted(read_manifest(ckpt).get("files", {}).items())
+    return [name for i, (name, digest) in enumerate(files)
+            if i % world == rank and (not (ckpt / name).is_file() or sha256_file(ckpt / name) != digest)]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -5,7 +5,9 @@ the file it came from, and what to do about it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -425,12 +427,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(item, raw)
     return data
 
 
-def _parse_value(raw: str) -> Any:
-    value = yaml.safe_load(raw)
+def _parse_value(item: str, raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem, mark = getattr(exc, "problem", None) or exc, getattr(exc, "problem_mark", None)
+        if mark is not None:
+            problem = f"{problem} at character {mark.column + 1}"
+        raise ConfigError(
+            f"--set {shlex.quote(item)}: the value {raw!r} is not valid YAML ({problem}); give a YAML value, "
+            f"e.g. 256, [1, 2], or a quoted string"
+        ) from None
     if isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -441,6 +452,8 @@ def _parse_value(raw: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file")
     try:
@@ -457,10 +470,22 @@ def read_yaml(path: str | Path) -> dict:
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides or [])
-    try:
+    with config_source(path, overrides):
         return from_dict(TrainConfig, data).validate()
+
+
+@contextlib.contextmanager
+def config_source(path: str | Path | None, overrides: list[str] | None = None):
+    """Prefix a ConfigError raised inside with where its value came from: the config file, and the
+    ``--set`` arguments of the fields the message names (the file alone would send the reader to a
+    value it does not hold). Wraps loading, and the checks made only at run time (e.g. the world size)."""
+    try:
+        yield
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        message = str(exc)
+        sets = [shlex.quote(o) for o in overrides or [] if o.split("=", 1)[0].strip() in message]
+        where = " with ".join(filter(None, [str(path or ""), " ".join(f"--set {o}" for o in sets)]))
+        raise ConfigError(f"{where}: {message}" if where else message) from None
 
 
 def to_dict(cfg: Any) -> dict:

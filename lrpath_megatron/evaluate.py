@@ -26,7 +26,9 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
         if not checkpoint.is_complete(ckpt):
             raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
                               f"directory written by `lrpath train` or `lrpath merge`")
-        steps[ckpt] = checkpoint.check_model(ckpt, to_dict(cfg.model), "evaluate").get("step")
+        steps[ckpt] = checkpoint.check_model(
+            ckpt, to_dict(cfg.model), "evaluate",
+            "pass the config (or plan) the checkpoint was trained with, or a checkpoint of this model").get("step")
     batches = num_batches or cfg.logging.eval_batches
     distributed.initialize(cfg.parallel, cfg.seed)
     try:

@@ -81,6 +81,9 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[MergeInput]:
     all inputs must be of one kind and, when their steps are known, given oldest first."""
     inputs = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise LrpathError(f"{p} does not exist; give existing checkpoints (iter_NNNNNNN directories or "
+                              f"exported .pt files), oldest first")
         if p.is_file():
             inputs.append(MergeInput(p, p, None))
         elif (p / MODEL_DIR / ".metadata").is_file():

@@ -31,6 +31,7 @@ from lrpath_megatron.config import (
     MixConfig,
     TrainConfig,
     apply_overrides,
+    config_source,
     from_dict,
     read_yaml,
     register_list_item_type,
@@ -650,7 +651,5 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
     """Read, override (``--set a.b=c``, e.g. ``plan.main.eta_max=1e-3``) and validate a plan YAML."""
     data = read_yaml(path)
     apply_overrides(data, overrides or [])
-    try:
+    with config_source(path, overrides):
         return Plan.from_dict(data, str(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None

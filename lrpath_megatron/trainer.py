@@ -50,6 +50,13 @@ class PathRun:
     # modules and freeze the base); it must also be the same on resume, so it is part of the path.
     model_transform: Optional[Callable] = None
     lineage: dict = field(default_factory=dict)  # extra manifest fields (plan hash, parent, release)
+    source: str = "config"  # what the user edits to change this path: "config" (stand-alone) or "plan"
+
+
+# The fixed inputs of Trainer._schedule_hash by config field, and the key each has in the hash (the
+# original names: checkpoints written before the inputs were recorded keep their digest).
+SCHEDULE_INPUTS = {"parallel.global_batch_size": "global_batch_size", "model.seq_length": "seq_length",
+                   "data.seed": "data_seed", "data.corpora": "corpora", "data.valid_fraction": "valid_fraction"}
 
 
 class Trainer:
@@ -67,39 +74,43 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_rank0 = self.env.rank == 0
-        own = self._choose_start()
-        weights_only = self.resume_from is not None and not own and self.run.init_weights_only
-        self._build_model_and_optimizer(load_weights_first=weights_only)
+        # Every input is checked (the data opens, the start checkpoint fits and loads) before anything is
+        # written: a refused start leaves no run directory behind.
         p = cfg.parallel
         self.train_data = TrainData(cfg.data, cfg.model.seq_length, p.global_batch_size, p.micro_batch_size,
                                     self.dp_rank, self.dp_size, self.run.weights_at_step, cfg.data.seed,
                                     vocab_size=cfg.model.vocab_size)
         self.valid_data = ValidData(cfg.data, cfg.model.seq_length, p.micro_batch_size, cfg.data.seed,
                                     vocab_size=cfg.model.vocab_size)
+        own = self._choose_start()
+        weights_only = self.resume_from is not None and not own and self.run.init_weights_only
+        self._build_model_and_optimizer(load_weights_first=weights_only)
         self.step = 0
         if weights_only:
             self._print(f"[{self.run.name}] initialised from the weights of {self.resume_from}")
         elif self.resume_from is not None:
             # An own checkpoint without optimizer state is the end of a finished path: nothing to continue.
             load_optimizer = checkpoint.has_optimizer_state(self.resume_from) if own else not self.run.reset_optimizer
-            state = checkpoint.load(self.resume_from, self.model, self.optimizer,
-                                    load_optimizer=load_optimizer, restore_rng=own)
+            state = checkpoint.load(self.resume_from, self.model, self.optimizer, load_optimizer=load_optimizer,
+                                    restore_rng=own, fix=self._damaged_fix(own))
             self.step = state["step"]
             self.train_data.load_state_dict(state["data"])
             where = "resumed" if own else f"branched from {self.resume_from}"
             self._print(f"[{self.run.name}] {where} at step {self.step}")
+        if self.is_rank0:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temporaries(self.ckpt_root)
+            if self.resume_from is not None and not own:
+                checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step)
         self.logger = MetricsLogger(self.run.run_dir, self.is_rank0, cfg.logging.tensorboard, self.step)
         if self.schedule_hash is None:  # not resumed from an own checkpoint (which computed it)
             self.schedule_hash = self._schedule_hash(self.step)
 
     def _choose_start(self) -> bool:
         """Sets ``resume_from``: the path's latest checkpoint, else its parent's (a branch). Returns whether
-        the checkpoint is the path's own. Refuses an incompatible start before anything is written.
+        the checkpoint is the path's own. Refuses an incompatible start; reads only.
         Training continues only from a checkpoint with optimizer state; a newer weights-only one (a merge
         input) is trained again, identically. A weights-only one at or past the stop means: done."""
-        if self.is_rank0:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_stale_temporaries(self.ckpt_root)
         resume = checkpoint.find_latest(self.ckpt_root)
         if resume is not None and checkpoint.read_manifest(resume)["step"] < self._end():
             resume = checkpoint.find_resumable(self.ckpt_root)
@@ -109,9 +120,15 @@ class Trainer:
         if not own:  # complete, and the same checkpoint the branch forked from before (if it did)
             checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step, write=False)
         self._check_compatible(self.resume_from, own)
-        if not own:
-            checkpoint.record_fork(self.run.run_dir, self.resume_from, self.run.start_step, write=self.is_rank0)
         return own
+
+    def _damaged_fix(self, own: bool) -> str:
+        """What to do when the start checkpoint turns out damaged."""
+        if not own:
+            return "restore it from a copy: this path starts from that checkpoint"
+        ckpt = self.resume_from
+        return (f"move it aside (mv {ckpt} {ckpt.parent / ('damaged_' + ckpt.name)}) and rerun: training then "
+                f"resumes from the previous checkpoint (from the start if there is none)")
 
     def _build_model_and_optimizer(self, load_weights_first: bool) -> None:
         from lrpath_megatron import performance
@@ -123,7 +140,7 @@ class Trainer:
             dist_opt = distributed.use_cuda()
         module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
         if load_weights_first:  # base weights go in before the transform adds modules the base never had
-            checkpoint.load_model(self.resume_from, module)
+            checkpoint.load_model(self.resume_from, module, fix=self._damaged_fix(own=False))
         if self.run.model_transform is not None:
             self.run.model_transform(module)
         if perf.compile_layers:  # after the transform: the compiled layers include its modules
@@ -156,28 +173,42 @@ class Trainer:
 
     def _check_compatible(self, ckpt: Path, own: bool) -> None:
         """Refuse, before building anything, a checkpoint this run cannot continue."""
-        manifest = checkpoint.check_model(ckpt, to_dict(self.cfg.model), "resume from" if own else "branch from")
+        source = self.run.source
+        manifest = checkpoint.check_model(
+            ckpt, to_dict(self.cfg.model), "resume from" if own else "branch from",
+            f"use the model settings of the {source} it was trained with (or a new --run-dir for a different model)")
         if not own:
             return
         self.schedule_hash = self._schedule_hash(manifest["step"])
-        if manifest.get("schedule_digest") != self.schedule_hash.hexdigest()[:16]:
-            raise LrpathError(
-                f"cannot resume path {self.run.name!r} from {ckpt}: the LR schedule, data blend or data "
-                f"settings of steps {self.run.start_step}..{manifest['step'] - 1} differ from what was trained; "
-                f"restore the original plan (extending it with later versions is fine), or use a new --run-dir"
-            )
+        if manifest.get("schedule_digest") == self.schedule_hash.hexdigest()[:16]:
+            return
+        steps = f"steps {self.run.start_step}..{manifest['step'] - 1}"
+        extend = " (extending it with later versions is fine)" if source == "plan" else ""
+        restore = f"restore the original {source}{extend}, or use a new --run-dir"
+        trained, now = manifest.get("schedule_inputs"), self._schedule_inputs()
+        if trained is None:  # written before the inputs were recorded: only the digest tells
+            raise LrpathError(f"cannot resume path {self.run.name!r} from {ckpt}: the LR schedule, data blend or "
+                              f"data settings of {steps} differ from what was trained; {restore}")
+        changed = [f"{k}: checkpoint {trained.get(k)!r} vs {source} {v!r}" for k, v in now.items()
+                   if trained.get(k) != v]
+        what = ("; ".join(changed) if changed
+                else f"the LR schedule or data blend of {steps} differ from what was trained")
+        raise LrpathError(f"cannot resume path {self.run.name!r} from {ckpt}: {what}; {restore}")
+
+    def _schedule_inputs(self) -> dict:
+        """The settings besides the per-step LR and blend that decide which data the steps see."""
+        cfg = self.cfg
+        return {"parallel.global_batch_size": cfg.parallel.global_batch_size,
+                "model.seq_length": cfg.model.seq_length, "data.seed": cfg.data.seed,
+                "data.corpora": [to_dict(c) for c in cfg.data.corpora], "data.valid_fraction": cfg.data.valid_fraction}
 
     def _schedule_hash(self, upto: int):
         """Hash of everything that decided steps start_step..upto-1 besides the model: LR and blend per
-        step, batch shape, data seed and corpora. A plan extended with new versions keeps the digest of the
+        step, and the :meth:`_schedule_inputs`. A plan extended with new versions keeps the digest of the
         steps already trained, so the main path can resume; a changed past cannot. Computed once at start;
         each trained step then extends it (``_extend_schedule_hash``), so saves cost O(1)."""
-        cfg = self.cfg
-        h = hashlib.sha256(json.dumps({
-            "global_batch_size": cfg.parallel.global_batch_size, "seq_length": cfg.model.seq_length,
-            "data_seed": cfg.data.seed, "corpora": [to_dict(c) for c in cfg.data.corpora],
-            "valid_fraction": cfg.data.valid_fraction,
-        }, sort_keys=True).encode())
+        inputs = {SCHEDULE_INPUTS[k]: v for k, v in self._schedule_inputs().items()}
+        h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
         for step in range(self.run.start_step, upto):
             self._extend_schedule_hash(h, step)
         return h
@@ -292,6 +323,7 @@ class Trainer:
         manifest = {
             "path": self.run.name,
             "schedule_digest": self.schedule_hash.hexdigest()[:16],
+            "schedule_inputs": self._schedule_inputs(),
             "config": to_dict(cfg),
             "code_version": checkpoint.code_version(),
             "parent": str(self.run.parent_checkpoint) if self.run.parent_checkpoint else None,

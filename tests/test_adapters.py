@@ -342,6 +342,16 @@ def test_lpft_cli_trains_head_first(released):
     assert proc.returncode == 2 and "unknown target module(s) 'q_proj'" in proc.stderr
 
 
+def test_a_base_of_another_model_is_refused_before_anything_is_written(released):
+    root, _, _ = released
+    proc = run_lrpath(["adapt", str(root / "plan.yaml"), "--version", "v3", "--method", "full", "--run-dir",
+                       str(root), "--set", "model.hidden_size=32"], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
+    assert ("the model differs (model.hidden_size: checkpoint 64 vs config 32); give a --base-checkpoint of this "
+            "model, or set the plan's model: section to the settings v1 was trained with") in proc.stderr
+    assert not (root / "adapt" / "full").exists()
+
+
 def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
     """A base released by a merge (WSM) has no training path: the update finds it where `lrpath merge`
     writes it, and until then the error gives the commands that make it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -141,5 +142,64 @@ def test_resume_with_a_changed_model_or_past_schedule_is_refused_and_writes_noth
     assert "the model differs (model.hidden_size: checkpoint 64 vs config 128)" in proc.stderr
     changed = _plan(demo_data, tmp_path / "changed.yaml", eta_max=2.0e-3)
     proc = run_lrpath(["train", str(changed), "--path", "main", "--run-dir", str(run)], check=False)
-    assert proc.returncode == 2 and "differ from what was trained" in proc.stderr
+    assert proc.returncode == 2
+    assert ("the LR schedule or data blend of steps 0..23 differ from what was trained; restore the original plan "
+            "(extending it with later versions is fine)") in proc.stderr
     assert _snapshot(run) == before
+
+
+@pytest.fixture(scope="module")
+def stopped(demo_data, tmp_path_factory) -> dict:
+    """A stand-alone run stopped at step 4, with checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    cfg = tiny_config(demo_data, tmp / "c.yaml", checkpoint={"save_interval": 2})
+    run_lrpath(["train", str(cfg), "--run-dir", str(tmp / "run"), "--stop-at-step", "4"])
+    return {"cfg": cfg, "run": tmp / "run", "losses": losses(tmp / "run")}
+
+
+def test_resume_names_the_changed_data_setting_and_writes_nothing(stopped, demo_data, tmp_path):
+    run, cfg = tmp_path / "run", str(stopped["cfg"])
+    shutil.copytree(stopped["run"], run)
+    before = _snapshot(run)
+    one_corpus = tiny_config(demo_data, tmp_path / "docs_only.yaml", corpora=("docs",),
+                             checkpoint={"save_interval": 2})
+    docs = {"name": "docs", "prefix": demo_data["prefixes"]["docs"]}
+    code = {"name": "code_a", "prefix": demo_data["prefixes"]["code_a"]}
+    for config, sets, message in [
+        (cfg, ["data.seed=7", "data.valid_fraction=0.05"],
+         "data.seed: checkpoint 1234 vs config 7; data.valid_fraction: checkpoint 0.02 vs config 0.05; "
+         "restore the original config, or use a new --run-dir"),
+        (str(one_corpus), [], f"data.corpora: checkpoint {[docs, code]!r} vs config {[docs]!r}"),
+        (cfg, ["optimizer.lr=2.0e-3"], "the LR schedule or data blend of steps 0..3 differ from what was trained"),
+    ]:
+        args = ["train", config, "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
+        proc = run_lrpath(args, check=False, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
+        assert f"cannot resume path 'train' from {run / 'checkpoints' / 'iter_0000004'}: {message}" in proc.stderr
+    assert _snapshot(run) == before
+    # A checkpoint from before the settings were recorded: the digest alone tells that something changed.
+    manifest = run / "checkpoints" / "iter_0000004" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                    if k != "schedule_inputs"}))
+    proc = run_lrpath(["train", cfg, "--run-dir", str(run), "--set", "data.seed=7"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert ("the LR schedule, data blend or data settings of steps 0..3 differ from what was trained; restore the "
+            "original config, or use a new --run-dir") in proc.stderr
+
+
+def test_a_damaged_checkpoint_is_named_and_moving_it_aside_resumes_from_the_one_before(stopped, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped["run"], run)
+    damaged = run / "checkpoints" / "iter_0000004"
+    os.truncate(damaged / "model" / "__0_0.distcp", 1000)
+    before = _snapshot(run)
+    args = ["train", str(stopped["cfg"]), "--run-dir", str(run), "--stop-at-step", "4"]
+    proc = run_lrpath(args, check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"checkpoint {damaged} is damaged" in proc.stderr and "manifest.json: model/__0_0.distcp)" in proc.stderr
+    aside = damaged.parent / "damaged_iter_0000004"
+    assert f"move it aside (mv {damaged} {aside}) and rerun" in proc.stderr
+    assert _snapshot(run) == before  # nothing written, the metrics of steps 0..3 kept
+    damaged.rename(aside)
+    assert "resumed at step 2" in run_lrpath(args).stdout
+    assert losses(run) == stopped["losses"]  # steps 2 and 3 trained again, bit for bit

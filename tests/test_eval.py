@@ -41,13 +41,23 @@ def test_eval_at_tensor_parallel_2_matches(trained):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--set", "model.hidden_size=128"], "the model differs (model.hidden_size: checkpoint 64 vs config 128)"),
+    (["--set", "model.hidden_size=128"], "the model differs (model.hidden_size: checkpoint 64 vs config 128); pass "
+                                         "the config (or plan) the checkpoint was trained with, or a checkpoint of "
+                                         "this model"),
     (["--batches", "0"], "--batches 0: give a positive number"),
 ])
 def test_eval_refuses_a_different_model_or_bad_batches(trained, extra, match):
     proc = run_lrpath(["eval", str(trained["cfg"]), str(trained["ckpt"]), *extra], check=False)
     assert proc.returncode == 2
     assert match in proc.stderr and proc.stderr.count("error:") == 1
+
+
+def test_eval_refuses_to_overwrite_its_json_output(trained):
+    out = trained["tmp"] / "taken.json"
+    out.write_text("{}")
+    proc = run_lrpath(["eval", str(trained["cfg"]), str(trained["ckpt"]), "--json", str(out)], check=False)
+    assert proc.returncode == 2 and f"output {out} already exists; choose a new path or remove it" in proc.stderr
+    assert out.read_text() == "{}"
 
 
 def test_eval_refuses_a_directory_that_is_not_a_checkpoint(trained):

@@ -244,6 +244,8 @@ def test_cli_errors_leave_no_output(tmp_path, capsys):
     assert "sum to 1.1" in capsys.readouterr().err
     assert cli_main(["merge", str(b), str(a), "--weights", "mean", "--out", str(out)]) == 2
     assert "oldest first" in capsys.readouterr().err
+    assert cli_main(["merge", str(a), str(tmp_path / "iter_0000009"), "--weights", "mean", "--out", str(out)]) == 2
+    assert f"{tmp_path / 'iter_0000009'} does not exist; give existing checkpoints" in capsys.readouterr().err
     _assert_no_output(tmp_path, out)
     assert cli_main(["merge", str(a), str(b), "--weights", "mean", "--out", str(out), "--no-progress"]) == 0
     torch.testing.assert_close(_read_all(out, "dist")["w"], torch.ones(4))

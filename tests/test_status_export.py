@@ -144,6 +144,14 @@ def test_status_and_releases_follow_the_run(demo_data, tmp_path):
     assert (v1_source["path"], v1_source["step"], v1_source["fork_step"]) == ("v1", 18, 12)
 
 
+def test_status_of_a_run_dir_that_does_not_exist_is_an_error(demo_data, tmp_path):
+    plan, run = tiny_plan(demo_data, tmp_path / "plan.yaml"), tmp_path / "nope"
+    proc = run_lrpath(["status", str(plan), "--run-dir", str(run)], check=False)
+    assert proc.returncode == 2
+    assert f"no run at {run} yet (nothing trained there): start it with `lrpath train {plan} --path main" in proc.stderr
+    assert not run.exists()
+
+
 def test_export_of_a_tp2_checkpoint_equals_its_stored_tensors(demo_data, tmp_path):
     cfg = tiny_config(demo_data, tmp_path / "cfg.yaml", model={"num_layers": 2, "hidden_size": 32},
                       parallel={"micro_batch_size": 2, "global_batch_size": 4})

@@ -105,17 +105,38 @@ def test_bad_config_fails_with_one_clear_message(config, tmp_path, overrides, np
     proc = run_lrpath(args, nproc=nproc, check=False, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count(message) == 1, proc.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.hidden_size=[1,"], "--set 'model.hidden_size=[1,': the value '[1,' is not valid YAML "
+                                         "(expected the node content, but found '<stream end>' at character 4)"),
+    (["--stop-at-step", "-1"], "argument --stop-at-step: -1 is negative"),
+    (["--set", "parallel.global_batch_size=7", "--set", "logging.log_interval=2"],
+     "{config} with --set parallel.global_batch_size=7: parallel.global_batch_size=7 is not divisible by "
+     "micro_batch_size * data_parallel = 2 * 1"),
+], ids=["unparsable-set", "negative-stop", "runtime-check-names-its-set"])
+def test_bad_arguments_fail_naming_their_source_and_write_nothing(config, tmp_path, args, message):
+    proc = run_lrpath(["train", str(config), "--run-dir", str(tmp_path / "run"), *args], check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count(message.format(config=config)) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_files_fail_clearly(demo_data, tmp_path):
     proc = run_lrpath(["train", str(tmp_path / "nope.yaml")], check=False)
     assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
+    proc = run_lrpath(["train", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and f"config file {tmp_path} is a directory" in proc.stderr
+    (tmp_path / "empty.yaml").write_text("")
+    proc = run_lrpath(["train", str(tmp_path / "empty.yaml"), "--run-dir", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'empty.yaml'}: data.corpora is empty" in proc.stderr
     bad = dict(demo_data, prefixes={**demo_data["prefixes"], "docs": str(tmp_path / "missing_text_document")})
     cfg = tiny_config(bad, tmp_path / "c.yaml")
     proc = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run")], check=False, timeout=120)
     assert proc.returncode == 2
     assert "corpus 'docs'" in proc.stderr and "missing_text_document.bin does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the trainer created anything
 
 
 def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):

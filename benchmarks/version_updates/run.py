@@ -260,6 +260,7 @@ class Benchmark:
         todo = sorted({c for ckpts in wanted.values() for c in ckpts} - set(done))
         if todo:
             part = self.run / "eval.new.json"
+            part.unlink(missing_ok=True)  # left by a killed run; `lrpath eval` refuses to overwrite it
             self.lrpath("eval", str(self.plans["baselines"]), *todo, "--batches", str(self.args.eval_batches),
                         "--json", str(part))
             done.update(json.loads(part.read_text()))

@@ -51,7 +51,15 @@ from lrpath_megatron.adapters.selector import (
     token_losses,
     train_selector,
 )
-from lrpath_megatron.config import ConfigError, TrainConfig, apply_overrides, from_dict, read_yaml
+from lrpath_megatron.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_source,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.status import release_status
 
@@ -102,11 +110,9 @@ def load_adapt_plan(path: str | Path, overrides: list[str] | None = None):
 
     data = read_yaml(path)
     apply_overrides(data, overrides or [])
-    try:
+    with config_source(path, overrides):
         adapt = from_dict(AdaptConfig, data.pop("adapt", None), "adapt").validate()
         return Plan.from_dict(data, str(path)), adapt
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +184,9 @@ def resolve_update(plan, adapt: AdaptConfig, version: str, method: str, run_root
         base_checkpoint = Path(release.checkpoint)
     elif not checkpoint.is_complete(Path(base_checkpoint)):
         raise LrpathError(f"--base-checkpoint {base_checkpoint} is not a complete checkpoint (no manifest.json)")
+    checkpoint.check_model(base_checkpoint, to_dict(plan.train_config.model), "adapt",
+                           f"give a --base-checkpoint of this model, or set the plan's model: section to the "
+                           f"settings {base} was trained with")
     if method == "conpet-dynamic" and adapt.lora.train_output_layer:
         raise ConfigError("adapt.lora.train_output_layer cannot be used with conpet-dynamic: the experts share "
                           "one base, so none of them may change its output layer")
@@ -244,7 +253,8 @@ def path_run(update: Update, report: dict):
                    lr_at_step=_lr(update), weights_at_step=lambda step: (method, dict(blend)),
                    parent_checkpoint=update.base_checkpoint, init_weights_only=True, model_transform=transform,
                    lineage={"adapt": {"method": method, "version": update.version, "base": update.base,
-                                      "base_checkpoint": str(update.base_checkpoint), "blend": blend}})
+                                      "base_checkpoint": str(update.base_checkpoint), "blend": blend}},
+                   source="plan")
 
 
 # --------------------------------------------------------------------------------------------------

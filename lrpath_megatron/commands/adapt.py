@@ -25,10 +25,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
+    from lrpath_megatron.config import config_source
 
     plan, adapt = load_adapt_plan(args.plan, args.overrides)
-    update = resolve_update(plan, adapt, args.version, args.method, Path(args.run_dir), args.base_checkpoint)
-    result = run_update(update)
+    with config_source(args.plan, args.overrides):  # settings checked only when the update runs
+        update = resolve_update(plan, adapt, args.version, args.method, Path(args.run_dir), args.base_checkpoint)
+        result = run_update(update)
     print(format_result(result))
     sys.stdout.flush()
     return 0

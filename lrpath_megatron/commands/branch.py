@@ -20,7 +20,7 @@ def run(args) -> int:
     from lrpath_megatron.commands.train import resolve
 
     run_dir = Path(args.run_dir)
-    _, path_run = resolve(args.plan, args.version, run_dir, args.overrides)
+    cfg, path_run = resolve(args.plan, args.version, run_dir, args.overrides)
     if path_run.parent_checkpoint is None:
         from lrpath_megatron.errors import LrpathError
 
@@ -33,6 +33,8 @@ def run(args) -> int:
           f"({time.perf_counter() - start:.3f} s, no weights copied)")
     if args.no_train:
         return 0
+    from lrpath_megatron.config import config_source
     from lrpath_megatron.trainer import run_path
 
-    return run_path(*resolve(args.plan, args.version, run_dir, args.overrides))
+    with config_source(args.plan, args.overrides):  # settings checked only at run time, e.g. the world size
+        return run_path(cfg, path_run)

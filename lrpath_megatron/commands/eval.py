@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrpath_megatron.config import read_yaml
+from lrpath_megatron.config import config_source, read_yaml
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="iter_NNNNNNN directories")
     p.add_argument("--batches", type=int, default=None, help="held-out micro-batches per corpus "
                                                               "(default: logging.eval_batches)")
-    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON (must not exist)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.set_defaults(func=run)
@@ -27,7 +27,11 @@ def run(args) -> int:
 
     if args.batches is not None and args.batches <= 0:
         raise LrpathError(f"--batches {args.batches}: give a positive number of micro-batches")
-    results = evaluate_checkpoints(load_config(args.config, args.overrides), args.checkpoints, args.batches)
+    if args.json_out and Path(args.json_out).exists():  # refused before the evaluation, not after it
+        raise LrpathError(f"output {args.json_out} already exists; choose a new path or remove it")
+    cfg = load_config(args.config, args.overrides)
+    with config_source(args.config, args.overrides):  # settings checked only at run time, e.g. the world size
+        results = evaluate_checkpoints(cfg, args.checkpoints, args.batches)
     if _rank() == 0:
         corpora = list(next(iter(results.values()))["val_loss_per_corpus"])
         print(f"{'checkpoint':<48} {'mean':>7} " + " ".join(f"{c:>10}" for c in corpora))

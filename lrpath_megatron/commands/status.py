@@ -16,9 +16,17 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from lrpath_megatron.errors import LrpathError
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.status import format_status, run_status, to_json
 
-    status = run_status(load_plan(args.plan, args.overrides), Path(args.run_dir))
+    plan, run_dir = load_plan(args.plan, args.overrides), Path(args.run_dir)
+    # `lrpath train` and `launch` create it before the first step, so a missing one is a wrong path (all
+    # "not started" would hide that), or a run not started yet.
+    if not run_dir.is_dir():
+        raise LrpathError(f"no run at {run_dir} yet (nothing trained there): start it with `lrpath train "
+                          f"{args.plan} --path main --run-dir {run_dir}` (or `lrpath launch` with that --run-dir), "
+                          f"or pass the --run-dir it was trained in")
+    status = run_status(plan, run_dir)
     print(to_json(status) if args.json else format_status(status))
     return 0
