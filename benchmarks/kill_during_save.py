@@ -44,11 +44,31 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
         proc.wait()
         latest = checkpoint.find_latest(run_dir / "checkpoints")
         bad = checkpoint.verify(latest) if latest is not None else ["<none>"]
+        left = leftover_processes(run_dir)
         results.append({"delay_s": round(delay, 3), "save_in_progress": in_save,
-                        "latest": latest.name if latest else None, "corrupt_files": bad})
+                        "latest": latest.name if latest else None, "corrupt_files": bad, "leftover_processes": left})
         if bad:
             raise AssertionError(f"resume would pick a damaged checkpoint {latest}: {bad}")
+        if left:
+            raise AssertionError(f"processes of the killed run are still alive: {left}")
     return results
+
+
+def leftover_processes(run_dir: Path, grace_s: float = 10.0) -> list[int]:
+    """Pids still running `lrpath train --run-dir RUN_DIR` (e.g. megatron-core's forked checkpoint
+    writers) once the grace period is over: a killed trainer must take them with it."""
+    import psutil
+
+    deadline = time.time() + grace_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmd = p.info["cmdline"] or []
+            if "lrpath_megatron.cli" in cmd and str(run_dir) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(p.info["pid"])
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def main() -> None:

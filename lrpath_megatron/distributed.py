@@ -1,8 +1,11 @@
 """Process groups from torchrun or SLURM environment variables, and megatron-core's parallel state."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +53,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
 
     env = read_env()
     parallel.data_parallel(env.world_size)  # raises ConfigError on a world that does not factor
+    _forks_die_with_this_process()
     cuda = use_cuda()
     if cuda:
         torch.cuda.set_device(env.local_rank)
@@ -71,6 +75,28 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
     )
     seed_everything(seed)
     return env
+
+
+_PR_SET_PDEATHSIG = 1
+_forking_pid: list[int] = []  # the pid of the process that forks, recorded just before each fork
+
+
+def _forks_die_with_this_process() -> None:
+    """megatron-core writes each checkpoint through forked writer processes. A trainer killed with -9
+    mid-save would leave them blocked forever on their result queue, and deaf to SIGTERM (they inherit
+    the trainer's save-and-requeue handler, which must stay: a SLURM preemption signals them too while
+    they finish the save). On Linux, every process forked from here gets SIGKILL when its parent dies."""
+    if not sys.platform.startswith("linux") or _forking_pid:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def after_in_child() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _forking_pid[-1]:  # the parent died before prctl took effect
+            os._exit(1)
+
+    _forking_pid.append(os.getpid())
+    os.register_at_fork(before=lambda: _forking_pid.__setitem__(-1, os.getpid()), after_in_child=after_in_child)
 
 
 def seed_everything(seed: int) -> None:
