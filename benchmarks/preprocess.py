@@ -180,7 +180,8 @@ def main() -> int:
     for w in args.workers:  # the two tools alternate, so both see the same machine load
         ours = str(work / f"ours_w{w}")
         cmd = [sys.executable, "-m", "lrpath_megatron.cli", "data", "preprocess", "--input", str(corpus_path),
-               "--output-prefix", ours, "--tokenizer-model", str(model), "--workers", str(w), "--no-progress"]
+               "--output-prefix", ours, "--tokenizer-model", str(model), "--workers", str(w), "--no-progress",
+               "--overwrite"]
         r = timed_run(cmd, env, work / f"ours_w{w}.log", lambda: count_tokens(ours + "_text_document"))
         runs.append({"tool": "lrpath data preprocess", "workers": w, **r,
                      "identical_to_1_worker": same_files(ours + "_text_document",
@@ -214,7 +215,8 @@ def main() -> int:
         del texts
         prefix = str(work / "long_doc")
         cmd = [sys.executable, "-m", "lrpath_megatron.cli", "data", "preprocess", "--input", str(path),
-               "--output-prefix", prefix, "--tokenizer-model", str(model), "--workers", "2", "--no-progress"]
+               "--output-prefix", prefix, "--tokenizer-model", str(model), "--workers", "2", "--no-progress",
+               "--overwrite"]
         r = timed_run(cmd, env, work / "long_doc.log", lambda: count_tokens(prefix + "_text_document"))
         result["long_document"] = {
             "document_chars": size, "workers": 2, **r,

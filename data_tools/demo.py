@@ -69,7 +69,8 @@ def prepare_demo_data(out_dir: str | Path, vocab_size: int = 2048) -> dict:
                   "eod_id": 0, "vocab_size": 0}
         for name in CORPORA:
             summary = preprocess(PreprocessConfig(inputs=[str(corpus_path(name))], output_prefix=str(out / name),
-                                                  tokenizer_model=str(model), workers=1, progress=False))
+                                                  tokenizer_model=str(model), workers=1, progress=False,
+                                                  overwrite=True))  # a stale build of this cache
             result["prefixes"][name] = output_prefix(out / name, "text")
             result["tokens"][name] = summary.tokens["text"]
             result["documents"][name] = summary.documents

@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -190,23 +189,37 @@ def parse_line(
     return fields
 
 
-
 def iter_texts(patterns: list[str], key: str = "text", input_format: str = "auto", max_docs: int = 0,
-               skipped: Counter | None = None) -> Iterator[str]:
-    """Non-empty texts of ``key`` from JSONL / text inputs, in order; bad lines are counted in ``skipped``."""
+               problems: list[Problem] | None = None) -> Iterator[str]:
+    """Non-empty texts of ``key`` from JSONL / text inputs, in order; bad lines and empty files are
+    appended to ``problems``, as preprocessing reports them."""
     files, missing = expand_inputs(patterns)
     if missing:
         raise LrpathError(f"{missing[0]}; fix --input")
-    skipped = Counter() if skipped is None else skipped
+    problems = [] if problems is None else problems
     count = 0
     for path in files:
         plain = is_plain_text(path, input_format)
-        with (gzip.open(path, "rb") if is_compressed(path) else open(path, "rb")) as lines:
-            for raw in lines:
-                fields = parse_line(raw, [key], plain, lambda kind, _detail: skipped.update([kind]))
-                if fields is None or not fields[key].strip():
-                    continue
-                yield fields[key]
-                count += 1
-                if max_docs and count >= max_docs:
-                    return
+        line_no = 0
+
+        def report(kind: str, detail: str) -> None:
+            problems.append(Problem(kind, path, line_no, detail))
+
+        try:
+            with (gzip.open(path, "rb") if is_compressed(path) else open(path, "rb")) as lines:
+                for line_no, raw in enumerate(lines, 1):
+                    fields = parse_line(raw, [key], plain, report)
+                    if fields is None:
+                        continue
+                    if not fields[key].strip():
+                        report(EMPTY_DOCUMENT, f"{key!r} is empty or whitespace only")
+                        continue
+                    yield fields[key]
+                    count += 1
+                    if max_docs and count >= max_docs:
+                        return
+        except (OSError, EOFError) as exc:  # a corrupt or truncated .gz: the lines before it are kept
+            problems.append(Problem(UNREADABLE, path, line_no + 1, f"cannot read: {exc}"))
+        else:
+            if line_no == 0:
+                problems.append(Problem(EMPTY_FILE, path, 0, "the file has no lines"))

@@ -8,6 +8,7 @@ import numpy as np
 
 from lrpath_megatron.data import split_string
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.indexed import open_indexed
 
 
 def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
@@ -24,17 +25,6 @@ def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
         return num_docs, num_docs
     # The rounding of BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
     return int(round(bookends[0] * num_docs)), int(round(bookends[1] * num_docs))
-
-
-def open_dataset(prefix: str | Path):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    prefix = str(prefix)
-    for ext in (".bin", ".idx"):
-        if not Path(prefix + ext).is_file():
-            raise LrpathError(f"{prefix}{ext} does not exist; give the path prefix without .bin/.idx "
-                              f"(e.g. out/corpus_text_document)")
-    return IndexedDataset(prefix)
 
 
 @dataclass
@@ -71,7 +61,7 @@ class InspectReport:
 def inspect_dataset(prefix: str | Path, tokenizer_model: str | None = None, valid_fraction: float | None = None,
                     samples: int = 1, max_chars: int = 400, seed: int = 0) -> InspectReport:
     """Summarise a dataset; with a tokenizer, decode ``samples`` documents drawn with ``seed``."""
-    ds = open_dataset(prefix)
+    ds = open_indexed(str(prefix))
     doc_idx = ds.document_indices
     lengths = np.add.reduceat(ds.sequence_lengths.astype(np.int64), doc_idx[:-1]) if len(ds) else np.zeros(0)
     # Documents made of one sequence each (the preprocessing here) make this the same as sequence_lengths.

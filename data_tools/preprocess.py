@@ -11,6 +11,7 @@ Long documents: the text of one document is held in memory once and encoded in ~
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -45,6 +46,7 @@ class PreprocessConfig:
     input_format: str = "auto"  # auto (.txt[.gz] = text, else JSONL) | jsonl | text (one document per line)
     chunk_bytes: int = 64 << 20  # largest work unit (bytes of input); does not change the output
     progress: bool = True
+    overwrite: bool = False  # replace existing output files (else refuse before reading any input)
     max_listed: int = 10  # problems listed per kind in the summary (all are counted)
 
     def validate(self) -> None:
@@ -127,6 +129,7 @@ _WORKER: dict = {}  # per-process state set by _init_worker
 def _init_worker(cfg: PreprocessConfig, dtype: type, partial_dir: str, sink: Callable[[tuple], None]) -> None:
     if mp.parent_process() is not None:  # a pool worker: the pool's terminate() must simply end it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # see _run_units
     _WORKER.update(cfg=cfg, dtype=dtype, partial_dir=partial_dir, tokenizer=Tokenizer(cfg.tokenizer_model),
                    progress=_Progress(sink))
 
@@ -211,7 +214,14 @@ def _run_units(cfg: PreprocessConfig, units: Iterator[inp.WorkUnit], dtype: type
                 return
             yield unit
 
-    pool = ctx.Pool(cfg.workers, _init_worker, (cfg, dtype, partial_dir, progress_q.put))
+    # Workers are forked with SIGTERM blocked and unblock it in _init_worker once its default action is back:
+    # with the inherited Python handler, a terminate() right after the start (an early error) is swallowed
+    # and pool.terminate() waits forever for a worker that never exits.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = ctx.Pool(cfg.workers, _init_worker, (cfg, dtype, partial_dir, progress_q.put))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         for result in pool.imap(process_unit, feed()):
             slots.release()
@@ -244,6 +254,11 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     cfg.validate()
+    outputs = {key: output_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
+    existing = [p + ext for p in outputs.values() for ext in (".bin", ".idx") if os.path.lexists(p + ext)]
+    if existing and not cfg.overwrite:
+        raise LrpathError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite "
+                          f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another --output-prefix")
     started = time.monotonic()
     tok = Tokenizer(cfg.tokenizer_model)
     if cfg.append_eod and tok.eod_id < 0:
@@ -258,9 +273,10 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     # Several units per worker keep all workers busy to the end; the output does not depend on the size.
     units = inp.iter_units(files, min(cfg.chunk_bytes, max(1 << 20, total_bytes // (4 * cfg.workers))))
 
-    outputs = {key: output_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
     tmp = {key: f"{prefix}.tmp-{os.getpid()}" for key, prefix in outputs.items()}
-    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    parent = Path(cfg.output_prefix).parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]  # leaf first; removed again on failure
+    parent.mkdir(parents=True, exist_ok=True)
     partial_dir = f"{cfg.output_prefix}.partials-{os.getpid()}"
     os.makedirs(partial_dir, exist_ok=True)
     builders = {key: IndexedDatasetBuilder(t + ".bin", dtype=dtype) for key, t in tmp.items()}
@@ -278,7 +294,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         rate = counts["tokens"] / max(time.monotonic() - started, 1e-9)
         bar.set_postfix_str(f"{counts['docs']:,} docs, {rate:,.0f} tok/s", refresh=False)
 
-    documents, tokens, line_base = 0, Counter(), Counter()
+    documents, tokens, line_base, written = 0, Counter(), Counter(), False
     results = _run_units(cfg, units, dtype, partial_dir, on_progress)
     # add_index runs gc.collect() per unit; with torch and megatron-core loaded that scans millions of
     # objects (~0.2 s). Freezing the objects that exist now makes each collection cheap.
@@ -305,6 +321,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
             # .bin first: a reader never sees an .idx without its complete .bin.
             os.replace(tmp[key] + ".bin", outputs[key] + ".bin")
             os.replace(tmp[key] + ".idx", outputs[key] + ".idx")
+        written = True
     except BaseException:
         for builder in builders.values():
             builder.data_file.close()
@@ -315,6 +332,10 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         gc.unfreeze()
         bar.close()
         shutil.rmtree(partial_dir, ignore_errors=True)
+        if not written:
+            for directory in made:
+                with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+                    directory.rmdir()
 
     skipped = Counter(p.kind for p in problems)
     listed, per_kind = [], Counter()

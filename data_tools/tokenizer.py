@@ -13,6 +13,7 @@ piece-internal space marker, which decodes to a plain space).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,12 +78,16 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str | Path, spec: To
     """Train a model on ``documents``; writes ``{model_prefix}.model`` atomically and returns its path."""
     spec.validate()
     model_path = Path(f"{model_prefix}.model")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = training_lines(documents, spec.max_sentence_length)
+    first = next(lines, None)
+    if first is None:  # SentencePiece would fail with an internal check message
+        raise LrpathError(f"no text to train on: the documents hold no non-empty line of at most "
+                          f"{spec.max_sentence_length} bytes; nothing was written")
     proto = io.BytesIO()
     spm.set_random_generator_seed(spec.seed)  # the sentence sampling is reservoir sampling
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_lines(documents, spec.max_sentence_length),
+            sentence_iterator=itertools.chain([first], lines),
             model_writer=proto,
             vocab_size=spec.vocab_size,
             model_type=spec.model_type,
@@ -104,6 +109,7 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str | Path, spec: To
         )
     except (RuntimeError, OSError) as exc:  # how sentencepiece reports bad settings / too little text
         raise LrpathError(f"SentencePiece training failed: {exc}; check the inputs and --vocab-size") from exc
+    model_path.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed training creates nothing
     tmp = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(proto.getvalue())
     os.replace(tmp, model_path)

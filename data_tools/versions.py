@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_tools.inspect_data import held_out_range, open_dataset
+from data_tools.inspect_data import held_out_range
 from data_tools.preprocess import output_prefix
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.indexed import open_indexed
 
 
 @dataclass
@@ -82,20 +83,22 @@ def split_versions(corpora: dict, versions: list, out_dir: str | Path, valid_fra
     names = [v.name for v in versions]
     if not versions or len(set(names)) != len(names):
         raise ConfigError(f"versions {names}: give at least one version, each name once")
-    used = {c: 0.0 for c in corpora}
+    shares: dict = {c: {} for c in corpora}  # corpus -> {version: share}
     for v in versions:
         for corpus, share in v.shares.items():
             if corpus not in corpora:
                 raise ConfigError(f"version {v.name}: unknown corpus {corpus!r}; known: {sorted(corpora)} (--corpus)")
-            used[corpus] += share
-    over = {c: s for c, s in used.items() if s > 1 + 1e-9}
+            shares[corpus][v.name] = share
+    over = [f"{corpus!r} sum to {sum(s.values()):g} ({' + '.join(f'{v} {x:g}' for v, x in s.items())})"
+            for corpus, s in shares.items() if sum(s.values()) > 1 + 1e-9]
     if over:
-        raise ConfigError(f"shares of {over} sum to more than 1 over the versions; lower them")
+        raise ConfigError(f"the shares of {'; '.join(over)}, more than 1: each corpus is taken once, front to back, "
+                          f"so its shares over the versions may sum to at most 1; lower them")
 
+    datasets = {c: open_indexed(p, f"--corpus {c}") for c, p in corpora.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result, taken = VersionSplit(), {c: 0.0 for c in corpora}
-    datasets = {c: open_dataset(p) for c, p in corpora.items()}
     for v in versions:
         for corpus, share in v.shares.items():
             ds = datasets[corpus]

@@ -14,13 +14,13 @@ build the data.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lrpath_megatron.config import CorpusConfig, DataConfig
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.indexed import check_token_ids, open_indexed, token_id_error
 from lrpath_megatron.mixing import MixingSampler, WeightsFn
 
 logger = logging.getLogger(__name__)
@@ -59,24 +59,13 @@ def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_
     )
 
 
-def open_corpus(corpus: CorpusConfig):
-    """The corpus's megatron-core ``IndexedDataset``; a clear error if its files are missing or broken."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    for suffix in (".bin", ".idx"):
-        path = Path(corpus.prefix + suffix)
-        if not path.is_file():
-            raise LrpathError(
-                f"corpus {corpus.name!r}: {path} does not exist; data.corpora prefix {corpus.prefix!r} must "
-                f"name a Megatron .bin/.idx pair (create it with the data_tools preprocessing)"
-            )
-    try:
-        return IndexedDataset(corpus.prefix, multimodal=False, mmap=True)
-    except (AssertionError, ValueError, OSError) as exc:
-        raise LrpathError(
-            f"corpus {corpus.name!r}: {corpus.prefix}.bin/.idx is not a valid Megatron indexed dataset "
-            f"({type(exc).__name__}: {exc}); rebuild it"
-        ) from None
+def open_corpus(corpus: CorpusConfig, vocab_size: int | None = None):
+    """The corpus's megatron-core ``IndexedDataset``, checked first (see :mod:`lrpath_megatron.indexed`)."""
+    where = f"corpus {corpus.name!r}"
+    indexed = open_indexed(corpus.prefix, where)
+    if vocab_size is not None:
+        check_token_ids(corpus.prefix, np.dtype(indexed.index.dtype), vocab_size, where)
+    return indexed
 
 
 def build_split(corpus: CorpusConfig, indexed, config, split_name: str):
@@ -118,16 +107,33 @@ def _default_vocab_size(indexed) -> int:
     return int(np.iinfo(indexed.index.dtype).max)
 
 
-class _CorpusSplits:
-    """Opens every configured corpus and builds one split of each."""
+class CorpusSplits:
+    """Opens every configured corpus and builds one split of each; collates samples of that split."""
 
     def __init__(self, cfg: DataConfig, seq_length: int, seed: int, split_name: str, vocab_size: int | None):
         if not cfg.corpora:
             raise LrpathError("data.corpora is empty; configure at least one corpus (name + prefix)")
-        indexed = {c.name: open_corpus(c) for c in cfg.corpora}
+        indexed = {c.name: open_corpus(c, vocab_size) for c in cfg.corpora}
         vocab = vocab_size or _default_vocab_size(next(iter(indexed.values())))
         config = gpt_dataset_config(seq_length, cfg.valid_fraction, seed, vocab)
         self.datasets = {c.name: build_split(c, indexed[c.name], config, split_name) for c in cfg.corpora}
+        self.split_name, self.vocab_size = split_name, vocab_size
+
+    def batch(self, picked: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """The samples ``picked`` ((corpus, index) pairs) collated. Ids outside [0, vocab_size) are refused
+        here: the opening check reads only a sample of each corpus, and in the embedding such an id is an
+        opaque IndexError (CPU) or device-side assert (CUDA)."""
+        batch = collate([self.datasets[corpus][index] for corpus, index in picked])
+        if self.vocab_size is not None:
+            ids = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # every id of every sample
+            low, high = torch.aminmax(ids)
+            if low < 0 or high >= self.vocab_size:
+                row = int(((ids < 0) | (ids >= self.vocab_size)).any(dim=1).nonzero()[0, 0])
+                corpus, index = picked[row]
+                found = int(high) if high >= self.vocab_size else int(low)
+                raise LrpathError(token_id_error(f"corpus {corpus!r}", f"{self.split_name} sample {index} holds "
+                                                 f"token id {found}", self.vocab_size))
+        return batch
 
 
 class TrainData:
@@ -151,15 +157,15 @@ class TrainData:
         self.micro_batch_size = micro_batch_size
         self.per_rank = global_batch_size // dp_size
         self.dp_rank = dp_rank
-        self.datasets = _CorpusSplits(cfg, seq_length, seed, "train", vocab_size).datasets
+        self.splits = CorpusSplits(cfg, seq_length, seed, "train", vocab_size)
+        self.datasets = self.splits.datasets
         self.sampler = MixingSampler({name: len(ds) for name, ds in self.datasets.items()},
                                      weights_at_step, global_batch_size, seed)
 
     def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
         mine = self.sampler.global_batch(step)[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
-        samples = [self.datasets[corpus][index] for corpus, index in mine]
         mbs = self.micro_batch_size
-        return [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
+        return [self.splits.batch(mine[i:i + mbs]) for i in range(0, len(mine), mbs)]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -182,7 +188,8 @@ class ValidData:
     def __init__(self, cfg: DataConfig, seq_length: int, micro_batch_size: int, seed: int, *,
                  vocab_size: int | None = None) -> None:
         self.micro_batch_size = micro_batch_size
-        self.datasets = _CorpusSplits(cfg, seq_length, seed, "valid", vocab_size).datasets
+        self.splits = CorpusSplits(cfg, seq_length, seed, "valid", vocab_size)
+        self.datasets = self.splits.datasets
         self._warned: set[str] = set()
 
     @property
@@ -207,7 +214,7 @@ class ValidData:
                            corpus, available, n)
             self._warned.add(corpus)
         mbs = self.micro_batch_size
-        return [collate([dataset[j] for j in range(i * mbs, (i + 1) * mbs)])
+        return [self.splits.batch([(corpus, j) for j in range(i * mbs, (i + 1) * mbs)])
                 for i in range(dp_rank, min(n, available), dp_size)]
 
     def _dataset(self, corpus: str):

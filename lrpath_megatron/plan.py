@@ -38,6 +38,7 @@ from lrpath_megatron.config import (
     to_dict,
 )
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.indexed import check_indexed, check_token_ids
 from lrpath_megatron.merge_weights import merge_release
 from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
 
@@ -593,20 +594,23 @@ class Plan:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def check_data(self) -> None:
-        """Raise if any corpus the plan uses lacks its ``PREFIX.bin`` / ``PREFIX.idx``."""
+        """Raise unless every corpus the plan uses is a consistent ``PREFIX.bin``/``PREFIX.idx`` pair whose
+        sampled token ids fit ``model.vocab_size`` (the checks training runs when it opens the data)."""
         used = {name for v in self.versions for name in v.corpora}
         for r in self.config.versions:
             if r.release.mix is not None:
                 used |= {name for s in r.release.mix.stages for name in s.weights}
-        missing = []
+        problems = []
         for corpus in self.train_config.data.corpora:
             if corpus.name in used:
-                missing += [f"{corpus.name}: {corpus.prefix}{ext}" for ext in (".bin", ".idx")
-                            if not Path(corpus.prefix + ext).is_file()]
-        if missing:
-            raise LrpathError(
-                "data files missing: " + "; ".join(missing) + " (build them with data_tools, or fix data.corpora)"
-            )
+                where = f"corpus {corpus.name!r}"
+                try:
+                    dtype = check_indexed(corpus.prefix, where)
+                    check_token_ids(corpus.prefix, dtype, self.train_config.model.vocab_size, where)
+                except LrpathError as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise LrpathError("\n".join(problems))  # one line per corpus
 
 
 def _refuse_unused_settings(written: ReleaseConfig, shape: str, where: str) -> None:

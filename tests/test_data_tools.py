@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from data_tools.versions import parse_version, split_versions
 from lrpath_megatron import cli
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.errors import LrpathError
+from conftest import run_lrpath
+from test_data import BROKEN, broken_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -350,3 +353,67 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert report["documents"] == 30 and report["held_out"]["documents"] == 3
     assert cli.main(["data", "inspect", str(tmp_path / "nope")]) == 2
     assert "nope.bin does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- bad input, one error
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_inspect_refuses_a_broken_pair(demo_data, tmp_path, capsys, kind):
+    prefix = broken_pair(demo_data, tmp_path, kind)
+    assert cli.main(["data", "inspect", prefix]) == 2
+    assert re.fullmatch(f"lrpath data: error: .*{BROKEN[kind]}.*\n", capsys.readouterr().err)
+    if kind == "random_idx":  # megatron-core never sees it, so its __del__ has nothing to complain about
+        proc = run_lrpath(["data", "inspect", prefix], check=False, timeout=300)
+        assert proc.returncode == 2 and re.search(BROKEN[kind], proc.stderr)
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_preprocess_replaces_existing_outputs_only_with_overwrite(small_model, tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "in.jsonl", ["one document", "another one"])
+    args = ["data", "preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer-model", str(small_model), "--workers", "1", "--no-progress"]
+    assert cli.main(args) == 0
+    outputs = [tmp_path / f"out_text_document{ext}" for ext in (".bin", ".idx")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs}
+    files = _files(tmp_path)
+    _write_jsonl(src, ["a different text"])
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == (f"lrpath data: error: {outputs[0]}, {outputs[1]} already exist; pass "
+                                       f"--overwrite to replace them, or choose another --output-prefix\n")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before and _files(tmp_path) == files
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert outputs[0].read_bytes() != before[outputs[0]][0] and _files(tmp_path) == files
+    # A failed run removes the directories it made for its output. (Failing this early once hung now and then:
+    # pool.terminate() right after the workers' start.)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    args = ["data", "preprocess", "--input", str(tmp_path / "empty.jsonl"), "--output-prefix",
+            str(tmp_path / "new" / "dir" / "out"), "--tokenizer-model", str(small_model), "--workers", "2",
+            "--no-progress"]
+    assert cli.main(args) == 2 and not (tmp_path / "new").exists()
+
+
+def test_train_tokenizer_without_text_is_one_error_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    before = _files(tmp_path)
+    assert cli.main(["data", "train-tokenizer", "--input", str(empty), "--model-prefix", str(tmp_path / "tok" / "spm"),
+                     "--vocab-size", "500"]) == 2
+    assert capsys.readouterr().err == (f"lrpath data: error: no documents to train on in --input: {empty}: empty_file: "
+                                       f"the file has no lines; nothing was written\n")
+    assert _files(tmp_path) == before
+    with pytest.raises(LrpathError, match="no text to train on: the documents hold no non-empty line"):
+        train_tokenizer(["\n\n", "x" * 9000], tmp_path / "tok" / "spm", TokenizerSpec(vocab_size=500))
+    assert _files(tmp_path) == before
+
+
+def test_split_versions_names_the_versions_whose_shares_exceed_1(demo_data, tmp_path, capsys):
+    out = tmp_path / "versions"
+    args = ["data", "split-versions", "--corpus", f"docs={demo_data['prefixes']['docs']}", "--output-dir", str(out)]
+    assert cli.main(args + ["--version", "v1:docs=0.7", "--version", "v2:docs=0.6"]) == 2
+    assert capsys.readouterr().err == (
+        "lrpath data: error: the shares of 'docs' sum to 1.3 (v1 0.7 + v2 0.6), more than 1: each corpus is taken "
+        "once, front to back, so its shares over the versions may sum to at most 1; lower them\n")
+    args[3] = f"docs={broken_pair(demo_data, tmp_path, 'truncated_bin')}"
+    assert cli.main(args + ["--version", "v1:docs=0.5"]) == 2
+    assert re.fullmatch(f"lrpath data: error: --corpus docs: .*{BROKEN['truncated_bin']}.*\n", capsys.readouterr().err)
+    assert not out.exists()

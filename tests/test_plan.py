@@ -13,6 +13,7 @@ from lrpath_megatron.config import ConfigError, MixConfig, MixStage, TrainConfig
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
 from lrpath_megatron.plan import Plan, load_plan
+from test_data import write_corpus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TPS = 8 * 128  # tokens per step of the tiny plans below
@@ -300,9 +301,8 @@ def test_check_data_reports_missing_prefixes(tmp_path):
     plan = Plan.from_dict(data)  # validation does not need the files
     with pytest.raises(LrpathError, match="code_a"):
         plan.check_data()
-    for name in ("docs", "code_a", "code_b"):
-        for ext in (".bin", ".idx"):
-            (tmp_path / f"{name}{ext}").write_bytes(b"")
+    for offset, name in enumerate(("docs", "code_a", "code_b")):
+        write_corpus(str(tmp_path / name), num_docs=3, offset=offset)  # check_data reads the index
     plan.check_data()
 
 

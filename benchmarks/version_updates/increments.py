@@ -108,7 +108,7 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     for domain in DOMAINS:
         summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{domain}.jsonl")],
                                               output_prefix=str(out_dir / domain), tokenizer_model=str(model),
-                                              workers=workers))
+                                              workers=workers, overwrite=True))  # an unfinished build
         result["prefixes"][domain] = output_prefix(out_dir / domain, "text")
         result["tokens"][domain] = summary.tokens["text"]
         result["documents"][domain] = summary.documents

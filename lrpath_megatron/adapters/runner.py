@@ -417,10 +417,8 @@ def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str],
                      0, 1, lambda step: ("selector", weights), cfg.data.seed + 1, vocab_size=cfg.model.vocab_size)
 
     def batches(step: int):
-        from lrpath_megatron.data import collate
-
         picked = data.sampler.global_batch(step)
-        batch = collate([data.datasets[corpus][i] for corpus, i in picked])
+        batch = data.splits.batch(picked)
         return batch, torch.tensor([corpus_class[corpus] for corpus, _ in picked])
 
     losses = train_selector(selector, model, batches, scfg, progress=progress)

@@ -6,6 +6,7 @@ is accepted for its command lines only (see :data:`SENTENCEPIECE_TYPES`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -69,6 +70,8 @@ def register(sub) -> None:
                     help="treat longer documents as bad input (0 = no limit; long ones are encoded in chunks)")
     pp.add_argument("--chunk-bytes", type=int, default=64 << 20, help="work-unit size (does not change the output)")
     pp.add_argument("--summary-json", help="also write the summary here")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace existing output .bin/.idx files (by default preprocess refuses to)")
     pp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     pp.set_defaults(func=_preprocess)
 
@@ -105,7 +108,7 @@ def _inputs(p) -> None:
 
 
 def _train_tokenizer(args) -> int:
-    from data_tools.inputs import iter_texts
+    from data_tools.inputs import Problem, iter_texts
     from data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     if len(args.json_keys) != 1:
@@ -113,12 +116,17 @@ def _train_tokenizer(args) -> int:
     spec = TokenizerSpec(args.vocab_size, args.model_type, args.character_coverage, args.byte_fallback,
                          args.sample_sentences, eod_piece=args.eod_piece, special_tokens=args.special_tokens,
                          seed=args.seed, threads=args.threads)
-    skipped: Counter = Counter()
-    texts = iter_texts(args.input, args.json_keys[0], args.input_format, args.max_input_docs, skipped)
-    path = train_tokenizer(texts, args.model_prefix, spec)
+    problems: list[Problem] = []
+    texts = iter_texts(args.input, args.json_keys[0], args.input_format, args.max_input_docs, problems)
+    first = next(texts, None)
+    if first is None:  # the message preprocessing gives for input without documents
+        raise LrpathError(f"no documents to train on in --input: {'; '.join(map(str, problems[:3]))}; "
+                          f"nothing was written")
+    path = train_tokenizer(itertools.chain([first], texts), args.model_prefix, spec)
     print(f"wrote {path} and {path.with_suffix('.vocab')}")
-    if skipped:
-        print("skipped lines: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items())))
+    if problems:
+        skipped = Counter(p.kind for p in problems)
+        print("skipped: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items())))
     return 0
 
 
@@ -128,7 +136,7 @@ def _preprocess(args) -> int:
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
                            json_keys=args.json_keys, workers=args.workers, append_eod=args.append_eod,
                            on_error=args.on_error, max_doc_chars=args.max_doc_chars, input_format=args.input_format,
-                           chunk_bytes=args.chunk_bytes, progress=args.progress)
+                           chunk_bytes=args.chunk_bytes, progress=args.progress, overwrite=args.overwrite)
     # SIGTERM (scancel, timeout) unwinds like Ctrl-C, so temporary and partial files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     summary = preprocess(cfg)
