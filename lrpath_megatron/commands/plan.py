@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override a field, e.g. --set plan.main.eta_max=1e-3 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the costs as JSON instead of a table")
     p.add_argument("--plot", metavar="OUT.png", help="draw the LR of every path against tokens")
-    p.add_argument("--check-data", action="store_true", help="also check that every corpus prefix exists")
+    p.add_argument("--check-data", action="store_true", help="also check every corpus the plan uses: .bin/.idx exist and belong together, token ids < model.vocab_size")
     p.set_defaults(func=run)
 
 
