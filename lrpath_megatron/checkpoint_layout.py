@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from lrpath_megatron.errors import LrpathError
 
@@ -45,12 +46,16 @@ def has_optimizer_state(ckpt: Path) -> bool:
     return (Path(ckpt) / "optimizer").is_dir() or read_manifest(ckpt)["step"] == 0
 
 
-def find_resumable(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` that training can continue from."""
+def _resumable(root: Path) -> Iterator[Path]:
+    """The complete checkpoints under ``root`` that training can continue from, newest first."""
     for ckpt in sorted((p for p in Path(root).glob("iter_*") if p.is_dir() and is_complete(p)), reverse=True):
         if has_optimizer_state(ckpt):
-            return ckpt
-    return None
+            yield ckpt
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` that training can continue from."""
+    return next(_resumable(root), None)
 
 
 def prune(root: Path, keep_last: int, protected: set) -> list[Path]:
@@ -58,9 +63,7 @@ def prune(root: Path, keep_last: int, protected: set) -> list[Path]:
     points, merge inputs, the path's end) nor a weights-only one (always a merge input or a release).
     Each is renamed out of sight first, so a kill mid-delete leaves only a leftover that
     :func:`remove_stale_temporaries` removes. Returns the deleted checkpoints."""
-    resumable = [p for p in sorted(Path(root).glob("iter_*"), reverse=True)
-                 if p.is_dir() and is_complete(p) and has_optimizer_state(p)]
-    doomed = [p for p in resumable[keep_last:] if read_manifest(p)["step"] not in protected]
+    doomed = [p for p in list(_resumable(root))[keep_last:] if read_manifest(p)["step"] not in protected]
     for ckpt in doomed:
         hidden = ckpt.with_name(f".del_{ckpt.name}")
         os.rename(ckpt, hidden)

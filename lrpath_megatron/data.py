@@ -13,7 +13,9 @@ build the data.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 import numpy as np
 import torch
@@ -60,11 +62,25 @@ def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_
 
 
 def open_corpus(corpus: CorpusConfig, vocab_size: int | None = None):
-    """The corpus's megatron-core ``IndexedDataset``, checked first (see :mod:`lrpath_megatron.indexed`)."""
-    where = f"corpus {corpus.name!r}"
-    indexed = open_indexed(corpus.prefix, where)
+    """The corpus's megatron-core ``IndexedDataset``, checked first (see :mod:`lrpath_megatron.indexed`).
+    The train and valid splits share one open, so the checks read each corpus once per process; the key
+    holds the files' size and mtime, so a rewritten corpus is opened and checked again."""
+    return _open_checked(corpus.name, corpus.prefix, vocab_size, _files_signature(corpus.prefix))
+
+
+def _files_signature(prefix: str) -> tuple | None:
+    try:
+        return tuple((s.st_size, s.st_mtime_ns) for s in map(os.stat, (prefix + ".bin", prefix + ".idx")))
+    except OSError:
+        return None  # missing: the check says so
+
+
+@functools.lru_cache(maxsize=64)
+def _open_checked(name: str, prefix: str, vocab_size: int | None, signature: tuple | None):
+    where = f"corpus {name!r}"
+    indexed = open_indexed(prefix, where)
     if vocab_size is not None:
-        check_token_ids(corpus.prefix, np.dtype(indexed.index.dtype), vocab_size, where)
+        check_token_ids(prefix, np.dtype(indexed.index.dtype), vocab_size, where)
     return indexed
 
 

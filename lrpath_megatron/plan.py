@@ -218,6 +218,8 @@ class Plan:
                 "(plan.versions[i].release.mix); remove data.mix"
             )
         self._validate_main()
+        # The releases with unwritten settings at their defaults (the written ones are checked against them).
+        self._releases = [_with_defaults(v.release) for v in config.versions]
         self.versions: list[ResolvedVersion] = self._resolve_versions()
         self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
         self.main_end = max(v.release.step for v in self.versions)
@@ -326,7 +328,7 @@ class Plan:
         where = f"plan.versions[{i}].release"
         if r.method not in RELEASE_METHODS:
             raise ConfigError(f"{where}.method={r.method!r} is not one of {', '.join(RELEASE_METHODS)}")
-        written, r = r, _with_defaults(r)
+        written, r = r, self._releases[i]
         # A merge's shape is refused below as a decay setting, not as an unknown shape.
         if r.method == "decay" and r.shape not in schedules.BRANCH_SHAPES:
             raise ConfigError(f"{where}.shape={r.shape!r} is not one of {', '.join(schedules.BRANCH_SHAPES)}")
@@ -430,10 +432,10 @@ class Plan:
         paths = {"main": PathSpec("main", None, 0, self.main_end, save, None, self.tokens_per_step,
                                   weights_only_steps=weights_only - save,
                                   _lr=self.main_lr, _weights=self.main_weights)}
-        for v, raw in zip(self.versions, self.config.versions):
+        for v, release in zip(self.versions, self._releases):
             if v.release.method != "decay":
                 continue
-            paths[v.name] = self._branch(v, _with_defaults(raw.release))
+            paths[v.name] = self._branch(v, release)
         return paths
 
     def _branch(self, v: ResolvedVersion, r: ReleaseConfig) -> PathSpec:
@@ -575,8 +577,8 @@ class Plan:
     def resolved(self) -> dict:
         """Everything that determines what trains: the base config and the resolved plan."""
         # Unwritten release settings count as their defaults: writing a default out keeps the hash.
-        plan = dataclasses.replace(self.config, versions=[dataclasses.replace(v, release=_with_defaults(v.release))
-                                                          for v in self.config.versions])
+        plan = dataclasses.replace(self.config, versions=[dataclasses.replace(v, release=r)
+                                                          for v, r in zip(self.config.versions, self._releases)])
         return {
             # performance levers change how fast, not what trains
             "train_config": {k: v for k, v in to_dict(self.train_config).items() if k != "performance"},

@@ -197,10 +197,8 @@ class Trainer:
 
     def _schedule_inputs(self) -> dict:
         """The settings besides the per-step LR and blend that decide which data the steps see."""
-        cfg = self.cfg
-        return {"parallel.global_batch_size": cfg.parallel.global_batch_size,
-                "model.seq_length": cfg.model.seq_length, "data.seed": cfg.data.seed,
-                "data.corpora": [to_dict(c) for c in cfg.data.corpora], "data.valid_fraction": cfg.data.valid_fraction}
+        cfg = to_dict(self.cfg)
+        return {key: cfg[section][name] for key in SCHEDULE_INPUTS for section, name in [key.split(".")]}
 
     def _schedule_hash(self, upto: int):
         """Hash of everything that decided steps start_step..upto-1 besides the model: LR and blend per
