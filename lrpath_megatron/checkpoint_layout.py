@@ -132,7 +132,7 @@ def sha256_file(path: Path) -> str:
 
 
 def verify(ckpt: Path, rank: int = 0, world: int = 1) -> list[str]:
-    """Files whose checksum does not match the manifest (empty list = intact; merges record none). With
+    """Files whose checksum does not match the manifest (empty list = intact). With
     ``rank`` of ``world``: only that rank's share (every world-th file), so ranks can check in parallel."""
     files = sorted(read_manifest(ckpt).get("files", {}).items())
     return [name for i, (name, digest) in enumerate(files)

@@ -43,11 +43,11 @@ from torch.distributed.checkpoint.planner import (
 )
 from tqdm import tqdm
 
+from lrpath_megatron.checkpoint_layout import MANIFEST, sha256_file
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.merge_weights import MergeWeights
 
 MODEL_DIR = "model"
-MANIFEST = "manifest.json"
 # megatron-core files copied verbatim from the last input (backend config, non-sharded common state).
 MCORE_SIDE_FILES = ("metadata.json", "common.pt")
 DEFAULT_GROUP_BYTES = 256 * 2**20
@@ -266,6 +266,8 @@ def _merge_dist(inputs: list[MergeInput], weights: MergeWeights, out: Path, grou
         if (inputs[-1].weights / name).is_file():
             shutil.copy2(inputs[-1].weights / name, model_out / name)
     manifest = _manifest(inputs, weights, "dist", merged, copied)
+    # The same checksums as a trainer checkpoint, so a damaged merge is named instead of failing in the reader.
+    manifest["files"] = {str(f.relative_to(out)): sha256_file(f) for f in sorted(model_out.rglob("*")) if f.is_file()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return MergeResult(out, manifest, merged, copied)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from lrpath_megatron.checkpoint_layout import verify
 from lrpath_megatron.cli import main as cli_main
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.errors import LrpathError
@@ -190,6 +191,11 @@ def test_dtypes_and_manifest(tmp_path):
     assert [i["step"] for i in manifest["inputs"]] == [0, 1, 2]
     assert manifest["weights"]["coefficients"] == pytest.approx([0.25, 0.25, 0.5])
     assert manifest["copied_from_last"] == ["count"] and "not merged" in manifest["optimizer"]
+    # Checksummed like a trainer checkpoint: a truncated file is named.
+    assert "model/.metadata" in manifest["files"] and verify(tmp_path / "out") == []
+    shard = next((tmp_path / "out" / "model").glob("*.distcp"))
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert verify(tmp_path / "out") == [f"model/{shard.name}"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and `lrpath export` to one plain torch file, checked against the stored dist-che
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,13 @@ def test_status_and_releases_follow_the_run(demo_data, tmp_path):
     assert exported["source"]["kind"] == "merge" and len(exported["source"]["inputs"]) == 3
     v1_source = torch.load(tmp_path / "v1.pt", weights_only=True)["source"]
     assert (v1_source["path"], v1_source["step"], v1_source["fork_step"]) == ("v1", 18, 12)
+
+    # A damaged merge is named with its damaged file, as a damaged trainer checkpoint is.
+    shard = next((merged / "model").glob("*.distcp"))
+    os.truncate(shard, 100)
+    proc = run_lrpath(["export", str(merged), "--out", str(tmp_path / "damaged.pt")], check=False)
+    assert proc.returncode != 0 and f"checkpoint {merged} is damaged" in proc.stderr
+    assert f"model/{shard.name}" in proc.stderr and not (tmp_path / "damaged.pt").exists()
 
 
 def test_status_of_a_run_dir_that_does_not_exist_is_an_error(demo_data, tmp_path):
