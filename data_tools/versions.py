@@ -76,8 +76,10 @@ def parse_version(text: str) -> VersionSpec:
     return VersionSpec(name.strip(), shares)
 
 
-def split_versions(corpora: dict, versions: list, out_dir: str | Path, valid_fraction: float = 0.02) -> VersionSplit:
-    """Write one dataset per (corpus, version) part; ``corpora`` maps corpus name -> dataset prefix."""
+def split_versions(corpora: dict, versions: list, out_dir: str | Path, valid_fraction: float = 0.02,
+                   overwrite: bool = False) -> VersionSplit:
+    """Write one dataset per (corpus, version) part; ``corpora`` maps corpus name -> dataset prefix.
+    Every range is checked, and existing outputs are refused unless ``overwrite``, before anything is written."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     names = [v.name for v in versions]
@@ -97,32 +99,40 @@ def split_versions(corpora: dict, versions: list, out_dir: str | Path, valid_fra
 
     datasets = {c: open_indexed(p, f"--corpus {c}") for c, p in corpora.items()}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result, taken = VersionSplit(), {c: 0.0 for c in corpora}
+    ranges, taken = [], {c: 0.0 for c in corpora}  # (version, corpus, first, end, prefix)
     for v in versions:
         for corpus, share in v.shares.items():
-            ds = datasets[corpus]
-            n = len(ds.document_indices) - 1
+            n = len(datasets[corpus].document_indices) - 1
             first, end = int(round(taken[corpus] * n)), int(round((taken[corpus] + share) * n))
             taken[corpus] += share
             if end <= first:
                 raise ConfigError(f"version {v.name}: {share} of {corpus!r} ({n} documents) is no document")
-            name = f"{corpus}_{v.name}"
-            prefix = output_prefix(out / name, "text")
-            tmp = f"{prefix}.tmp-{os.getpid()}"
-            builder = IndexedDatasetBuilder(tmp + ".bin", dtype=ds.index.dtype)
-            lengths = []
-            for d in range(first, end):
-                seqs = [ds[s] for s in range(ds.document_indices[d], ds.document_indices[d + 1])]
-                ids = np.concatenate(seqs)
-                builder.add_document(ids, [len(s) for s in seqs])
-                lengths.append(len(ids))
-            builder.finalize(tmp + ".idx")
-            os.replace(tmp + ".bin", prefix + ".bin")
-            os.replace(tmp + ".idx", prefix + ".idx")
-            beg, stop = held_out_range(len(lengths), valid_fraction)
-            total = int(sum(lengths))
-            result.parts.append(VersionPart(v.name, corpus, name, prefix, first, end, total,
-                                            total - int(sum(lengths[beg:stop]))))
-    (out / "versions.yaml").write_text(yaml.safe_dump(result.plan_snippet(), sort_keys=False))
+            ranges.append((v.name, corpus, first, end, output_prefix(out / f"{corpus}_{v.name}", "text")))
+    snippet = out / "versions.yaml"
+    outputs = [prefix + ext for *_, prefix in ranges for ext in (".bin", ".idx")] + [str(snippet)]
+    existing = [f for f in outputs if os.path.lexists(f)]
+    if existing and not overwrite:
+        raise ConfigError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite "
+                          f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another --output-dir")
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = VersionSplit()
+    for version, corpus, first, end, prefix in ranges:
+        ds = datasets[corpus]
+        tmp = f"{prefix}.tmp-{os.getpid()}"
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=ds.index.dtype)
+        lengths = []
+        for d in range(first, end):
+            seqs = [ds[s] for s in range(ds.document_indices[d], ds.document_indices[d + 1])]
+            ids = np.concatenate(seqs)
+            builder.add_document(ids, [len(s) for s in seqs])
+            lengths.append(len(ids))
+        builder.finalize(tmp + ".idx")
+        os.replace(tmp + ".bin", prefix + ".bin")
+        os.replace(tmp + ".idx", prefix + ".idx")
+        beg, stop = held_out_range(len(lengths), valid_fraction)
+        total = int(sum(lengths))
+        result.parts.append(VersionPart(version, corpus, f"{corpus}_{version}", prefix, first, end, total,
+                                        total - int(sum(lengths[beg:stop]))))
+    snippet.write_text(yaml.safe_dump(result.plan_snippet(), sort_keys=False))
     return result

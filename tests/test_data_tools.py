@@ -303,6 +303,14 @@ def test_split_versions_cuts_consecutive_ranges(demo_data, tmp_path):
         split_versions(corpora, [parse_version("v1:docs=0.7"), parse_version("v2:docs=0.5")], tmp_path)
     with pytest.raises(ConfigError, match="NAME:CORPUS=SHARE"):
         parse_version("v1")
+    # A rerun refuses to replace the parts (all checked before anything is written) unless told to.
+    written = {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+    with pytest.raises(ConfigError, match=r"docs_v1_text_document.bin, .*versions.yaml already exist; pass --overwrite"):
+        split_versions(corpora, [parse_version("v1:docs=0.5"), parse_version("v2:docs=0.5")], tmp_path)
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()} == written
+    again = split_versions(corpora, [parse_version("v1:docs=0.5"), parse_version("v2:docs=0.5,code_a=1")],
+                           tmp_path, valid_fraction=0.1, overwrite=True)
+    assert again == result
 
 
 def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_model, tmp_path, capsys):

@@ -91,6 +91,7 @@ def register(sub) -> None:
                    help="in release order, e.g. --version v1:docs=0.5 --version v2:docs=0.5,code=1")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--valid-fraction", type=float, default=0.02)
+    s.add_argument("--overwrite", action="store_true", help="replace existing per-version datasets in --output-dir")
     s.set_defaults(func=_split_versions)
 
     d = cmds.add_parser("demo", help="tokenizer + datasets of the shipped corpora (cached)")
@@ -169,7 +170,8 @@ def _split_versions(args) -> int:
         if not eq or not name or not prefix:
             raise LrpathError(f"--corpus {item!r}: write NAME=PREFIX")
         corpora[name] = prefix
-    result = split_versions(corpora, [parse_version(v) for v in args.version], args.output_dir, args.valid_fraction)
+    result = split_versions(corpora, [parse_version(v) for v in args.version], args.output_dir, args.valid_fraction,
+                            overwrite=args.overwrite)
     for p in result.parts:
         print(f"{p.version} {p.corpus}: documents {p.first_doc}..{p.end_doc}, {p.tokens:,} tokens "
               f"({p.train_tokens:,} train) -> {p.prefix}")
