@@ -292,9 +292,13 @@ class LoggingConfig:
     eval_interval: int = 50  # 0 = never
     eval_batches: int = 4
     tensorboard: bool = True
+    # Per-GPU peak TFLOP/s for MFU; null = known for A100/H100/H200 in bf16, no MFU elsewhere.
+    peak_tflops: Optional[float] = None
 
     def validate(self) -> None:
         _positive(self, "logging", ["log_interval", "eval_batches"])
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"logging.peak_tflops must be > 0 (or null), got {self.peak_tflops}")
         if self.eval_interval < 0:
             raise ConfigError("logging.eval_interval must be >= 0")
 

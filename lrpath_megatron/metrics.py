@@ -12,7 +12,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-H100_BF16_PEAK_FLOPS = 989e12
+# Dense bf16 tensor-core peak per GPU, by a substring of torch's device name (first match wins, so
+# the PCIe/NVL variants come before the plain name). MFU is reported only against a known peak.
+BF16_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12))
+
+
+def peak_flops(device_name: str | None, dtype: str, configured_tflops: float | None = None) -> float | None:
+    """Per-GPU peak FLOP/s for MFU: ``logging.peak_tflops`` when set, else the table's peak for a bf16
+    run on a GPU it names; None (no MFU) on CPU, in fp32 or on an unknown GPU."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if device_name is None or dtype != "bf16":
+        return None
+    return next((peak for name, peak in BF16_PEAK_FLOPS if name in device_name), None)
 
 
 class MetricsLogger:

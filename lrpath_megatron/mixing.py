@@ -87,7 +87,8 @@ class MixingSampler:
         label, weights = self._weights(step)
         if label != self.stage:
             if self.stage is not None:
-                event = f"step {step}: data mix switches from stage {self.stage!r} to {label!r}, weights {weights}"
+                shown = {c: round(w, 4) for c, w in weights.items()}  # interpolated weights carry float noise
+                event = f"step {step}: data mix switches from stage {self.stage!r} to {label!r}, weights {shown}"
                 logger.info(event)
                 self._stats_events.append(event)
             self.stage = label

@@ -580,8 +580,9 @@ class Plan:
         plan = dataclasses.replace(self.config, versions=[dataclasses.replace(v, release=r)
                                                           for v, r in zip(self.config.versions, self._releases)])
         return {
-            # performance levers change how fast, not what trains
-            "train_config": {k: v for k, v in to_dict(self.train_config).items() if k != "performance"},
+            # performance levers and logging change how fast and what is reported, not what trains
+            "train_config": {k: v for k, v in to_dict(self.train_config).items()
+                             if k not in ("performance", "logging")},
             "plan": to_dict(plan),
             "resolved": {
                 "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,

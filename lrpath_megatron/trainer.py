@@ -23,7 +23,7 @@ from lrpath_megatron import checkpoint, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.metrics import H100_BF16_PEAK_FLOPS, MetricsLogger
+from lrpath_megatron.metrics import MetricsLogger, peak_flops
 from lrpath_megatron.model import build_model, transformer_config, with_precision
 
 # Exit code that asks the launcher to requeue the job (the trainer saved and stopped on a signal).
@@ -74,6 +74,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_rank0 = self.env.rank == 0
+        gpu = torch.cuda.get_device_name() if distributed.use_cuda() else None
+        self.peak_flops = peak_flops(gpu, cfg.precision.dtype, cfg.logging.peak_tflops)
         # Every input is checked (the data opens, the start checkpoint fits and loads) before anything is
         # written: a refused start leaves no run directory behind.
         p = cfg.parallel
@@ -303,7 +305,8 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": (step + 1) * tokens,
             "tokens_per_s": tps,
-            "mfu": tps * cfg.model.flops_per_token() / (H100_BF16_PEAK_FLOPS * self.env.world_size),
+            "mfu": (tps * cfg.model.flops_per_token() / (self.peak_flops * self.env.world_size)
+                    if self.peak_flops else None),
         }
 
     def _forward_backward(self, microbatches: list[dict], forward_only: bool) -> list[float]:

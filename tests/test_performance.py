@@ -14,8 +14,8 @@ import torch
 
 from conftest import losses, run_lrpath, tiny_config
 from lrpath_megatron import performance
-from lrpath_megatron.config import (ConfigError, ModelConfig, ParallelConfig, PerformanceConfig, PrecisionConfig,
-                                    load_train_config)
+from lrpath_megatron.config import (ConfigError, LoggingConfig, ModelConfig, ParallelConfig, PerformanceConfig,
+                                    PrecisionConfig, load_train_config)
 
 STEPS = 6
 # fp32 on CPU: the fused kernels change the order of additions only (observed differences <= 2e-5).
@@ -178,3 +178,17 @@ def test_bad_performance_config_fails_with_one_clear_message(config, overrides, 
     with pytest.raises(ConfigError) as err:
         load_train_config(config, overrides)
     assert str(err.value).count(message) == 1, str(err.value)
+
+
+def test_mfu_is_measured_against_the_gpus_own_peak_or_not_at_all():
+    from lrpath_megatron.metrics import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12  # not the SXM peak
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None  # the table is of bf16 peaks
+    assert peak_flops(None, "bf16") is None and peak_flops("NVIDIA L4", "bf16") is None  # CPU, unknown GPU
+    assert peak_flops("NVIDIA L4", "bf16", configured_tflops=121) == 121e12
+    assert peak_flops(None, "fp32", configured_tflops=2) == 2e12
+    with pytest.raises(ConfigError, match="logging.peak_tflops must be > 0"):
+        LoggingConfig(peak_tflops=0).validate()

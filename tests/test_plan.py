@@ -249,6 +249,8 @@ def test_load_plan_prefixes_the_file_and_applies_overrides(tmp_path):
     assert load_plan(path).plan_hash() == base.plan_hash()  # stable
     faster = load_plan(path, ["plan.main.eta_max=2.0e-3"])
     assert faster.eta_max == 2e-3 and faster.plan_hash() != base.plan_hash()
+    # Reporting and speed settings do not change what trains.
+    assert load_plan(path, ["logging.peak_tflops=400", "performance.compile_layers=true"]).plan_hash() == base.plan_hash()
     with pytest.raises(ConfigError) as err:  # the file, and the --set that gave the bad value
         load_plan(path, ["plan.main.eta_min=5.0e-3", "plan.main.replay=0.1"])
     assert str(err.value).startswith(f"{path} with --set plan.main.eta_min=5.0e-3: plan.main.eta_min=0.005 is")

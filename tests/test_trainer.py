@@ -141,6 +141,7 @@ def test_missing_files_fail_clearly(demo_data, tmp_path):
 
 def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):
     from lrpath_megatron.config import ScheduleConfig
+    from lrpath_megatron.metrics import format_line
     from lrpath_megatron.schedules import from_schedule_config
 
     mix = {"stages": [{"weights": {"docs": 0.75, "code_a": 0.25}},
@@ -158,6 +159,7 @@ def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):
     assert sum(sum(r["samples_per_corpus"].values()) for r in records) == 30 * 8  # every sample counted once
     first, last = records[0], records[-1]
     assert first["stage"] == "stage0" and first["mix_fractions"]["docs"] == pytest.approx(0.75, abs=0.05)
+    assert first["mfu"] is None and "mfu" not in format_line(first)  # no known peak on CPU
     assert last["stage"] == "stage1" and last["mix_fractions"]["code_a"] == pytest.approx(0.75, abs=0.05)
 
 
