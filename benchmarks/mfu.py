@@ -45,6 +45,8 @@ CONFIGS = {
     "fusions": FUSIONS,
     "optimizer": OPTIMIZER,
     "all": {"compile_layers": True, **FUSIONS, **OPTIMIZER},
+    # Memory for compute: peak memory and tokens/s against "all".
+    "all+recompute": {"compile_layers": True, **FUSIONS, **OPTIMIZER, "recompute": "selective"},
 }
 # Max |loss difference| per step accepted as the same training (--loss-agreement). bf16: the levers change
 # kernel order and fusion, so rounding differs at ~2^-8 relative per op and grows along a training run;
@@ -360,10 +362,10 @@ def main() -> None:
     else:
         result = {**environment(device), "shape": m, "peak_tflops": args.peak_tflops, **throughput(args, m, device)}
         out = args.out or results / "mfu.json"
-        lines = [f"{'run':<18} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'vs compiled':>12}"]
+        lines = [f"{'run':<22} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'vs compiled':>12}"]
         for name, row in result["rows"].items():
             mem = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
-            lines.append(f"{name:<18} {row['tokens_per_s']:>10.0f} {row['mfu']:>7.1%} {mem:>9} "
+            lines.append(f"{name:<22} {row['tokens_per_s']:>10.0f} {row['mfu']:>7.1%} {mem:>9} "
                          f"{row['ratio_vs_compiled_peer']:>11.2f}x")
         for name, row in result["rows"].items():
             if "profile" in row:

@@ -176,9 +176,27 @@ class PerformanceConfig:
     cross_entropy_fusion: bool = False  # bf16 only (its logits gradient is always bf16)
     # Needs Transformer Engine (refused without it).
     rope_fusion: bool = False
+    # Activation recomputation, memory for compute: none | selective (the core attention of every layer,
+    # as Megatron-LM's --recompute-activations) | full (whole layers: the input of each group of
+    # recompute_num_layers layers is kept, the rest recomputed in backward).
+    recompute: str = "none"
+    recompute_num_layers: int = 1
+    # megatron-core DDP: all-reduce each gradient bucket during backward as soon as its gradients are
+    # complete, instead of all of them after backward. Not with the distributed optimizer (see
+    # docs/performance.md).
+    overlap_grad_reduce: bool = False
+    # Parameters per gradient bucket, the unit of overlap; null = megatron-core's max(40M, 1M x DP).
+    ddp_bucket_size: Optional[int] = None
 
     def validate(self) -> None:
         _choice(self, "performance", "compile_mode", ["default", "max-autotune-no-cudagraphs"])
+        _choice(self, "performance", "recompute", ["none", "selective", "full"])
+        _positive(self, "performance", ["recompute_num_layers"])
+        if self.ddp_bucket_size is not None:
+            _positive(self, "performance", ["ddp_bucket_size"])
+            if not self.overlap_grad_reduce:
+                raise ConfigError("performance.ddp_bucket_size splits the gradients for overlap_grad_reduce; "
+                                  "set performance.overlap_grad_reduce=true or leave the bucket size null")
 
 
 @dataclass

@@ -60,6 +60,17 @@ def _type_string_check_passthrough() -> None:
     torch.Tensor.type = cuda_named_type
 
 
+def _no_cuda_rng_state() -> None:
+    """Activation recomputation (``tensor_parallel/random.py``: ``CheckpointFunction`` and ``_fork_rng``)
+    saves the CUDA generator's state next to the CPU one and restores both before recomputing. Without
+    CUDA there is no such generator; dropout draws from the CPU one (see :func:`init_rng`), whose state
+    it still saves and restores, so the recomputed forward is the original one."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def enable() -> None:
     """Apply all CPU workarounds, once per process. Must not be called when CUDA is used."""
     global _enabled
@@ -71,6 +82,7 @@ def enable() -> None:
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
         torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
         _type_string_check_passthrough()
+        _no_cuda_rng_state()
         _CudaToCpu().__enter__()  # process-wide: the mode stays pushed for the life of the process
         _enabled = True
 

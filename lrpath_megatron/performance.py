@@ -53,6 +53,9 @@ def transformer_flags(perf: PerformanceConfig | None) -> dict:
         cross_entropy_loss_fusion=perf.cross_entropy_fusion,
         cross_entropy_fusion_impl="native",  # megatron-core's own (compiled) kernels, no TE needed
         apply_rope_fusion=perf.rope_fusion,
+        recompute_granularity=None if perf.recompute == "none" else perf.recompute,
+        recompute_method="uniform" if perf.recompute == "full" else None,
+        recompute_num_layers=perf.recompute_num_layers if perf.recompute == "full" else None,
         # Need apex or TE kernels that this project never requires: always off.
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,

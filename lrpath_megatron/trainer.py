@@ -20,7 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from lrpath_megatron import checkpoint, distributed, forward
-from lrpath_megatron.config import TrainConfig, to_dict
+from lrpath_megatron.config import ConfigError, TrainConfig, to_dict
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.metrics import MetricsLogger, peak_flops
@@ -147,10 +147,19 @@ class Trainer:
             self.run.model_transform(module)
         if perf.compile_layers:  # after the transform: the compiled layers include its modules
             self._print(f"[{self.run.name}] torch.compile: {performance.compile_layers(module, perf)} layers")
+        if perf.overlap_grad_reduce and dist_opt:
+            # Overlap needs several gradient buckets, and megatron-core 0.16.1's reshardable distributed-
+            # optimizer checkpoint misplaces the state of every bucket after the first (the padding between
+            # buckets is dropped when the state is gathered, then indexed as if it were there).
+            raise ConfigError("performance.overlap_grad_reduce cannot be used with the distributed optimizer: its "
+                              "checkpoints would not resume correctly (docs/performance.md); set "
+                              "parallel.use_distributed_optimizer=false or performance.overlap_grad_reduce=false")
         module = with_precision(module, tcfg)
         self.model = DistributedDataParallel(
             config=tcfg,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+                overlap_grad_reduce=perf.overlap_grad_reduce, bucket_size=perf.ddp_bucket_size),
             module=module,
         )
         o = cfg.optimizer
@@ -172,6 +181,8 @@ class Trainer:
         # The schedules call these (loss scaling, grad all-reduce + clipping inputs) after backward.
         tcfg.grad_scale_func = self.optimizer.scale_loss
         tcfg.finalize_model_grads_func = finalize_model_grads
+        if perf.overlap_grad_reduce:  # reduce each bucket once, in the last micro-batch's backward
+            tcfg.no_sync_func = self.model.no_sync
 
     def _check_compatible(self, ckpt: Path, own: bool) -> None:
         """Refuse, before building anything, a checkpoint this run cannot continue."""

@@ -69,3 +69,12 @@ def tiny_config(demo_data: dict, path: Path, corpora=("docs", "code_a"), **secti
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def stored_tensors(ckpt: Path) -> dict:
+    """Every floating tensor of a dist checkpoint, read whole from the DCP files (layout-independent)."""
+    from lrpath_megatron.merge import DcpTensorReader
+
+    reader = DcpTensorReader(Path(ckpt) / "model")
+    return {fqn: reader.read(fqn, [0] * len(md.size), list(md.size))
+            for fqn, md in reader.tensor_meta().items() if md.properties.dtype.is_floating_point}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import losses, run_lrpath, tiny_config
+from conftest import losses, run_lrpath, stored_tensors, tiny_config
 from lrpath_megatron import performance
 from lrpath_megatron.config import (ConfigError, LoggingConfig, ModelConfig, ParallelConfig, PerformanceConfig,
                                     PrecisionConfig, load_train_config)
@@ -192,3 +192,100 @@ def test_mfu_is_measured_against_the_gpus_own_peak_or_not_at_all():
     assert peak_flops(None, "fp32", configured_tflops=2) == 2e12
     with pytest.raises(ConfigError, match="logging.peak_tflops must be > 0"):
         LoggingConfig(peak_tflops=0).validate()
+
+
+RECOMPUTE_SCRIPT = r"""
+import json, torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from lrpath_megatron import distributed
+from lrpath_megatron.config import ModelConfig, ParallelConfig, PerformanceConfig, PrecisionConfig
+from lrpath_megatron.model import build_model, transformer_config
+
+model_cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=128,
+                        hidden_dropout=0.1, attention_dropout=0.1)
+parallel = ParallelConfig(micro_batch_size=2, global_batch_size=2)
+distributed.initialize(parallel, seed=3)
+tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+positions = torch.arange(32).expand(2, 32)
+result = {}
+for recompute in ("none", "selective", "full"):
+    distributed.seed_everything(3)  # same init and dropout draws for each setting
+    tcfg = transformer_config(model_cfg, parallel, PrecisionConfig(), PerformanceConfig(recompute=recompute))
+    model = build_model(model_cfg, parallel, PrecisionConfig(), tcfg)
+    calls = {"layer": 0, "attention": 0}
+    for m in model.modules():
+        if isinstance(m, TransformerLayer):
+            m.register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
+            m.self_attention.core_attention.register_forward_hook(
+                lambda *a: calls.__setitem__("attention", calls["attention"] + 1))
+    saved = [0]
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, positions, None, labels=tokens).mean()
+    loss.backward()
+    result[recompute] = {"calls": calls, "saved": saved[0],
+                         "grads": {n: p.grad.tolist() for n, p in model.named_parameters() if "layers.0" in n}}
+distributed.shutdown()
+print(json.dumps(result))
+"""
+
+
+def test_recompute_reruns_the_forward_in_backward_and_keeps_less():
+    """Activation recomputation (with dropout): selective reruns each layer's core attention in backward,
+    full reruns whole layers; each keeps fewer activations for backward and gives the same gradients."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    env = {"MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", RECOMPUTE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["none"]["calls"] == {"layer": 4, "attention": 4}
+    assert r["selective"]["calls"] == {"layer": 4, "attention": 8}
+    assert r["full"]["calls"] == {"layer": 8, "attention": 8}
+    assert r["full"]["saved"] < r["selective"]["saved"] < r["none"]["saved"]
+    assert r["selective"]["grads"] == r["none"]["grads"] == r["full"]["grads"]  # bit for bit
+
+
+# Small buckets (the tiny model has about 330k parameters), so several reductions overlap backward.
+OVERLAP = ["parallel.use_distributed_optimizer=false", "performance.overlap_grad_reduce=true",
+           "performance.ddp_bucket_size=20000"]
+
+
+def test_overlapped_gradient_reduction_trains_the_same_model_and_resumes_bitwise(config, tmp_path):
+    """DP=2: all-reducing gradient buckets during backward gives the losses and weights of reducing
+    after backward, and a run stopped and resumed equals the uninterrupted one."""
+
+    def train(run_dir, *sets, stop=STEPS):
+        args = ["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", str(stop)]
+        return run_lrpath([*args, *(x for item in sets for x in ("--set", item))], nproc=2)
+
+    train(tmp_path / "base", OVERLAP[0])
+    train(tmp_path / "overlap", *OVERLAP)
+    base, overlap = _records(tmp_path / "base"), _records(tmp_path / "overlap")
+    assert sorted(base) == sorted(overlap) == list(range(STEPS))
+    for step in base:
+        assert overlap[step]["loss"] == pytest.approx(base[step]["loss"], abs=TOLERANCE), step
+        assert overlap[step]["grad_norm"] == pytest.approx(base[step]["grad_norm"], rel=TOLERANCE), step
+    saved = {run: stored_tensors(tmp_path / run / "checkpoints" / f"iter_{STEPS:07d}") for run in ("base", "overlap")}
+    assert saved["base"].keys() == saved["overlap"].keys()
+    for name, tensor in saved["base"].items():  # one step's update is about 3e-3
+        assert (saved["overlap"][name] - tensor).abs().max() < 1e-5, name
+    train(tmp_path / "split", *OVERLAP, stop=3)
+    train(tmp_path / "split", *OVERLAP)
+    assert losses(tmp_path / "split") == losses(tmp_path / "overlap")
+
+
+def test_overlap_settings_that_cannot_work_are_refused(config, tmp_path):
+    with pytest.raises(ConfigError, match="ddp_bucket_size splits the gradients for overlap_grad_reduce"):
+        PerformanceConfig(ddp_bucket_size=1000).validate()
+    proc = run_lrpath(["train", str(config), "--run-dir", str(tmp_path / "run"), "--set",
+                       "parallel.use_distributed_optimizer=true", "--set", "performance.overlap_grad_reduce=true"],
+                      check=False)
+    assert proc.returncode == 2 and "overlap_grad_reduce cannot be used with the distributed optimizer" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_lrpath, tiny_config
+from conftest import run_lrpath, stored_tensors, tiny_config
 
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.export import export_checkpoint, read_checkpoint
-from lrpath_megatron.merge import DcpTensorReader
 from lrpath_megatron.plan import load_plan
 from lrpath_megatron.status import run_status, to_json
 
@@ -60,13 +59,6 @@ def status(plan: Path, run: Path, cli: bool = False) -> dict:
     out["by_path"] = {p["name"]: p for p in out["paths"]}
     out["by_version"] = {r["version"]: r for r in out["releases"]}
     return out
-
-
-def stored_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every floating tensor of a dist checkpoint, read whole from the DCP files (layout-independent)."""
-    reader = DcpTensorReader(ckpt / "model")
-    return {fqn: reader.read(fqn, [0] * len(md.size), list(md.size))
-            for fqn, md in reader.tensor_meta().items() if md.properties.dtype.is_floating_point}
 
 
 def assert_export_matches(exported: dict, ckpt: Path) -> None:
