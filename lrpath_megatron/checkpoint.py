@@ -16,6 +16,7 @@ never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -103,7 +104,10 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
     model_sd = model.sharded_state_dict()
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
     save_optimizer = save_optimizer and optimizer is not None
-    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA) if save_optimizer else None
+    optim_sd = None
+    if save_optimizer:
+        with _gathered_state_offsets(optimizer):
+            optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(model_sd, str(tmp / "model"))
     if optim_sd is not None:
         dist_checkpointing.save(optim_sd, str(tmp / "optimizer"))
@@ -123,6 +127,32 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
         write_text_atomic(root / LATEST, final.name)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _gathered_state_offsets(optimizer):
+    """While the distributed optimizer builds its ``fully_reshardable`` state for a save, point each
+    parameter at its place in the gathered state instead of in the gradient buffer.
+
+    megatron-core 0.16.1 gathers every bucket's state without the padding at the bucket's end, one bucket
+    after the other, then slices it per parameter at the parameter's offset in the padded buffer: with
+    more than one bucket (``performance.overlap_grad_reduce``) every parameter after the first bucket got
+    another parameter's state. Loading slices per parameter correctly and needs nothing. Optimizers
+    without gradient buffers (not distributed) are left alone."""
+    buffers = {id(b): b for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               for b in getattr(opt, "buffers", [])}.values()
+    saved = [(b, b.param_index_map) for b in buffers]
+    for buffer, index in saved:
+        starts, gathered = [], 0  # each bucket's start in the gathered (unpadded, concatenated) state
+        for bucket in buffer.buckets:
+            starts.append(gathered - bucket.offset)
+            gathered += bucket.numel_unpadded
+        buffer.param_index_map = {p: (start + starts[b], end + starts[b], b) for p, (start, end, b) in index.items()}
+    try:
+        yield
+    finally:
+        for buffer, index in saved:
+            buffer.param_index_map = index
 
 
 def _distributed_checksums(ckpt: Path) -> dict[str, str]:

@@ -181,10 +181,11 @@ class PerformanceConfig:
     # recompute_num_layers layers is kept, the rest recomputed in backward).
     recompute: str = "none"
     recompute_num_layers: int = 1
-    # megatron-core DDP: all-reduce each gradient bucket during backward as soon as its gradients are
-    # complete, instead of all of them after backward. Not with the distributed optimizer (see
-    # docs/performance.md).
+    # megatron-core DDP: reduce each gradient bucket during backward as soon as its gradients are complete,
+    # instead of all of them after backward; with the distributed optimizer, also gather the updated
+    # parameter shards during the next forward instead of right after the optimizer step.
     overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     # Parameters per gradient bucket, the unit of overlap; null = megatron-core's max(40M, 1M x DP).
     ddp_bucket_size: Optional[int] = None
 
@@ -192,6 +193,9 @@ class PerformanceConfig:
         _choice(self, "performance", "compile_mode", ["default", "max-autotune-no-cudagraphs"])
         _choice(self, "performance", "recompute", ["none", "selective", "full"])
         _positive(self, "performance", ["recompute_num_layers"])
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("performance.overlap_param_gather needs performance.overlap_grad_reduce=true "
+                              "(megatron-core overlaps the gather only together with the reduction)")
         if self.ddp_bucket_size is not None:
             _positive(self, "performance", ["ddp_bucket_size"])
             if not self.overlap_grad_reduce:

@@ -6,6 +6,7 @@ Read top-down: :class:`PathRun` says what to train (steps, LR and data-blend fun
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -147,19 +148,16 @@ class Trainer:
             self.run.model_transform(module)
         if perf.compile_layers:  # after the transform: the compiled layers include its modules
             self._print(f"[{self.run.name}] torch.compile: {performance.compile_layers(module, perf)} layers")
-        if perf.overlap_grad_reduce and dist_opt:
-            # Overlap needs several gradient buckets, and megatron-core 0.16.1's reshardable distributed-
-            # optimizer checkpoint misplaces the state of every bucket after the first (the padding between
-            # buckets is dropped when the state is gathered, then indexed as if it were there).
-            raise ConfigError("performance.overlap_grad_reduce cannot be used with the distributed optimizer: its "
-                              "checkpoints would not resume correctly (docs/performance.md); set "
-                              "parallel.use_distributed_optimizer=false or performance.overlap_grad_reduce=false")
+        if perf.overlap_param_gather and not dist_opt:
+            raise ConfigError("performance.overlap_param_gather gathers the distributed optimizer's parameter "
+                              "shards; set parallel.use_distributed_optimizer=true or the lever to false")
         module = with_precision(module, tcfg)
         self.model = DistributedDataParallel(
             config=tcfg,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
-                overlap_grad_reduce=perf.overlap_grad_reduce, bucket_size=perf.ddp_bucket_size),
+                overlap_grad_reduce=perf.overlap_grad_reduce, overlap_param_gather=perf.overlap_param_gather,
+                bucket_size=perf.ddp_bucket_size),
             module=module,
         )
         o = cfg.optimizer
@@ -326,8 +324,23 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation loss per corpus on fixed held-out micro-batches (the same for every layout)."""
-        return forward.validation_losses(self.model, self.valid_data, self.cfg.logging.eval_batches,
-                                         self.cfg.model.seq_length, self.cfg.parallel.micro_batch_size)
+        with self._parameters_gathered():
+            return forward.validation_losses(self.model, self.valid_data, self.cfg.logging.eval_batches,
+                                             self.cfg.model.seq_length, self.cfg.parallel.micro_batch_size)
+
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """With performance.overlap_param_gather an optimizer step leaves the other ranks' parameter shards
+        to be gathered by the next training forward. Saves (and evaluations) read whole parameters: gather
+        them now, with the gathering hooks off meanwhile, as Megatron-LM does."""
+        if not self.model.use_forward_hook:
+            yield
+            return
+        self.model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            self.model.enable_forward_pre_hook()
 
     # ---------------------------------------------------------------------------------------- state
     def save(self, end: int, for_resume: bool = False) -> Path:
@@ -344,8 +357,9 @@ class Trainer:
             **self.run.lineage,
         }
         state = {"step": self.step, "data": self.train_data.state_dict()}
-        saved = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
-                                save_optimizer=self._saves_optimizer(end, for_resume))
+        with self._parameters_gathered():
+            saved = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state, manifest,
+                                    save_optimizer=self._saves_optimizer(end, for_resume))
         if cfg.checkpoint.keep_last and self.is_rank0:
             # A merge input on an interval step keeps its optimizer state but must stay for the merge.
             protected = self.run.save_steps | self.run.weights_only_steps | {self.run.end_step}

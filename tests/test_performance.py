@@ -253,39 +253,58 @@ def test_recompute_reruns_the_forward_in_backward_and_keeps_less():
 
 
 # Small buckets (the tiny model has about 330k parameters), so several reductions overlap backward.
-OVERLAP = ["parallel.use_distributed_optimizer=false", "performance.overlap_grad_reduce=true",
-           "performance.ddp_bucket_size=20000"]
+OVERLAP = {"false": ["performance.overlap_grad_reduce=true", "performance.ddp_bucket_size=20000"],
+           "true": ["performance.overlap_grad_reduce=true", "performance.overlap_param_gather=true",
+                    "performance.ddp_bucket_size=20000"]}
 
 
-def test_overlapped_gradient_reduction_trains_the_same_model_and_resumes_bitwise(config, tmp_path):
-    """DP=2: all-reducing gradient buckets during backward gives the losses and weights of reducing
-    after backward, and a run stopped and resumed equals the uninterrupted one."""
+def _optimizer_state(ckpt: Path) -> dict:
+    from lrpath_megatron.merge import DcpTensorReader
+
+    reader = DcpTensorReader(ckpt / "optimizer")
+    return {fqn: reader.read(fqn, [0] * len(md.size), list(md.size)) for fqn, md in reader.tensor_meta().items()
+            if md.properties.dtype.is_floating_point}
+
+
+@pytest.mark.parametrize("distributed_optimizer", ["false", "true"])
+def test_overlapped_communication_trains_saves_and_resumes_as_the_baseline(config, tmp_path, distributed_optimizer):
+    """DP=2: reducing gradient buckets during backward (and, with the distributed optimizer, gathering
+    the updated parameters during the next forward) gives the baseline's losses, saves the same weights
+    and optimizer state, and a run stopped and resumed equals the uninterrupted one."""
+    optimizer = f"parallel.use_distributed_optimizer={distributed_optimizer}"
+    overlap = [optimizer, *OVERLAP[distributed_optimizer]]
 
     def train(run_dir, *sets, stop=STEPS):
         args = ["train", str(config), "--run-dir", str(run_dir), "--stop-at-step", str(stop)]
         return run_lrpath([*args, *(x for item in sets for x in ("--set", item))], nproc=2)
 
-    train(tmp_path / "base", OVERLAP[0])
-    train(tmp_path / "overlap", *OVERLAP)
-    base, overlap = _records(tmp_path / "base"), _records(tmp_path / "overlap")
-    assert sorted(base) == sorted(overlap) == list(range(STEPS))
+    train(tmp_path / "base", optimizer)
+    train(tmp_path / "overlap", *overlap)
+    base, got = _records(tmp_path / "base"), _records(tmp_path / "overlap")
+    assert sorted(base) == sorted(got) == list(range(STEPS))
     for step in base:
-        assert overlap[step]["loss"] == pytest.approx(base[step]["loss"], abs=TOLERANCE), step
-        assert overlap[step]["grad_norm"] == pytest.approx(base[step]["grad_norm"], rel=TOLERANCE), step
-    saved = {run: stored_tensors(tmp_path / run / "checkpoints" / f"iter_{STEPS:07d}") for run in ("base", "overlap")}
-    assert saved["base"].keys() == saved["overlap"].keys()
-    for name, tensor in saved["base"].items():  # one step's update is about 3e-3
-        assert (saved["overlap"][name] - tensor).abs().max() < 1e-5, name
-    train(tmp_path / "split", *OVERLAP, stop=3)
-    train(tmp_path / "split", *OVERLAP)
+        assert got[step]["loss"] == pytest.approx(base[step]["loss"], abs=TOLERANCE), step
+        assert got[step]["grad_norm"] == pytest.approx(base[step]["grad_norm"], rel=TOLERANCE), step
+    ckpts = {run: tmp_path / run / "checkpoints" / f"iter_{STEPS:07d}" for run in ("base", "overlap")}
+    # The weights saved right after an optimizer step (one step's update is about 3e-3) and, for the
+    # distributed optimizer, its per-parameter state gathered from several buckets.
+    for read in (stored_tensors, _optimizer_state) if distributed_optimizer == "true" else (stored_tensors,):
+        saved = {run: read(ckpt) for run, ckpt in ckpts.items()}
+        assert saved["base"].keys() == saved["overlap"].keys() and len(saved["base"]) > 5
+        for name, tensor in saved["base"].items():
+            assert (saved["overlap"][name] - tensor).abs().max() < 1e-5, name
+    train(tmp_path / "split", *overlap, stop=3)
+    train(tmp_path / "split", *overlap)
     assert losses(tmp_path / "split") == losses(tmp_path / "overlap")
 
 
 def test_overlap_settings_that_cannot_work_are_refused(config, tmp_path):
     with pytest.raises(ConfigError, match="ddp_bucket_size splits the gradients for overlap_grad_reduce"):
         PerformanceConfig(ddp_bucket_size=1000).validate()
+    with pytest.raises(ConfigError, match="overlap_param_gather needs performance.overlap_grad_reduce"):
+        PerformanceConfig(overlap_param_gather=True).validate()
     proc = run_lrpath(["train", str(config), "--run-dir", str(tmp_path / "run"), "--set",
-                       "parallel.use_distributed_optimizer=true", "--set", "performance.overlap_grad_reduce=true"],
-                      check=False)
-    assert proc.returncode == 2 and "overlap_grad_reduce cannot be used with the distributed optimizer" in proc.stderr
+                       "parallel.use_distributed_optimizer=false", "--set", "performance.overlap_grad_reduce=true",
+                       "--set", "performance.overlap_param_gather=true"], check=False)
+    assert proc.returncode == 2 and "overlap_param_gather gathers the distributed optimizer's" in proc.stderr
     assert not (tmp_path / "run").exists()
