@@ -141,6 +141,9 @@ class Trainer:
         dist_opt = cfg.parallel.use_distributed_optimizer
         if dist_opt is None:
             dist_opt = distributed.use_cuda()
+        if perf.overlap_param_gather and not dist_opt:
+            raise ConfigError("performance.overlap_param_gather gathers the distributed optimizer's parameter "
+                              "shards; set parallel.use_distributed_optimizer=true or the lever to false")
         module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
         if load_weights_first:  # base weights go in before the transform adds modules the base never had
             checkpoint.load_model(self.resume_from, module, fix=self._damaged_fix(own=False))
@@ -148,9 +151,6 @@ class Trainer:
             self.run.model_transform(module)
         if perf.compile_layers:  # after the transform: the compiled layers include its modules
             self._print(f"[{self.run.name}] torch.compile: {performance.compile_layers(module, perf)} layers")
-        if perf.overlap_param_gather and not dist_opt:
-            raise ConfigError("performance.overlap_param_gather gathers the distributed optimizer's parameter "
-                              "shards; set parallel.use_distributed_optimizer=true or the lever to false")
         module = with_precision(module, tcfg)
         self.model = DistributedDataParallel(
             config=tcfg,

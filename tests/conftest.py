@@ -71,10 +71,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-def stored_tensors(ckpt: Path) -> dict:
-    """Every floating tensor of a dist checkpoint, read whole from the DCP files (layout-independent)."""
+def stored_tensors(ckpt: Path, part: str = "model") -> dict:
+    """Every floating tensor of a checkpoint's dist checkpoint ``part`` (model or optimizer), read whole
+    from the DCP files (layout-independent)."""
     from lrpath_megatron.merge import DcpTensorReader
 
-    reader = DcpTensorReader(Path(ckpt) / "model")
+    reader = DcpTensorReader(Path(ckpt) / part)
     return {fqn: reader.read(fqn, [0] * len(md.size), list(md.size))
             for fqn, md in reader.tensor_meta().items() if md.properties.dtype.is_floating_point}
