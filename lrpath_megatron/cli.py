@@ -5,6 +5,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 import warnings
 
 from lrpath_megatron.errors import USER_ERRORS
@@ -48,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
-        # Every rank of a distributed run hits the same check; one message is enough.
+        # Every rank of a distributed run hits the same check; one message is enough. The other ranks
+        # exit a moment later: torchrun and srun kill the remaining ranks as soon as one exits, which
+        # could otherwise stop rank 0 before it has printed.
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-            print(f"lrpath {args.command}: error: {exc}", file=sys.stderr)
+            print(f"lrpath {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)
         return 2
 
 
