@@ -6,7 +6,7 @@ setup(
     description="Version updates of GPT models on megatron-core: main path, decaying branches, "
     "LR-triggered data mixing, checkpoint merging, adapters.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lrpath_megatron*", "data_tools*", "launch*"]),
+    packages=find_packages(include=["lrpath_megatron*"]),
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.17",
@@ -17,6 +17,8 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "transformers>=5.24",
+        "safetensors>=0.8",
     ],
     extras_require={
         # Used when importable, never required: TE layer specs + FP8, apex fused kernels.

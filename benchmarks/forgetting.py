@@ -52,13 +52,12 @@ def write_plan(run_dir: Path, prefixes: dict) -> Path:
 def train_base(plan_path: Path, run_dir: Path) -> None:
     """Main path up to v3's fork, then v3's release branch (skipped when already there)."""
     from lrpath_megatron.adapters.runner import load_adapt_plan
-    from lrpath_megatron.commands.train import path_run
     from lrpath_megatron.trainer import run_path
 
     plan, _ = load_adapt_plan(plan_path)
     v3 = plan.path("v3")
-    run_path(plan.train_config, path_run(plan, "main", run_dir), stop_at_step=v3.fork_step)
-    run_path(plan.train_config, path_run(plan, "v3", run_dir))
+    run_path(plan.train_config, plan.run_for("main", run_dir), stop_at_step=v3.fork_step)
+    run_path(plan.train_config, plan.run_for("v3", run_dir))
 
 
 def main() -> None:
@@ -67,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "forgetting.json")
     args = parser.parse_args()
     os.environ.setdefault("LRPATH_DEVICE", "cpu")
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
     from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
 
     run_dir = args.run_dir.resolve()

@@ -33,7 +33,7 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     work = Path(tempfile.mkdtemp(prefix="lrpath_fork_"))
     data = prepare_demo_data(work / "data")

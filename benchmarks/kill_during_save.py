@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> list[dict]:
     """Start `lrpath train`, let it save a few steps, SIGKILL it at a random moment, check; repeat."""
-    from lrpath_megatron import checkpoint
+    from lrpath_megatron import checkpoint_layout
 
     rng = random.Random(seed)
     results = []
@@ -29,9 +29,9 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
         proc = subprocess.Popen([sys.executable, "-m", "lrpath_megatron.cli", "train", str(config),
                                  "--run-dir", str(run_dir)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        before = checkpoint.find_latest(run_dir / "checkpoints")
+        before = checkpoint_layout.find_latest(run_dir / "checkpoints")
         deadline = time.time() + 300
-        while checkpoint.find_latest(run_dir / "checkpoints") in (None, before):  # at least one new save
+        while checkpoint_layout.find_latest(run_dir / "checkpoints") in (None, before):  # at least one new save
             if proc.poll() is not None:
                 raise RuntimeError(f"training exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
             if time.time() > deadline:
@@ -42,8 +42,8 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
         in_save = any(run_dir.joinpath("checkpoints").glob(".tmp_iter_*"))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        latest = checkpoint.find_latest(run_dir / "checkpoints")
-        bad = checkpoint.verify(latest) if latest is not None else ["<none>"]
+        latest = checkpoint_layout.find_latest(run_dir / "checkpoints")
+        bad = checkpoint_layout.verify(latest) if latest is not None else ["<none>"]
         left = leftover_processes(run_dir)
         results.append({"delay_s": round(delay, 3), "save_in_progress": in_save,
                         "latest": latest.name if latest else None, "corrupt_files": bad, "leftover_processes": left})
@@ -79,7 +79,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_config
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     work = Path(tempfile.mkdtemp(prefix="lrpath_kill_"))
     config = tiny_config(prepare_demo_data(work / "data"), work / "c.yaml", checkpoint={"save_interval": 1},

@@ -11,6 +11,7 @@ with the trainer's own validation (the same fixed held-out batches for all).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -68,7 +69,7 @@ def train_main(s: Settings, data: dict, work: Path) -> tuple[Path, Path]:
 
 class Evaluator:
     """Validation loss of any checkpoint through the trainer itself: a path initialised from the checkpoint's
-    weights (``init_weights_only``), then ``Trainer.evaluate``."""
+    weights (a ``weights`` start), then ``Trainer.evaluate``."""
 
     def __init__(self, cfg_path: Path, work: Path):
         from lrpath_megatron.config import load_train_config
@@ -79,12 +80,12 @@ class Evaluator:
 
     def __call__(self, ckpt: Path) -> dict:
         from lrpath_megatron import distributed
-        from lrpath_megatron.commands.train import standalone_run
+        from lrpath_megatron.path import WEIGHTS, Start, standalone_run
         from lrpath_megatron.trainer import Trainer
 
         self.count += 1
-        run = standalone_run(self.cfg, self.work / f"eval_{self.count}")
-        run.parent_checkpoint, run.init_weights_only = ckpt, True
+        run = dataclasses.replace(standalone_run(self.cfg, self.work / f"eval_{self.count}"),
+                                  origin=Start(WEIGHTS, ckpt))
         trainer = Trainer(self.cfg, run)
         try:
             trainer.setup()
@@ -96,13 +97,15 @@ class Evaluator:
         """Train T - W .. T from the main path's checkpoint (with its Adam state and data position), LR
         cosine from the main LR to 0 over the window, then evaluate."""
         from lrpath_megatron import distributed
-        from lrpath_megatron.commands.train import standalone_run
+        from lrpath_megatron.path import FORK, Start, standalone_run
         from lrpath_megatron.trainer import Trainer
 
         run = standalone_run(self.cfg, self.work / f"decay_{end - fork}")
         lr, span = self.cfg.optimizer.lr, end - 1 - fork
-        run.lr_at_step = lambda step: lr * 0.5 * (1 + math.cos(math.pi * min(step - fork, span) / span))
-        run.start_step, run.end_step, run.parent_checkpoint = fork, end, fork_ckpt
+        path = dataclasses.replace(
+            run.path, fork_step=fork, end_step=end, parent="main",
+            lr=lambda step: lr * 0.5 * (1 + math.cos(math.pi * min(step - fork, span) / span)))
+        run = dataclasses.replace(run, path=path, origin=Start(FORK, fork_ckpt))
         trainer = Trainer(self.cfg, run)
         try:
             trainer.setup()
@@ -138,8 +141,8 @@ def main(argv=None) -> int:
 
 
 def run(s: Settings, work: Path) -> dict:
-    from data_tools.demo import prepare_demo_data
-    from lrpath_megatron.checkpoint import iter_name
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
+    from lrpath_megatron.checkpoint_layout import iter_name
     from lrpath_megatron.merge import merge_checkpoints
     from lrpath_megatron.merge_weights import merge_weights
 

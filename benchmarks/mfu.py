@@ -300,7 +300,7 @@ def throughput(args, m: dict, device: str) -> dict:
 def loss_agreement(args, m: dict, device: str) -> dict:
     """Baseline vs ``--agreement-config`` for ``--agreement-steps`` steps on the demo corpora (real text,
     same seed, same data order): max |loss difference| against the stated tolerance."""
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     from lrpath_megatron import distributed
 

@@ -131,8 +131,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "preprocess.json"))
     args = ap.parse_args()
 
-    from data_tools.inputs import iter_texts
-    from data_tools.tokenizer import TokenizerSpec, train_tokenizer
+    from lrpath_megatron.data_tools.inputs import iter_texts
+    from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

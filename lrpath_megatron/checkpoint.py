@@ -16,52 +16,28 @@ never half of one.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-# The layout (names, completeness, latest, manifests, forks) is torch-free; re-exported for callers.
-from lrpath_megatron.checkpoint_layout import (  # noqa: F401
-    FORK, LATEST, MANIFEST, checkpoint_at, find_latest, find_resumable, has_optimizer_state, is_complete,
-    iter_name, prune, read_manifest, record_fork, remove_stale_temporaries, sha256_file, verify, write_json_atomic, write_text_atomic,
-)
+from lrpath_megatron import ranks
+from lrpath_megatron.checkpoint_layout import LATEST, MANIFEST, iter_name, model_differences, read_manifest, sha256_file, verify, write_json_atomic, write_text_atomic
+from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mcore_patches import gathered_state_offsets, prepare_torch_adam_load, restore_steps
 
 # The distributed optimizer's state in its canonical per-parameter form, so a checkpoint resumes at any
 # TP/PP/DP (megatron-core 0.16's default, fully_sharded_model_space, cannot be saved by its own
 # dist-checkpointing; dp_reshardable reshards only in DP). The other optimizers ignore it.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _gather(obj: Any) -> list:
-    """``obj`` of every rank, in rank order (collective)."""
-    if _world() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * _world()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
 
 
 def rng_state() -> dict:
@@ -95,18 +71,18 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
     root = Path(root)
     final = root / iter_name(step)
     tmp = root / f".tmp_{iter_name(step)}"
-    rank = _rank()
+    rank = ranks.rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         for sub in ("rng", "model", "optimizer"):
             (tmp / sub).mkdir(parents=True)
-    _barrier()
+    ranks.barrier()
     model_sd = model.sharded_state_dict()
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
     save_optimizer = save_optimizer and optimizer is not None
     optim_sd = None
     if save_optimizer:
-        with _gathered_state_offsets(optimizer):
+        with gathered_state_offsets(optimizer):
             optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(model_sd, str(tmp / "model"))
     if optim_sd is not None:
@@ -116,51 +92,25 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest:
         if not save_optimizer:
             (tmp / "optimizer").rmdir()
         torch.save(trainer_state, tmp / "trainer_state.pt")
-    _barrier()
+    ranks.barrier()
     checksums = _distributed_checksums(tmp)
     if rank == 0:
-        manifest = dict(manifest, step=step, world_size=_world(), optimizer_state=save_optimizer, files=checksums)
+        manifest = dict(manifest, step=step, world_size=ranks.world(), optimizer_state=save_optimizer, files=checksums)
         write_json_atomic(tmp / MANIFEST, manifest)
         if final.exists():  # a re-save of the same step (e.g. a resumed run stopped at the same point)
             shutil.rmtree(final)
         os.rename(tmp, final)
         write_text_atomic(root / LATEST, final.name)
-    _barrier()
+    ranks.barrier()
     return final
-
-
-@contextlib.contextmanager
-def _gathered_state_offsets(optimizer):
-    """While the distributed optimizer builds its ``fully_reshardable`` state for a save, point each
-    parameter at its place in the gathered state instead of in the gradient buffer.
-
-    megatron-core 0.16.1 gathers every bucket's state without the padding at the bucket's end, one bucket
-    after the other, then slices it per parameter at the parameter's offset in the padded buffer: with
-    more than one bucket (``performance.overlap_grad_reduce``) every parameter after the first bucket got
-    another parameter's state. Loading slices per parameter correctly and needs nothing. Optimizers
-    without gradient buffers (not distributed) are left alone."""
-    buffers = {id(b): b for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-               for b in getattr(opt, "buffers", [])}.values()
-    saved = [(b, b.param_index_map) for b in buffers]
-    for buffer, index in saved:
-        starts, gathered = [], 0  # each bucket's start in the gathered (unpadded, concatenated) state
-        for bucket in buffer.buckets:
-            starts.append(gathered - bucket.offset)
-            gathered += bucket.numel_unpadded
-        buffer.param_index_map = {p: (start + starts[b], end + starts[b], b) for p, (start, end, b) in index.items()}
-    try:
-        yield
-    finally:
-        for buffer, index in saved:
-            buffer.param_index_map = index
 
 
 def _distributed_checksums(ckpt: Path) -> dict[str, str]:
     """sha256 of every written file, the files split across ranks so no rank reads the whole checkpoint."""
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
-    rank, world = _rank(), _world()
+    rank, world = ranks.rank(), ranks.world()
     mine = {name: sha256_file(ckpt / name) for i, name in enumerate(files) if i % world == rank}
-    return {k: v for part in _gather(mine) for k, v in sorted(part.items())}
+    return {k: v for part in ranks.gather(mine) for k, v in sorted(part.items())}
 
 
 # What to do about a damaged checkpoint when the caller has nothing more specific to say.
@@ -181,9 +131,9 @@ def _explain_load_failure(ckpt: Path, fix: str, read: Callable[[], T]) -> T:
     # BaseException); the checksums decide what it means.
     except (Exception, CheckpointException) as exc:
         result, error = None, exc
-    if not any(_gather(error is not None)):
+    if not any(ranks.gather(error is not None)):
         return result
-    damaged = sorted(name for part in _gather(verify(ckpt, _rank(), _world())) for name in part)
+    damaged = sorted(name for part in ranks.gather(verify(ckpt, ranks.rank(), ranks.world())) for name in part)
     if damaged:
         raise LrpathError(f"checkpoint {ckpt} is damaged (truncated, changed or missing against the checksums in "
                           f"its {MANIFEST}: {', '.join(damaged)}); {fix}") from None
@@ -221,48 +171,15 @@ def _load(ckpt: Path, model, optimizer, load_optimizer: bool, restore_rng: bool)
                 f"checkpoint.save_optimizer=false), so training cannot continue from it; list its step in "
                 f"plan.main.save_steps, or retrain its path with checkpoint.save_optimizer=true"
             )
-        held = _prepare_torch_adam_load(optimizer)
+        held = prepare_torch_adam_load(optimizer)
         opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
                                              metadata=OPTIMIZER_METADATA)
         optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(ckpt / "optimizer")))
-        _restore_steps(held)
-    rng_file = ckpt / "rng" / f"rank_{_rank()}.pt"
-    if restore_rng and read_manifest(ckpt).get("world_size") == _world() and rng_file.is_file():
+        restore_steps(held)
+    rng_file = ckpt / "rng" / f"rank_{ranks.rank()}.pt"
+    if restore_rng and read_manifest(ckpt).get("world_size") == ranks.world() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
-
-
-def _prepare_torch_adam_load(optimizer) -> list:
-    """megatron-core 0.16.1's distributed optimizer over torch's AdamW (its fallback without TE or apex)
-    cannot load as it stands: ``sharded_state_dict(is_loading=True)`` reads the step of the optimizer
-    state, which a fresh optimizer does not have yet; ``load_state_dict`` gives every parameter the same
-    ``step`` tensor (which torch's foreach and fused kernels would advance once per parameter) and then
-    copies the loaded per-parameter state over every key of the live state, ``step`` included, which the
-    loaded state does not have. So: give the fresh state a step, hold the steps aside while the state is
-    copied in, and give each parameter its own step back (:func:`_restore_steps`). Returns what to restore."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    held = []
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if not isinstance(part, DistributedOptimizer) or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        steps: dict = {}
-        inner.register_load_state_dict_post_hook(
-            lambda opt, steps=steps: steps.update({p: s.pop("step") for p, s in opt.state.items() if "step" in s}))
-        held.append((inner, steps))
-    return held
-
-
-def _restore_steps(held: list) -> None:
-    for inner, steps in held:
-        for p, step in steps.items():
-            inner.state[p]["step"] = step.clone()
 
 
 def check_model(ckpt: Path, model: dict, what: str, fix: str) -> dict:
@@ -270,8 +187,8 @@ def check_model(ckpt: Path, model: dict, what: str, fix: str) -> dict:
     checkpoint only loads into the model it was saved from. ``what`` says what was attempted, ``fix`` the
     caller's way out. Returns the checkpoint's manifest."""
     manifest = read_manifest(ckpt)
-    saved = manifest["config"]["model"]
-    diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    saved = with_model_defaults(manifest["config"]["model"])
+    diff = model_differences(saved, model)
     if diff:
         changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in diff)
         raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); {fix}")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
 
 MANIFEST = "manifest.json"
@@ -85,13 +86,21 @@ def read_manifest(ckpt: Path) -> dict:
                           f"from a copy") from None
 
 
+def model_differences(saved: dict, current: dict) -> list[str]:
+    """The settings in which two model sections (``config.model`` of manifests, ``to_dict(ModelConfig)``)
+    differ: a checkpoint loads only into the model it was saved from. A setting missing from a manifest
+    written before it existed counts as its default."""
+    saved, current = with_model_defaults(saved), with_model_defaults(current)
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
 FORK = "fork.json"
 
 
-def record_fork(path_dir: Path, parent: Path, fork_step: int, write: bool = True) -> dict:
-    """Reference (never copy) the checkpoint a branch starts from, in ``path_dir/fork.json``: O(1) in the
-    model size. The parent's manifest digest (which covers every file's checksum) is recorded; if the
-    branch already forked, the parent must still be the same checkpoint."""
+def record_fork(record_file: Path, parent: Path, fork_step: int, write: bool = True) -> dict:
+    """Reference (never copy) the checkpoint a branch starts from, in its ``fork.json`` (``record_file``):
+    O(1) in the model size. The parent's manifest digest (which covers every file's checksum) is recorded;
+    if the branch already forked, the parent must still be the same checkpoint."""
     parent = Path(parent)
     if not is_complete(parent):
         raise LrpathError(
@@ -100,7 +109,7 @@ def record_fork(path_dir: Path, parent: Path, fork_step: int, write: bool = True
         )
     record = {"parent_checkpoint": str(parent.resolve()), "fork_step": fork_step,
               "parent_manifest_sha256": sha256_file(parent / MANIFEST)}
-    existing = Path(path_dir) / FORK
+    existing = Path(record_file)
     if existing.is_file():
         old = json.loads(existing.read_text())
         if old["parent_manifest_sha256"] != record["parent_manifest_sha256"]:
@@ -110,7 +119,7 @@ def record_fork(path_dir: Path, parent: Path, fork_step: int, write: bool = True
             )
         return old
     if write:
-        Path(path_dir).mkdir(parents=True, exist_ok=True)
+        existing.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(existing, record)
     return record
 

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "lrpath_megatron.commands.adapt",
     "lrpath_megatron.commands.status",
     "lrpath_megatron.commands.export",
+    "lrpath_megatron.commands.hf",
     "lrpath_megatron.commands.eval",
     "lrpath_megatron.commands.demo",
 ]

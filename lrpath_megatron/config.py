@@ -38,8 +38,16 @@ class ModelConfig:
     activation: str = "gelu"  # gelu | swiglu
     position_embedding: str = "rope"  # rope | learned_absolute
     rotary_base: int = 10000
+    # RoPE frequency scaling for long contexts: None | llama3 (megatron-core's fixed low/high frequency
+    # factors 1 and 4 over an 8192-token original context) | linear (positions divided by the factor).
+    rope_scaling: Optional[str] = None
+    rope_scaling_factor: Optional[float] = None
+    norm_epsilon: float = 1e-5
+    kv_channels: Optional[int] = None  # per-head size; None = hidden_size / num_attention_heads
     untie_embeddings: bool = True
-    add_bias_linear: bool = False
+    add_bias_linear: bool = False  # biases on every linear layer
+    add_qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
+    qk_layernorm: bool = False  # a norm over each query and key head before RoPE (Qwen3)
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -55,19 +63,26 @@ class ModelConfig:
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (fwd + bwd, no recompute), Megatron-LM's formula
-        72 L H^2 (1 + S/(6H) + V/(12 L H)) generalised to GQA, any FFN size and SwiGLU: 6 x the GEMM
-        parameters per token, plus 12 L S H for attention scores and values (full, not causal-halved, as
-        Megatron-LM counts it; MFU figures are comparable with its logs)."""
+        """Training FLOPs per token (forward + backward, no recomputation) by Megatron-LM's count,
+        ``num_floating_point_operations`` in its ``megatron/training/training.py`` for a dense GPT with
+        MHA or GQA: 3 passes x 2 FLOPs per multiply-add over the GEMMs a token goes through (QKV and
+        attention output, the MLP with 3 matrices for SwiGLU and 2 otherwise, the logits on the padded
+        vocabulary), plus causal attention, ``QK^T`` and ``softmax x V`` over half the score matrix:
+        ``6 * (gemm_params + L * q * S)``. MFU figures therefore compare with Megatron-LM's."""
         h, layers, s = self.hidden_size, self.num_layers, self.seq_length
-        kv = h * (self.num_query_groups or self.num_attention_heads) / self.num_attention_heads
+        head = self.kv_channels or h / self.num_attention_heads
+        q = head * self.num_attention_heads
+        kv = head * (self.num_query_groups or self.num_attention_heads)
         mlp = h * self.ffn_size * (3 if self.activation == "swiglu" else 2)
-        gemm_params = layers * (2 * h * h + 2 * h * kv + mlp) + h * self.padded_vocab_size
-        return 6 * gemm_params + 12 * layers * s * h
+        gemm_params = layers * (2 * h * q + 2 * h * kv + mlp) + h * self.padded_vocab_size
+        return 6 * (gemm_params + layers * q * s)
 
     def validate(self) -> None:
-        _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"])
-        if self.hidden_size % self.num_attention_heads:
+        _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                                  "norm_epsilon"])
+        if self.kv_channels is not None:
+            _positive(self, "model", ["kv_channels"])
+        elif self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} does not divide "
                 f"model.hidden_size={self.hidden_size}; choose heads so that hidden_size % heads == 0"
@@ -78,6 +93,12 @@ class ModelConfig:
         _choice(self, "model", "normalization", ["RMSNorm", "LayerNorm"])
         _choice(self, "model", "activation", ["gelu", "swiglu"])
         _choice(self, "model", "position_embedding", ["rope", "learned_absolute"])
+        if self.rope_scaling is not None:
+            _choice(self, "model", "rope_scaling", ["llama3", "linear"])
+            if self.rope_scaling_factor is None or self.rope_scaling_factor <= 0:
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.rope_scaling_factor > 0")
+        elif self.rope_scaling_factor is not None:
+            raise ConfigError("model.rope_scaling_factor is set but model.rope_scaling is null; set both or neither")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1)")
@@ -262,7 +283,8 @@ class CorpusConfig:
 class MixStage:
     """One stage of an LR-triggered blend. ``lr_below`` None = the first stage (active from the start).
 
-    ``lr_below`` is a number, or a string relative to the path's peak LR such as ``"eta_max/5"``.
+    ``lr_below`` is a number, or a string relative to the path's peak LR such as ``"eta_max/5"``; the stage
+    becomes active at the first step whose LR has come down to it (``lr <= lr_below``).
     """
 
     lr_below: Any = None
@@ -497,7 +519,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     with config_source(path, overrides):
-        return from_dict(TrainConfig, data).validate()
+        cfg = from_dict(TrainConfig, data).validate()
+        if not cfg.data.corpora:  # a plan names its corpora in its versions; a stand-alone run needs some
+            raise ConfigError("data.corpora is empty: list at least one {name, prefix} corpus")
+        return cfg
 
 
 @contextlib.contextmanager
@@ -516,6 +541,25 @@ def config_source(path: str | Path | None, overrides: list[str] | None = None):
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Model settings added after checkpoints and plans were first written; their defaults are the models of before.
+LATER_MODEL_FIELDS = ("rope_scaling", "rope_scaling_factor", "norm_epsilon", "kv_channels", "add_qkv_bias",
+                      "qk_layernorm")
+
+
+def with_model_defaults(model: dict) -> dict:
+    """A model section (``config.model`` of a manifest) with each missing setting at its default: a
+    checkpoint saved before a setting existed holds the model of its default."""
+    return {**to_dict(ModelConfig()), **model}
+
+
+def hashed_model(model: ModelConfig) -> dict:
+    """The model section as plan hashes see it: the later settings only where they differ from their
+    default, so a plan written before they existed keeps its hash."""
+    defaults = ModelConfig()
+    return {k: v for k, v in to_dict(model).items()
+            if k not in LATER_MODEL_FIELDS or v != getattr(defaults, k)}
 
 
 def _positive(obj: Any, section: str, names: list[str]) -> None:

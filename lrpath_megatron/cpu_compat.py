@@ -2,6 +2,8 @@
 
 :func:`enable` is called by :mod:`lrpath_megatron.distributed` only when training without a GPU; the GPU
 path never applies any of this (tested). Each workaround names the megatron-core call site it exists for.
+The ones that replace megatron-core internals are checked against the installed megatron-core first, as
+every patch of :mod:`lrpath_megatron.mcore_patches` is (:data:`CPU_RNG`).
 """
 from __future__ import annotations
 
@@ -9,8 +11,25 @@ import threading
 
 import torch
 
+from lrpath_megatron.mcore_patches import Patch
+
 _lock = threading.Lock()
 _enabled = False
+
+_RANDOM = "megatron.core.tensor_parallel.random"
+CPU_RNG = Patch(
+    "cpu_rng",
+    {
+        f"{_RANDOM}:_get_cuda_rng_state": None,
+        f"{_RANDOM}:_set_cuda_rng_state": None,
+        f"{_RANDOM}:_get_all_rng_states": "0fd22c8e723e",
+        f"{_RANDOM}:_set_all_rng_states": "ecfe91a8fe3d",
+        f"{_RANDOM}:initialize_rng_tracker": "4bc461df7c7f",
+    },
+    "where megatron.core.tensor_parallel.random reads and sets the CUDA RNG state for activation "
+    "recomputation (through its module globals _get_cuda_rng_state/_set_cuda_rng_state), and that "
+    "initialize_rng_tracker(inference_rng_tracker=True) still makes fork() a no-op",
+)
 
 
 class _CudaToCpu(torch.overrides.TorchFunctionMode):
@@ -77,6 +96,7 @@ def enable() -> None:
     with _lock:
         if _enabled:
             return
+        CPU_RNG.check()  # before anything is patched
         # rotary_pos_embedding.py and core/utils.py (global memory buffer) call current_device();
         # the async checkpoint writer calls synchronize().
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
@@ -99,5 +119,6 @@ def init_rng(seed: int) -> None:
     """
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
+    CPU_RNG.check()
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     torch.manual_seed(seed)

@@ -127,8 +127,7 @@ class CorpusSplits:
     """Opens every configured corpus and builds one split of each; collates samples of that split."""
 
     def __init__(self, cfg: DataConfig, seq_length: int, seed: int, split_name: str, vocab_size: int | None):
-        if not cfg.corpora:
-            raise LrpathError("data.corpora is empty; configure at least one corpus (name + prefix)")
+        assert cfg.corpora, "configs are validated to name at least one corpus"
         indexed = {c.name: open_corpus(c, vocab_size) for c in cfg.corpora}
         vocab = vocab_size or _default_vocab_size(next(iter(indexed.values())))
         config = gpt_dataset_config(seq_length, cfg.valid_fraction, seed, vocab)
@@ -163,13 +162,8 @@ class TrainData:
     def __init__(self, cfg: DataConfig, seq_length: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, weights_at_step: WeightsFn, seed: int, *,
                  vocab_size: int | None = None) -> None:
-        if dp_size <= 0 or not 0 <= dp_rank < dp_size:
-            raise LrpathError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise LrpathError(
-                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * dp_size = "
-                f"{micro_batch_size} * {dp_size}"
-            )
+        # The layout is checked once, when the world size is known (ParallelConfig.data_parallel).
+        assert 0 <= dp_rank < dp_size and global_batch_size % (micro_batch_size * dp_size) == 0
         self.micro_batch_size = micro_batch_size
         self.per_rank = global_batch_size // dp_size
         self.dp_rank = dp_rank
@@ -186,8 +180,9 @@ class TrainData:
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        """``source``: the checkpoint the state comes from, named in a refusal."""
+        self.sampler.load_state_dict(state, source)
 
     def pop_stats(self) -> dict:
         return self.sampler.pop_stats()

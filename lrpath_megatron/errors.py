@@ -7,3 +7,7 @@ class LrpathError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, LrpathError)
+
+# Exit code of a trainer that saved on a signal (SLURM's USR1 before the time limit, preemption): the
+# launcher's sbatch scripts requeue the job on it.
+EXIT_REQUEUE = 3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lrpath_megatron import checkpoint, distributed, forward
+from lrpath_megatron import checkpoint, checkpoint_layout, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import ValidData
 from lrpath_megatron.errors import LrpathError
@@ -23,7 +23,7 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     checkpoints = [Path(c) for c in checkpoints]
     steps = {}
     for ckpt in checkpoints:  # every refusal before the process group starts
-        if not checkpoint.is_complete(ckpt):
+        if not checkpoint_layout.is_complete(ckpt):
             raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
                               f"directory written by `lrpath train` or `lrpath merge`")
         steps[ckpt] = checkpoint.check_model(

@@ -11,7 +11,6 @@ names its layers differently), and no GPU is needed.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lrpath_megatron.checkpoint_layout import MANIFEST
+from lrpath_megatron.checkpoint_layout import MANIFEST, read_manifest
 from lrpath_megatron.config import ConfigError, TrainConfig, from_dict, to_dict
 from lrpath_megatron.errors import LrpathError
 
@@ -49,10 +48,7 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, TrainConfig]:
                           f"killed leaves none); {hint}")
     if not (ckpt / "model" / ".metadata").is_file():
         raise LrpathError(f"{ckpt}/model has no dist-checkpoint .metadata: the model weights are missing; {hint}")
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise LrpathError(f"{ckpt / MANIFEST} is not valid JSON ({exc}); {hint}") from None
+    manifest = read_manifest(ckpt)
     if not isinstance(manifest.get("config"), dict):
         raise LrpathError(f"{ckpt / MANIFEST} has no 'config' (the model settings are needed to rebuild it); {hint}")
     data = manifest["config"].get("data")

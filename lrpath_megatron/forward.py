@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -38,9 +39,12 @@ def global_mean(local_losses: list[float]) -> float:
 
 
 @torch.no_grad()
-def validation_losses(model, valid_data, num_batches: int, seq_length: int, micro_batch_size: int) -> dict:
+def validation_losses(model, valid_data, num_batches: int, seq_length: int, micro_batch_size: int,
+                      token_losses: Callable[[dict], torch.Tensor] | None = None) -> dict:
     """Loss per corpus on the first ``num_batches`` held-out micro-batches (the same set for every layout),
-    and their mean: ``{"val_loss": x, "val_loss_per_corpus": {corpus: x}}``. Collective."""
+    and their mean: ``{"val_loss": x, "val_loss_per_corpus": {corpus: x}}``. Collective.
+    ``token_losses(batch) -> [b, s]`` replaces the model's forward where the schedule cannot run it (inputs
+    routed to adapters; pipeline_parallel=1)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     was_training = model.training
@@ -48,7 +52,11 @@ def validation_losses(model, valid_data, num_batches: int, seq_length: int, micr
     per_corpus = {}
     for corpus in valid_data.corpora:
         batches = valid_data.batches(corpus, num_batches, dp_rank, dp_size)
-        per_corpus[corpus] = global_mean(forward_backward(model, batches, seq_length, micro_batch_size, True))
+        if token_losses is None:
+            local = forward_backward(model, batches, seq_length, micro_batch_size, True)
+        else:
+            local = [float(_masked_mean_loss(b["loss_mask"], token_losses(b))[0]) for b in batches]
+        per_corpus[corpus] = global_mean(local)
     model.train(was_training)
     return {"val_loss": sum(per_corpus.values()) / len(per_corpus), "val_loss_per_corpus": per_corpus}
 

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from tqdm import tqdm
 
-from lrpath_megatron.checkpoint_layout import MANIFEST, sha256_file
+from lrpath_megatron.checkpoint_layout import MANIFEST, is_complete, model_differences, read_manifest, sha256_file
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.merge_weights import MergeWeights
 
@@ -246,22 +246,10 @@ def _merge_dist(inputs: list[MergeInput], weights: MergeWeights, out: Path, grou
             continue
         (merged if md.properties.dtype.is_floating_point else copied).append(fqn)
         out_md[fqn] = TensorStorageMetadata(md.properties, md.size, list(md.chunks))
-        for chunk in md.chunks:
-            items.append(WriteItem(
-                index=MetadataIndex(fqn, chunk.offsets),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(ChunkStorageMetadata(chunk.offsets, chunk.sizes), md.properties, md.size),
-            ))
+        items += [chunk_item(fqn, chunk, md) for chunk in md.chunks]
     model_out = out / MODEL_DIR
-    model_out.mkdir(parents=True)
-    writer = FileSystemWriter(str(model_out), single_file_per_rank=True, thread_count=1)
-    writer.set_up_storage_writer(is_coordinator=True)
-    # One SavePlan per group: the writer names each plan's file __{index}_0.distcp, as for ranks.
-    plans = writer.prepare_global_plan([SavePlan(items=g) for g in _groups(items, group_bytes)])
     with tqdm(total=len(items), desc="merge", unit="chunk", disable=not progress, file=sys.stderr) as bar:
-        source = _MergedSource(readers, weights.coefficients, bar)
-        results = [writer.write_data(plan, source).wait() for plan in plans]
-    writer.finish(Metadata(state_dict_metadata=out_md), results)
+        write_dist(model_out, out_md, items, _MergedSource(readers, weights.coefficients, bar), group_bytes)
     for name in MCORE_SIDE_FILES:
         if (inputs[-1].weights / name).is_file():
             shutil.copy2(inputs[-1].weights / name, model_out / name)
@@ -270,6 +258,26 @@ def _merge_dist(inputs: list[MergeInput], weights: MergeWeights, out: Path, grou
     manifest["files"] = {str(f.relative_to(out)): sha256_file(f) for f in sorted(model_out.rglob("*")) if f.is_file()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return MergeResult(out, manifest, merged, copied)
+
+
+def chunk_item(fqn: str, chunk: ChunkStorageMetadata, md: TensorStorageMetadata) -> WriteItem:
+    """The write item of one stored chunk of tensor ``fqn``."""
+    return WriteItem(index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(ChunkStorageMetadata(chunk.offsets, chunk.sizes), md.properties,
+                                                 md.size))
+
+
+def write_dist(model_out: Path, metadata: dict, items: list[WriteItem], source, group_bytes: int) -> None:
+    """Write the DCP directory ``model_out`` of ``metadata`` (fqn -> storage metadata) from ``items``, whose
+    data ``source.resolve_data(item)`` computes when the writer reaches it (one item at a time), in files
+    of about ``group_bytes``."""
+    model_out.mkdir(parents=True)
+    writer = FileSystemWriter(str(model_out), single_file_per_rank=True, thread_count=1)
+    writer.set_up_storage_writer(is_coordinator=True)
+    # One SavePlan per group: the writer names each plan's file __{index}_0.distcp, as for ranks.
+    plans = writer.prepare_global_plan([SavePlan(items=g) for g in _groups(items, group_bytes)])
+    results = [writer.write_data(plan, source).wait() for plan in plans]
+    writer.finish(Metadata(state_dict_metadata=metadata), results)
 
 
 def _groups(items: list[WriteItem], group_bytes: int) -> list[list[WriteItem]]:
@@ -367,8 +375,8 @@ def _check_configs(inputs: list[MergeInput]) -> None:
     known = [(c, i) for c, i in configs if c is not None]
     for config, inp in known[:-1]:
         ref, last = known[-1]
-        if config != ref:
-            keys = sorted(k for k in set(config) | set(ref) if config.get(k) != ref.get(k))
+        keys = model_differences(config, ref)
+        if keys:
             raise LrpathError(
                 f"mismatched checkpoints: model config of {inp.given} differs from {last.given} in "
                 f"{', '.join(f'model.{k}' for k in keys)}; merge only checkpoints of one model"
@@ -379,8 +387,8 @@ def _model_config(inp: MergeInput) -> dict | None:
     if inp.weights.is_file():
         config = _load_export(inp.weights).get("config")
     else:
-        path = inp.weights.parent / MANIFEST if inp.weights.name == MODEL_DIR else inp.weights / MANIFEST
-        config = json.loads(path.read_text()).get("config") if path.is_file() else None
+        ckpt = inp.weights.parent if inp.weights.name == MODEL_DIR else inp.weights
+        config = read_manifest(ckpt).get("config") if is_complete(ckpt) else None
     return config.get("model") if isinstance(config, dict) and isinstance(config.get("model"), dict) else None
 
 
@@ -401,9 +409,9 @@ def _manifest(inputs: list[MergeInput], weights: MergeWeights, fmt: str, merged:
         "copied_from_last": copied,
         "optimizer": OPTIMIZER_NOTE,
     }
-    source = last.weights.parent / MANIFEST if fmt == "dist" and last.weights.name == MODEL_DIR else None
-    if source is not None and source.is_file():
-        trainer = json.loads(source.read_text())
+    source = last.weights.parent if fmt == "dist" and last.weights.name == MODEL_DIR else None
+    if source is not None and is_complete(source):
+        trainer = read_manifest(source)
         manifest.update({k: trainer[k] for k in ("config", "plan_hash", "path") if k in trainer})
     return manifest
 

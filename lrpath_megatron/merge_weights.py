@@ -17,12 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.schedules import DECAY_CURVES
 
-CURVES: dict[str, Callable[[float], float]] = {
-    "linear": lambda x: 1.0 - x,
-    "cosine": lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
-    "1-sqrt": lambda x: 1.0 - math.sqrt(x),
-}
 # Coefficients must sum to 1 to this tolerance (user-typed decimals such as 0.1,0.2,0.7).
 SUM_TOLERANCE = 1e-6
 
@@ -128,8 +124,8 @@ def merge_weights(spec: str, num_checkpoints: int) -> MergeWeights:
             "(or --num-checkpoints N with --print)"
         )
     name, _, arg = spec.partition(":")
-    if spec in CURVES:
-        return _from_multipliers(spec, spec, curve_multipliers(CURVES[spec], num_checkpoints))
+    if spec in DECAY_CURVES:
+        return _from_multipliers(spec, spec, curve_multipliers(DECAY_CURVES[spec], num_checkpoints))
     if name == "points":
         return _from_multipliers("points", spec, curve_multipliers(points_curve(_parse_points(arg)), num_checkpoints))
     if spec == "mean":
@@ -162,17 +158,28 @@ def explicit_weights(coefficients: Sequence[float], num_checkpoints: int, spec: 
     return _from_coefficients("explicit", spec, c)
 
 
-def merge_save_steps(end_step: int, window_steps: int, num_checkpoints: int) -> list[int]:
+def merge_save_steps(end_step: int, window_steps: int, num_checkpoints: int,
+                     warmup_steps: int = 0) -> list[int]:
     """Main-path steps to checkpoint for a merge of ``num_checkpoints`` equally spaced checkpoints whose
-    window (first to last) spans ``window_steps`` and ends at ``end_step``."""
+    window (first to last) spans ``window_steps`` and ends at ``end_step``. The window must start after
+    the ``warmup_steps``: the merge describes a decay only when every update it weighs was taken at the
+    constant peak LR."""
     k = num_checkpoints - 1
     if k < 1 or window_steps <= 0 or window_steps % k:
         raise ConfigError(
             f"merge window of {window_steps} steps cannot hold {num_checkpoints} equally spaced checkpoints; "
             f"choose a window that is a positive multiple of num_checkpoints - 1 = {k} steps"
         )
-    if window_steps > end_step:
+    first = end_step - window_steps
+    if first < 0:
         raise ConfigError(f"merge window of {window_steps} steps starts before step 0 (it ends at step {end_step})")
+    if first < warmup_steps:
+        raise ConfigError(
+            f"merge window of {window_steps} steps starts at step {first}, inside the warmup (steps "
+            f"0..{warmup_steps - 1}): its checkpoints were not all taken at the constant peak LR, so the merge "
+            f"would not emulate the decay its weights describe; shorten the window to at most "
+            f"{end_step - warmup_steps} steps or release later"
+        )
     spacing = window_steps // k
     return [end_step - window_steps + j * spacing for j in range(k + 1)]
 
@@ -221,9 +228,11 @@ class MergeRelease:
         steps = self.window_steps if self.window_steps is not None else -(-self.window_tokens // tokens_per_step)
         return -(-steps // k) * k
 
-    def save_steps(self, release_step: int, tokens_per_step: int) -> list[int]:
-        """The main-path steps to checkpoint; the last one is ``release_step``."""
-        return merge_save_steps(release_step, self.resolved_window_steps(tokens_per_step), self.num_checkpoints)
+    def save_steps(self, release_step: int, tokens_per_step: int, warmup_steps: int = 0) -> list[int]:
+        """The main-path steps to checkpoint; the last one is ``release_step``, the first one at or after
+        the main path's ``warmup_steps``."""
+        return merge_save_steps(release_step, self.resolved_window_steps(tokens_per_step), self.num_checkpoints,
+                                warmup_steps)
 
 
 def merge_release(settings: dict, where: str) -> MergeRelease:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
+
+from lrpath_megatron.run_layout import PathDirs
 
 # Dense bf16 tensor-core peak per GPU, by a substring of torch's device name (first match wins, so
 # the PCIe/NVL variants come before the plain name). MFU is reported only against a known peak.
@@ -29,9 +30,9 @@ def peak_flops(device_name: str | None, dtype: str, configured_tflops: float | N
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, dirs: PathDirs, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = dirs.metrics
         self._tb = None
         if not enabled:
             return
@@ -40,7 +41,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            self._tb = SummaryWriter(log_dir=str(dirs.tensorboard), purge_step=resume_step)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -93,8 +94,8 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(dirs: PathDirs) -> list[dict]:
+    path = dirs.metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -71,13 +71,17 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         ffn_hidden_size=model.ffn_size,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        qk_layernorm=model.qk_layernorm,
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -97,8 +101,9 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
     if have_transformer_engine() and use_cuda():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization))
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization,
+                                                  qk_layernorm=model.qk_layernorm))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
@@ -117,10 +122,19 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
         share_embeddings_and_output_weights=not model.untie_embeddings,
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
+        **_rope_scaling(model),
     )
     if use_cuda():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _rope_scaling(model: ModelConfig) -> dict:
+    if model.rope_scaling == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": model.rope_scaling_factor}
+    if model.rope_scaling == "linear":
+        return {"seq_len_interpolation_factor": model.rope_scaling_factor}
+    return {}
 
 
 def with_precision(module: torch.nn.Module, config: TransformerConfig) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from lrpath_megatron.config import ConfigError, PerformanceConfig, PrecisionConfig
+from lrpath_megatron.mcore_patches import pass_own_tp_group
 
 
 def inductor_missing(cuda: bool) -> str | None:
@@ -90,22 +91,9 @@ def compile_layers(model: torch.nn.Module, perf: PerformanceConfig) -> int:
     for layer in layers:
         for linear in layer.modules():
             if isinstance(linear, RowParallelLinear):
-                _pass_own_tp_group(linear)
+                pass_own_tp_group(linear)
         layer.compile(mode=perf.compile_mode, dynamic=False)
     return len(layers)
-
-
-def _pass_own_tp_group(linear: RowParallelLinear) -> None:
-    """megatron-core 0.16.1's RowParallelLinear hands ``tp_group=None`` to its matmul, which then issues a
-    deprecation warning on every call and uses the default TP group - the group the layer already holds.
-    A warning inside a compiled region is a graph break, here inside a context manager that cannot resume,
-    so dynamo would leave the rest of every layer eager. Passing the layer's own group avoids it."""
-    forward_impl, group = linear._forward_impl, linear.tp_group
-
-    def with_group(*args, tp_group=None, **kwargs):
-        return forward_impl(*args, tp_group=group if tp_group is None else tp_group, **kwargs)
-
-    linear._forward_impl = with_group
 
 
 def use_fused_adam(optimizer) -> int:
@@ -143,35 +131,3 @@ def _keep_fused(optimizer, state_dict: dict) -> dict:
     state_dict["state"] = {k: {n: (v.clone() if n == "step" else v) for n, v in s.items()}
                            for k, s in state_dict["state"].items()}
     return state_dict
-
-
-def use_foreach_grad_norm() -> bool:
-    """Grad norm and clipping through torch._foreach kernels instead of megatron-core's local fallbacks
-    (``local_multi_tensor_l2_norm`` takes one norm per tensor and syncs the host once per tensor;
-    ``local_multi_tensor_scale`` loops). Replaces the two functions in megatron-core's clip_grads module,
-    for this process, only when those are the fallbacks; returns False (nothing to do) when TE's or apex's
-    multi-tensor kernels are in use."""
-    from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
-
-    if clip_grads.l2_norm_impl is _foreach_l2_norm:
-        return True
-    if clip_grads.l2_norm_impl is not mcore_utils.local_multi_tensor_l2_norm:
-        return False
-    clip_grads.l2_norm_impl = _foreach_l2_norm
-    clip_grads.multi_tensor_scale_impl = _foreach_scale
-    return True
-
-
-# Same signatures as megatron-core's local_multi_tensor_* (amp_C's multi-tensor calling convention).
-def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    norms = torch._foreach_norm(tensor_lists[0])
-    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
-
-
-def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
-    src, dst = tensor_lists
-    if src is dst:  # clipping scales the grads in place: no temporary copy of every gradient
-        torch._foreach_mul_(dst, scale)
-    else:
-        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))

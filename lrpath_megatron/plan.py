@@ -23,7 +23,7 @@ import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from lrpath_megatron import schedules
 from lrpath_megatron.config import (
@@ -33,6 +33,7 @@ from lrpath_megatron.config import (
     apply_overrides,
     config_source,
     from_dict,
+    hashed_model,
     read_yaml,
     register_list_item_type,
     to_dict,
@@ -41,6 +42,8 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.indexed import check_indexed, check_token_ids
 from lrpath_megatron.merge_weights import merge_release
 from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
+from lrpath_megatron.path import FORK, PathRun, PathSpec, Start
+from lrpath_megatron.run_layout import RunLayout
 
 RELEASE_METHODS = ("decay", "merge")
 BRANCH_DATA = ("tail", "replay")
@@ -106,8 +109,11 @@ def _with_defaults(release: ReleaseConfig) -> ReleaseConfig:
 class VersionConfig:
     name: str = ""
     corpora: Any = None  # list of corpus names (equal weights) or {name: weight}
-    tokens: Optional[int] = None  # exactly one of tokens / steps
+    # The segment's size, exactly one of: its tokens or steps (the replay share included), or the tokens of
+    # the version's own data it must train (new_tokens; the segment is then larger by the replay share).
+    tokens: Optional[int] = None
     steps: Optional[int] = None
+    new_tokens: Optional[int] = None
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
 
@@ -115,6 +121,13 @@ class VersionConfig:
 class PlanConfig:
     main: MainPathConfig = field(default_factory=MainPathConfig)
     versions: list = field(default_factory=list)  # list[VersionConfig]
+    # Where a decay branch leaves the main path: "effective", the first step at which its LR or data differ
+    # from the main path's (the steps before are the main path's own, bit for bit, so they are trained
+    # once); "nominal", where its fork settings put it (each branch retrains those steps).
+    fork: str = "effective"
+
+
+FORK_RULES = ("effective", "nominal")
 
 
 register_list_item_type(PlanConfig, "versions", VersionConfig)
@@ -126,7 +139,9 @@ register_list_item_type(PlanConfig, "versions", VersionConfig)
 @dataclass(frozen=True)
 class ReleaseInfo:
     """How a version is released. ``step``: the main-path step the release starts from (the fork step
-    of a decay branch; for a merge, the last main-path step it uses)."""
+    of a decay branch; for a merge, the last main-path step it uses). A decay branch decays over
+    ``decay_steps`` from ``nominal_step`` (where its settings fork it); it starts at ``step``, its
+    effective fork, when the steps between are the main path's own (``plan.fork``)."""
 
     version: str
     method: str
@@ -135,49 +150,12 @@ class ReleaseInfo:
     data: Optional[str] = None
     decay_steps: int = 0
     merge: dict = field(default_factory=dict)
-
-
-@dataclass
-class PathSpec:
-    """One trainable path (see docs/architecture.md). Steps are global; a branch trains
-    ``fork_step .. end_step-1`` and starts from the main path's checkpoint after ``fork_step`` steps."""
-
-    name: str
-    parent: Optional[str]
-    fork_step: int
-    end_step: int
-    save_steps: set  # checkpoints with optimizer state: fork points, segment ends
-    release: Optional[ReleaseInfo]
-    tokens_per_step: int
-    switch_steps: list = field(default_factory=list)  # [(step, stage label)] of LR-triggered blends
-    weights_only_steps: set = field(default_factory=set)  # checkpoints only merged: no optimizer state
-    _lr: Callable[[int], float] = field(default=None, repr=False)
-    _weights: Callable[[int], tuple] = field(default=None, repr=False)
-
-    def _check(self, step: int) -> None:
-        # The main path is open-ended (it continues at eta_max when versions are added): its LR is
-        # defined past end_step, e.g. at the fork step of its last branch.
-        if self.parent is None and self.fork_step <= step:
-            return
-        if not self.fork_step <= step < self.end_step:
-            raise ValueError(f"step {step} is outside path {self.name!r} (steps {self.fork_step}..{self.end_step - 1})")
-
-    def lr_at_step(self, step: int) -> float:
-        self._check(step)
-        return self._lr(step)
-
-    def lr_at_tokens(self, tokens: int) -> float:
-        """LR of the step that trains global token position ``tokens``."""
-        return self.lr_at_step(int(tokens) // self.tokens_per_step)
-
-    def weights_at_step(self, step: int) -> tuple[str, dict]:
-        """(stage label, {corpus: weight}) of the step; weights sum to 1, zero weights left out."""
-        self._check(step)
-        return self._weights(step)
+    nominal_step: Optional[int] = None  # decay releases only
 
     @property
-    def steps(self) -> int:
-        return self.end_step - self.fork_step
+    def shared_steps(self) -> int:
+        """Steps of the configured decay that the main path trains (identical LR and data)."""
+        return self.step - self.nominal_step if self.nominal_step is not None else 0
 
 
 @dataclass(frozen=True)
@@ -220,8 +198,12 @@ class Plan:
         self._validate_main()
         # The releases with unwritten settings at their defaults (the written ones are checked against them).
         self._releases = [_with_defaults(v.release) for v in config.versions]
-        self.versions: list[ResolvedVersion] = self._resolve_versions()
         self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
+        if config.fork not in FORK_RULES:
+            raise ConfigError(f"plan.fork={config.fork!r} is not one of {', '.join(FORK_RULES)}")
+        self.versions: list[ResolvedVersion] = self._resolve_versions()
+        if config.fork == "effective":
+            self.versions = [self._fork_effectively(v, r) for v, r in zip(self.versions, self._releases)]
         self.main_end = max(v.release.step for v in self.versions)
         self._validate_save_steps()
         self._paths = self._build_paths()
@@ -237,24 +219,19 @@ class Plan:
         if "plan" not in data:
             raise ConfigError("plan: section is missing; a plan needs plan.main and plan.versions")
         plan_cfg = from_dict(PlanConfig, data.pop("plan"), "plan")
-        train = from_dict(TrainConfig, data)
-        main = plan_cfg.main
-        # The plan's LRs are the run's LRs: keep optimizer.lr / min_lr consistent with them.
-        if main.eta_max is not None:
-            train.optimizer.lr = main.eta_max
-        if main.eta_min is not None:
-            train.optimizer.min_lr = main.eta_min
-        if train.optimizer.min_lr > train.optimizer.lr:
-            raise ConfigError(
-                f"plan.main.eta_min={train.optimizer.min_lr} is greater than plan.main.eta_max="
-                f"{train.optimizer.lr}; a decay goes from eta_max down to eta_min"
-            )
-        train.validate()
+        # optimizer.lr / min_lr only stand in for an unwritten plan.main.eta_max / eta_min: every path of a
+        # plan takes its LR from the plan.
+        train = from_dict(TrainConfig, data).validate()
         return cls(train, plan_cfg, source)
 
     def _steps(self, tokens: float) -> int:
         # Round up; the epsilon keeps float fractions like 0.6 * 1000 from becoming 601.
         return math.ceil(tokens / self.tokens_per_step - 1e-9)
+
+    def _new_share(self, index: int) -> float:
+        """The share of version ``index``'s main-path segment drawn from its own corpora (the rest replays
+        the older versions; the first version has nothing to replay)."""
+        return 1.0 - self.config.main.replay if index > 0 else 1.0
 
     def _one_of(self, obj: Any, where: str, names: list[str], required: bool) -> Optional[tuple[str, Any]]:
         given = [(n, getattr(obj, n)) for n in names if getattr(obj, n) is not None]
@@ -269,7 +246,9 @@ class Plan:
         if self.eta_max <= 0:
             raise ConfigError(f"plan.main.eta_max={self.eta_max} must be > 0")
         if not 0 <= self.eta_min <= self.eta_max:
-            raise ConfigError(f"plan.main.eta_min={self.eta_min} must be in [0, plan.main.eta_max={self.eta_max}]")
+            where = "plan.main.eta_min" if main.eta_min is not None else "optimizer.min_lr (plan.main.eta_min unset)"
+            raise ConfigError(f"{where}={self.eta_min} is negative or greater than plan.main.eta_max={self.eta_max}; "
+                              f"a decay goes from eta_max down to eta_min >= 0")
         if not 0.0 <= main.replay < 1.0:
             raise ConfigError(f"plan.main.replay={main.replay} must be in [0, 1): the share of older data")
         warmup = self._one_of(main, "plan.main", ["warmup_steps", "warmup_tokens"], required=False)
@@ -304,10 +283,11 @@ class Plan:
             if v.name in names:
                 raise ConfigError(f"{where}.name={v.name!r} is used twice")
             names.add(v.name)
-            size = self._one_of(v, where, ["tokens", "steps"], required=True)
+            size = self._one_of(v, where, ["tokens", "steps", "new_tokens"], required=True)
             if size[1] <= 0:
                 raise ConfigError(f"{where}.{size[0]}={size[1]} must be > 0")
-            steps = size[1] if size[0] == "steps" else self._steps(size[1])
+            steps = {"steps": lambda x: x, "tokens": self._steps,
+                     "new_tokens": lambda x: self._steps(x / self._new_share(i))}[size[0]](size[1])
             if v.corpora is None or v.corpora == [] or v.corpora == {}:
                 raise ConfigError(f"{where}.corpora is missing: name the corpora (from data.corpora) of this version")
             corpora = v.corpora if isinstance(v.corpora, dict) else {name: 1.0 for name in _as_list(v.corpora, where)}
@@ -394,10 +374,14 @@ class Plan:
         merge = {}
         if r.method == "merge":
             release = merge_release(r.merge, f"{where}.merge")
-            merge = {**dataclasses.asdict(release),
-                     "save_steps": release.save_steps(fork_step, self.tokens_per_step)}
-        return ReleaseInfo(name, r.method, fork_step, r.shape if r.method == "decay" else None,
-                           r.data if r.method == "decay" else None, decay, merge)
+            try:
+                save_steps = release.save_steps(fork_step, self.tokens_per_step, self.warmup_steps)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.merge: {exc}") from None
+            merge = {**dataclasses.asdict(release), "save_steps": save_steps}
+        if r.method == "merge":
+            return ReleaseInfo(name, r.method, fork_step, merge=merge)
+        return ReleaseInfo(name, r.method, fork_step, r.shape, r.data, decay, nominal_step=fork_step)
 
     # ---------------------------------------------------------------- paths
     def _segment(self, step: int) -> ResolvedVersion:
@@ -429,18 +413,35 @@ class Plan:
         weights_only = set(self.config.main.weights_only_steps)
         for v in self.versions:
             weights_only |= v.merge_input_steps()
-        paths = {"main": PathSpec("main", None, 0, self.main_end, save, None, self.tokens_per_step,
-                                  weights_only_steps=weights_only - save,
-                                  _lr=self.main_lr, _weights=self.main_weights)}
+        paths = {"main": PathSpec("main", self.main_end, self.main_lr, self.main_weights, save_steps=frozenset(save),
+                                  weights_only_steps=frozenset(weights_only - save),
+                                  tokens_per_step=self.tokens_per_step)}
         for v, release in zip(self.versions, self._releases):
             if v.release.method != "decay":
                 continue
             paths[v.name] = self._branch(v, release)
         return paths
 
-    def _branch(self, v: ResolvedVersion, r: ReleaseConfig) -> PathSpec:
-        where = f"plan.versions[{v.index}].release"
-        fork, end = v.release.step, v.branch_end
+    def _fork_effectively(self, v: ResolvedVersion, r: ReleaseConfig) -> ResolvedVersion:
+        """``v`` forked where its branch first differs from the main path. A branch on the version's own
+        data (tail, no mix of its own) trains the main path's batches, so it differs where its LR first
+        differs: after the stable part of knee (or of a decay with stable_fraction), at the first drop of
+        multistep. Replay and mixed branches differ at once. Every decay's first step is its t = 0 point,
+        at the main path's LR too; a decay without a stable part keeps the fork its settings give rather
+        than moving by that one step."""
+        release = v.release
+        if release.method != "decay" or r.data != "tail" or r.mix is not None:
+            return v
+        lr, step = self._branch_lr(v, r), release.step
+        while step < v.branch_end - 1 and lr(step) == self.main_lr(step):
+            step += 1
+        if step == release.step + 1:
+            return v
+        return dataclasses.replace(v, release=dataclasses.replace(release, step=step))
+
+    def _branch_lr(self, v: ResolvedVersion, r: ReleaseConfig) -> schedules.BranchDecay:
+        """The LR of ``v``'s branch, a decay over the configured steps from its nominal fork."""
+        fork, end = v.release.nominal_step, v.branch_end
         if r.shape == "multistep":
             points = tuple(r.drop_points)
             factors = tuple(r.drop_factors) if r.drop_factors is not None else \
@@ -448,10 +449,15 @@ class Plan:
         else:
             points, factors = schedules.MULTISTEP_POINTS, ()
         try:
-            lr = schedules.BranchDecay(self.main_lr(fork), self.eta_min, fork, end, r.shape,
-                                       r.stable_fraction, points, factors)
+            return schedules.BranchDecay(self.main_lr(fork), self.eta_min, fork, end, r.shape,
+                                         r.stable_fraction, points, factors)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"plan.versions[{v.index}].release: {exc}") from None
+
+    def _branch(self, v: ResolvedVersion, r: ReleaseConfig) -> PathSpec:
+        where = f"plan.versions[{v.index}].release"
+        fork, end = v.release.step, v.branch_end
+        lr = self._branch_lr(v, r)
         switch_steps: list = []
         if r.mix is not None:
             policy = MixSchedule(resolve_stages(r.mix, self.corpus_names, self.eta_max, f"{where}.mix"),
@@ -462,8 +468,8 @@ class Plan:
         else:
             blend = self._cumulative_blend(v.index + 1)
             weights = lambda step: ("replay", dict(blend))  # noqa: E731
-        return PathSpec(v.name, "main", fork, end, set(), v.release, self.tokens_per_step, switch_steps,
-                        _lr=lr, _weights=weights)
+        return PathSpec(v.name, end, lr, weights, parent="main", fork_step=fork, release=v.release,
+                        tokens_per_step=self.tokens_per_step, switch_steps=switch_steps)
 
     def path(self, name: str) -> PathSpec:
         """A plan path (``main`` or a version with a decay release) or a baseline ``ptfs/<version>``,
@@ -500,15 +506,30 @@ class Plan:
             raise ConfigError(f"{name}: {exc} (plan.main.warmup_steps is too long for version {version!r})") from None
         if scratch:
             blend = self._cumulative_blend(v.index + 1)
-            return PathSpec(name, None, 0, v.end_step, set(), None, self.tokens_per_step,
-                            _lr=lr, _weights=lambda step: (method, dict(blend)))
+            return PathSpec(name, v.end_step, lr, lambda step: (method, dict(blend)),
+                            tokens_per_step=self.tokens_per_step)
         parent = f"cpt/{self.versions[v.index - 1].name}"
-        return PathSpec(name, parent, v.start_step, v.end_step, set(), None, self.tokens_per_step,
-                        _lr=lr, _weights=lambda step: ("cpt", dict(v.corpora)))
+        return PathSpec(name, v.end_step, lr, lambda step: ("cpt", dict(v.corpora)), parent=parent,
+                        fork_step=v.start_step, tokens_per_step=self.tokens_per_step)
 
     def paths(self) -> list[PathSpec]:
         """Every trainable path, main first, then the branches in version order."""
         return list(self._paths.values())
+
+    def releases(self) -> list[ReleaseInfo]:
+        """How each version is released, in version order."""
+        return [v.release for v in self.versions]
+
+    def run_for(self, name: str, run_dir: Path) -> PathRun:
+        """Path ``name`` as the trainer runs it in ``run_dir``: a path with a parent starts from the parent's
+        checkpoint at its fork step (optimizer state and data position included)."""
+        spec, layout = self.path(name), RunLayout(Path(run_dir))
+        origin = Start()
+        if spec.parent is not None:
+            origin = Start(FORK, layout.checkpoint(spec.parent, spec.fork_step))
+        lineage = {"plan_hash": self.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
+                   "release": dataclasses.asdict(spec.release) if spec.release else None}
+        return PathRun(spec, layout.path(name), origin, lineage=lineage, source="plan")
 
     # ---------------------------------------------------------------- costs, identity, data
     def flops_per_token(self) -> float:
@@ -520,11 +541,15 @@ class Plan:
         previous release). This is what ``lrpath plan --json`` prints."""
         tps, fpt = self.tokens_per_step, self.flops_per_token()
         rows, ptfs, cpt, branches, main_steps = [], 0, 0, 0, 0
+        nominal_main = nominal_branches = 0  # the same releases with every branch at its nominal fork
         for v in self.versions:
             ptfs += v.end_step  # D_1..D_v
             cpt += v.steps
-            branches += v.release.decay_steps
+            own = v.branch_end - v.release.step  # the steps only the branch trains (0 for a merge)
+            branches += own
             main_steps = max(main_steps, v.release.step)
+            nominal = v.release.nominal_step if v.release.nominal_step is not None else v.release.step
+            nominal_main, nominal_branches = max(nominal_main, nominal), nominal_branches + v.branch_end - nominal
             spent = main_steps + branches
             path = self._paths.get(v.name)
             rows.append({
@@ -532,16 +557,20 @@ class Plan:
                 "method": v.release.method,
                 "corpora": v.corpora,
                 "data_steps": v.steps,
-                "data_tokens": v.steps * tps,
+                "data_tokens": v.steps * tps,  # the main-path segment, replay included
+                "new_data_tokens": round(v.steps * tps * self._new_share(v.index)),  # of the version's own corpora
                 "segment": [v.start_step, v.end_step],
                 "fork_step": v.release.step,
                 "fork_tokens": v.release.step * tps,
+                "nominal_fork_step": v.release.nominal_step,
+                "shared_steps": v.release.shared_steps,  # decay steps the main path trains for the branch
                 "shape": v.release.shape,
                 "branch_data": v.release.data,
                 "decay_steps": v.release.decay_steps,
                 "decay_tokens": v.release.decay_steps * tps,
                 "release_step": v.branch_end,
-                "tokens": v.release.decay_steps * tps,  # training this release adds beyond the main path
+                "branch_steps": own,
+                "tokens": own * tps,  # training this release adds beyond the main path
                 "mix_switch_steps": path.switch_steps if path else [],
                 "cumulative_tokens": spent * tps,
                 "ptfs_cumulative_tokens": ptfs * tps,
@@ -551,6 +580,8 @@ class Plan:
             })
         total = self.main_end + branches
         return {
+            "fork_rule": self.config.fork,
+            "tokens_saved_by_effective_forks": (nominal_main + nominal_branches - total) * tps,
             "plan": self.source,
             "plan_hash": self.plan_hash(),
             "tokens_per_step": tps,
@@ -580,9 +611,7 @@ class Plan:
         plan = dataclasses.replace(self.config, versions=[dataclasses.replace(v, release=r)
                                                           for v, r in zip(self.config.versions, self._releases)])
         return {
-            # performance levers and logging change how fast and what is reported, not what trains
-            "train_config": {k: v for k, v in to_dict(self.train_config).items()
-                             if k not in ("performance", "logging")},
+            "train_config": self._hashed_train_config(),
             "plan": to_dict(plan),
             "resolved": {
                 "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,
@@ -591,6 +620,14 @@ class Plan:
                               "decay_steps": v.release.decay_steps} for v in self.versions],
             },
         }
+
+    def _hashed_train_config(self) -> dict:
+        # Performance levers and logging change how fast and what is reported, not what trains. The
+        # optimizer section holds the plan's LRs, as the hash of existing plans was taken with them there.
+        cfg = {k: v for k, v in to_dict(self.train_config).items() if k not in ("performance", "logging")}
+        cfg["optimizer"] = dict(cfg["optimizer"], lr=self.eta_max, min_lr=self.eta_min)
+        cfg["model"] = hashed_model(self.train_config.model)
+        return cfg
 
     def plan_hash(self) -> str:
         blob = json.dumps(self.resolved(), sort_keys=True, default=str)

@@ -14,7 +14,7 @@ optimizer or torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from lrpath_megatron.config import ConfigError, ScheduleConfig
@@ -89,8 +89,7 @@ class BranchDecay:
             object.__setattr__(self, "stable_fraction", KNEE_STABLE_FRACTION if self.shape == "knee" else 0.0)
         if not 0.0 <= self.stable_fraction < 1.0:
             raise ConfigError(f"stable_fraction={self.stable_fraction} must be in [0, 1)")
-        if not 0.0 <= self.eta_min <= self.start_lr:
-            raise ConfigError(f"eta_min={self.eta_min} must be in [0, start LR {self.start_lr}]")
+        assert 0.0 <= self.eta_min <= self.start_lr, "plans validate eta_min <= eta_max"
         if self.shape == "multistep":
             check_multistep(self.drop_points, self.drop_factors, self.start_lr, self.eta_min)
 
@@ -182,7 +181,6 @@ class WarmupDecay:
             return self.init_lr + (self.max_lr - self.init_lr) * step / self.warmup_steps
         if step == self.warmup_steps or self.style == "constant":
             return self.max_lr  # Megatron computes this step as init + (max - init) * W / W
-            return self.max_lr
         if step > self.decay_steps:
             return self.min_lr
         if self.style == "wsd":
@@ -223,15 +221,6 @@ def cpt(eta_max: float, eta_min: float, warmup_steps: int, start_step: int, tota
     return Shifted(WarmupDecay(eta_max, eta_min, warmup_steps, total_steps - 1, style, init_lr=eta_min), start_step)
 
 
-def continued_pretraining(lr_start: float, total_steps: int, final_fraction: float = 0.01,
-                          start_step: int = 0) -> Shifted:
-    """Continued pre-training (no warmup): cosine from ``lr_start`` at ``start_step`` to
-    ``lr_start * final_fraction`` on the last step. ``lr_start`` is typically the old run's eta_min."""
-    if not 0.0 <= final_fraction <= 1.0:
-        raise ConfigError(f"final_fraction={final_fraction} must be in [0, 1]")
-    return Shifted(WarmupDecay(lr_start, lr_start * final_fraction, 0, total_steps - 1, "cosine"), start_step)
-
-
 def from_schedule_config(cfg: ScheduleConfig, lr_max: float, lr_min: float) -> Callable[[int], float]:
     """The LR function of a stand-alone run (``lrpath train CONFIG.yaml``). Decaying styles reach
     ``lr_min`` on the last step, ``train_steps - 1``."""
@@ -245,15 +234,3 @@ def from_schedule_config(cfg: ScheduleConfig, lr_max: float, lr_min: float) -> C
         raise ConfigError(
             f"schedule: {exc} (a {cfg.style} decay needs schedule.train_steps > schedule.warmup_steps + 1)"
         ) from None
-
-
-@dataclass(frozen=True)
-class PerTokens:
-    """``lr(tokens)`` for a step schedule: the LR of the step during which token ``tokens`` is trained."""
-
-    schedule: Callable[[int], float]
-    tokens_per_step: int = field(default=1)
-
-    def __call__(self, tokens: int) -> float:
-        return self.schedule(int(tokens) // self.tokens_per_step)
-

@@ -13,13 +13,11 @@ from typing import Optional
 
 from lrpath_megatron.checkpoint_layout import find_resumable, is_complete, iter_name
 from lrpath_megatron.metrics import read_metrics
-from lrpath_megatron.plan import Plan, PathSpec
+from lrpath_megatron.path import PathSpec
+from lrpath_megatron.plan import Plan
+from lrpath_megatron.run_layout import RunLayout
 
 DONE, PARTIAL, READY, WAITING, NOT_STARTED = "done", "partial", "ready", "waiting", "not started"
-
-
-def iter_dir(run_dir: Path, path: str, step: int) -> Path:
-    return Path(run_dir) / path / "checkpoints" / iter_name(step)
 
 
 def _checkpoint_steps(root: Path) -> list[int]:
@@ -72,11 +70,12 @@ class RunStatus:
         return asdict(self)
 
 
-def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStatus:
-    root = Path(run_dir) / spec.name / "checkpoints"
+def path_status(spec: PathSpec, layout: RunLayout, tokens_per_step: int) -> PathStatus:
+    dirs = layout.path(spec.name)
+    root = dirs.checkpoints
     steps = _checkpoint_steps(root)
     step = steps[-1] if steps else None
-    records = read_metrics(Path(run_dir) / spec.name)
+    records = read_metrics(dirs)
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if r.get("val_loss") is not None]
     if step is not None and step >= spec.end_step:
@@ -89,7 +88,7 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
             note += f" (from {resumable.name}: the newer checkpoints hold weights only)"
     elif spec.parent is None:
         state, note = NOT_STARTED, NOT_STARTED
-    elif is_complete(iter_dir(run_dir, spec.parent, spec.fork_step)):
+    elif is_complete(layout.checkpoint(spec.parent, spec.fork_step)):
         state, note = READY, f"can start: {spec.parent} has its step-{spec.fork_step} checkpoint"
     else:
         state, note = WAITING, f"waiting for {spec.parent} to reach step {spec.fork_step}"
@@ -97,7 +96,7 @@ def path_status(spec: PathSpec, run_dir: Path, tokens_per_step: int) -> PathStat
     return PathStatus(
         name=spec.name, parent=spec.parent, fork_step=spec.fork_step, end_step=spec.end_step,
         state=state, note=note, step=step,
-        checkpoint=str(root / iter_name(step)) if step is not None else None,
+        checkpoint=str(dirs.checkpoint(step)) if step is not None else None,
         tokens=step * tokens_per_step if step is not None else None,
         progress=min(1.0, done_steps / spec.steps) if spec.steps else 1.0,
         last_logged_step=records[-1]["step"] if records else None,
@@ -112,21 +111,22 @@ def release_status(plan: Plan, run_dir: Path, version: str) -> ReleaseStatus:
     branch's last checkpoint once the branch is done; a merge writes its output as the version's checkpoint
     at the release step (``RUN/<version>/checkpoints/iter_<step>``)."""
     r = next(v.release for v in plan.versions if v.name == version)
+    dirs = RunLayout(Path(run_dir)).path(version)
     if r.method == "decay":
         step = plan.path(version).end_step
-        steps = _checkpoint_steps(Path(run_dir) / version / "checkpoints")
-        target = iter_dir(run_dir, version, steps[-1]) if steps else None
+        steps = _checkpoint_steps(dirs.checkpoints)
+        target = dirs.checkpoint(steps[-1]) if steps else None
         released = bool(steps) and steps[-1] >= step
     else:
         step = r.step
-        target = iter_dir(run_dir, version, step)
+        target = dirs.checkpoint(step)
         released = is_complete(target)
     return ReleaseStatus(version, r.method, step, released, str(target) if released else None)
 
 
 def run_status(plan: Plan, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
-    paths = [path_status(spec, run_dir, plan.tokens_per_step) for spec in plan.paths()]
+    paths = [path_status(spec, RunLayout(run_dir), plan.tokens_per_step) for spec in plan.paths()]
     releases = [release_status(plan, run_dir, v.name) for v in plan.versions]
     return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # tests share a few checks with th
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> dict:
     """Tokenizer + .bin/.idx of the shipped corpora (docs, code_a, code_b, c_headers)."""
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     return prepare_demo_data(tmp_path_factory.getbasetemp() / "demo_data")
 

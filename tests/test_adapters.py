@@ -202,17 +202,18 @@ def test_replay_blend_picks_past_updates_uniformly():
 
 
 def test_lpft_phases_split_any_path(tmp_path):
-    from lrpath_megatron.trainer import PathRun
+    from lrpath_megatron.path import FORK, PathRun, PathSpec, Start
+    from lrpath_megatron.run_layout import PathDirs
 
-    run = PathRun(name="v2", run_dir=tmp_path, start_step=100, end_step=140, lr_at_step=lambda s: 1e-3,
-                  weights_at_step=lambda s: ("x", {"a": 1.0}), parent_checkpoint=tmp_path / "main" / "iter",
-                  save_steps=frozenset({110, 130}))
+    spec = PathSpec("v2", 140, lambda s: 1e-3, lambda s: ("x", {"a": 1.0}), parent="main", fork_step=100,
+                    save_steps=frozenset({110, 130}))
+    run = PathRun(spec, PathDirs(tmp_path), Start(FORK, tmp_path / "main" / "iter"))
     probe, finetune = lpft_phases(run, probe_steps=15)
-    assert (probe.start_step, probe.end_step, probe.save_steps) == (100, 115, frozenset({110}))
-    assert probe.parent_checkpoint == run.parent_checkpoint and probe.reset_optimizer
-    assert (finetune.start_step, finetune.end_step, finetune.save_steps) == (115, 140, frozenset({130}))
-    assert finetune.parent_checkpoint == tmp_path / "lp" / "checkpoints" / "iter_0000115"
-    assert finetune.reset_optimizer and not finetune.init_weights_only and finetune.model_transform is None
+    assert (probe.path.fork_step, probe.path.end_step, probe.path.save_steps) == (100, 115, frozenset({110}))
+    assert probe.origin == Start(FORK, run.origin.checkpoint, fresh_optimizer=True)
+    assert (finetune.path.fork_step, finetune.path.end_step, finetune.path.save_steps) == (115, 140, frozenset({130}))
+    assert finetune.origin == Start(FORK, tmp_path / "lp" / "checkpoints" / "iter_0000115", fresh_optimizer=True)
+    assert finetune.model_transform is None
     with pytest.raises(ConfigError, match=r"probe_steps=40 must be in \(0, 40\)"):
         lpft_phases(run, probe_steps=40)
 
@@ -224,7 +225,6 @@ def test_lpft_phases_split_any_path(tmp_path):
 def released(demo_data, tmp_path_factory):
     """A tiny plan and its v1 release (main path to v1's fork + v1's decay branch)."""
     from lrpath_megatron.adapters.runner import load_adapt_plan
-    from lrpath_megatron.commands.train import path_run
     from lrpath_megatron.trainer import run_path
 
     root = tmp_path_factory.mktemp("adapt_run")
@@ -248,8 +248,8 @@ def released(demo_data, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MASTER_PORT", str(free_port()))
     loaded, adapt = load_adapt_plan(root / "plan.yaml")
-    run_path(loaded.train_config, path_run(loaded, "main", root), stop_at_step=12)
-    run_path(loaded.train_config, path_run(loaded, "v1", root))
+    run_path(loaded.train_config, loaded.run_for("main", root), stop_at_step=12)
+    run_path(loaded.train_config, loaded.run_for("v1", root))
     yield root, loaded, adapt
     mp.undo()
 
@@ -276,6 +276,7 @@ def _weights(cfg, ckpt: Path) -> dict:
 
 def test_lora_update_keeps_base_and_matches_trainer_eval(released):
     from lrpath_megatron.metrics import read_metrics
+    from lrpath_megatron.run_layout import RunLayout
 
     root, plan, _ = released
     result = _update(released, "v2", "lora")
@@ -283,7 +284,7 @@ def test_lora_update_keeps_base_and_matches_trainer_eval(released):
     assert result["params"]["optimizer_state_bytes"] == 8 * result["params"]["trainable"]
     assert result["blend"] == {"code_a": 1.0} and result["old_corpora"] == ["docs"]
     # The exported adapter on a freshly loaded base gives the loss the trainer measured at the end.
-    trainer_eval = read_metrics(root / "adapt" / "lora" / "v2")[-1]["val_loss_per_corpus"]
+    trainer_eval = read_metrics(RunLayout(root).adapt("lora", "v2"))[-1]["val_loss_per_corpus"]
     assert result["val_loss"] == pytest.approx(trainer_eval, abs=1e-5)
     assert result["val_loss"]["code_a"] < result["base_val_loss"]["code_a"]
     # The base weights in the update's checkpoint are the release's, bit for bit.
@@ -359,7 +360,6 @@ def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
 
     from lrpath_megatron import cli
     from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
-    from lrpath_megatron.commands.train import path_run
     from lrpath_megatron.trainer import run_path
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -381,7 +381,7 @@ def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     loaded, adapt = load_adapt_plan(tmp_path / "plan.yaml")
-    run_path(loaded.train_config, path_run(loaded, "main", tmp_path), stop_at_step=8)
+    run_path(loaded.train_config, loaded.run_for("main", tmp_path), stop_at_step=8)
     with pytest.raises(LrpathError, match="base release v1 is not in .* then merge it") as missing:
         resolve_update(loaded, adapt, "v2", "lora", tmp_path)
     merge_command = str(missing.value).split("then merge it (`")[1].split("`")[0]

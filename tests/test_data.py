@@ -127,8 +127,6 @@ def test_missing_or_too_small_corpus_is_a_clear_error(data_cfg, tmp_path):
     small = DataConfig(corpora=[CorpusConfig(name="small", prefix=str(tmp_path / "small"))], valid_fraction=0.5)
     with pytest.raises(LrpathError, match=r"corpus 'small' \(.*small\): its train split .* fewer than one sample"):
         TrainData(small, 128, GBS, MBS, 0, 1, lambda s: ("x", {"small": 1.0}), seed=1)
-    with pytest.raises(LrpathError, match="not divisible"):
-        TrainData(data_cfg, SEQ, 6, 4, 0, 1, mix, seed=1)
 
 
 # ------------------------------------------------------------------------------------- broken corpora, vocab

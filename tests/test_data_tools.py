@@ -1,4 +1,4 @@
-"""data_tools: shipped corpora, demo data, tokenizer, preprocessing, inspect, split-versions, CLI."""
+"""lrpath_megatron.data_tools: shipped corpora, demo data, tokenizer, preprocessing, inspect, split-versions, CLI."""
 from __future__ import annotations
 
 import fcntl
@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools import demo, make_corpora, tokenizer
-from data_tools.inspect_data import held_out_range, inspect_dataset
-from lrpath_megatron.data import split_string
-from data_tools.preprocess import PreprocessConfig, preprocess
-from data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
-from data_tools.versions import parse_version, split_versions
 from lrpath_megatron import cli
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.data import split_string
+from lrpath_megatron.data_tools import demo, make_corpora, tokenizer
+from lrpath_megatron.data_tools.inspect_data import held_out_range, inspect_dataset
+from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
+from lrpath_megatron.data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
+from lrpath_megatron.data_tools.versions import parse_version, split_versions
 from lrpath_megatron.errors import LrpathError
 from conftest import run_lrpath
 from test_data import BROKEN, broken_pair
@@ -55,7 +55,7 @@ def _files(directory: Path) -> list[str]:
 # -------------------------------------------------------------------------------------------------- corpora
 @pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the shipped corpora were made from Python 3.11.7")
 def test_make_corpora_reproduces_shipped_files(tmp_path):
-    make_corpora.main(["--out", str(tmp_path)])
+    make_corpora.write_corpora(tmp_path)
     for name in demo.CORPORA:
         assert (tmp_path / f"{name}.jsonl.gz").read_bytes() == demo.corpus_path(name).read_bytes(), name
 
@@ -92,7 +92,7 @@ def test_demo_data_is_cached_and_waits_for_a_concurrent_build(demo_data):
     before = {p: os.path.getmtime(p) for p in out.iterdir()}
     assert demo.prepare_demo_data(out) == demo_data
     assert {p: os.path.getmtime(p) for p in out.iterdir()} == before  # nothing rebuilt
-    code = ("import json; from data_tools.demo import prepare_demo_data; "
+    code = ("import json; from lrpath_megatron.data_tools.demo import prepare_demo_data; "
             f"print(json.dumps(prepare_demo_data({str(out)!r})))")
     with open(out / ".demo_data.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress elsewhere
@@ -176,7 +176,7 @@ def test_output_is_byte_identical_for_any_worker_count(small_model, tmp_path):
 
 
 def test_work_units_partition_lines_exactly(tmp_path):
-    from data_tools import inputs
+    from lrpath_megatron.data_tools import inputs
 
     rng = random.Random(0)
     for trial in range(200):

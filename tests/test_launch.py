@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.jobs import Job, MergeSpec, build_jobs, merge_args
 from lrpath_megatron.cli import main as lrpath_main
+from lrpath_megatron.launch.jobs import Job, MergeSpec, build_jobs, merge_args
 from lrpath_megatron.plan import load_plan
 from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
 
@@ -101,7 +101,7 @@ def test_jobs_cut_the_main_path_at_fork_steps(plan_file):
 
 def _jobs(plan_file: Path) -> list[Job]:
     plan = load_plan(plan_file)
-    return build_jobs(plan.paths(), [v.release for v in plan.versions])
+    return build_jobs(plan.paths(), plan.releases())
 
 
 def test_merge_release_is_a_job_after_the_segment_that_reaches_it(merge_plan_file):

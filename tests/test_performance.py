@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import losses, run_lrpath, stored_tensors, tiny_config
-from lrpath_megatron import performance
+from lrpath_megatron import mcore_patches, performance
 from lrpath_megatron.config import (ConfigError, LoggingConfig, ModelConfig, ParallelConfig, PerformanceConfig,
                                     PrecisionConfig, load_train_config)
 
@@ -116,11 +116,11 @@ def test_fused_adam_is_torch_adamw_with_the_fused_kernel():
 
 def test_foreach_grad_norm_matches_the_plain_norm():
     grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
-    norm, _ = performance._foreach_l2_norm(2048, None, [grads], False)
+    norm, _ = mcore_patches._foreach_l2_norm(2048, None, [grads], False)
     assert norm.shape == (1,) and norm.dtype == torch.float32
     assert float(norm) == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-6)
     expected = [g * 0.5 for g in grads]
-    performance._foreach_scale(2048, None, [grads, grads], 0.5)
+    mcore_patches._foreach_scale(2048, None, [grads, grads], 0.5)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected))
 
 

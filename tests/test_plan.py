@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrpath_megatron import cli
-from lrpath_megatron.config import ConfigError, MixConfig, MixStage, TrainConfig
+from lrpath_megatron.config import ConfigError, MixConfig, MixStage, ModelConfig, OptimizerConfig, TrainConfig
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
 from lrpath_megatron.plan import Plan, load_plan
@@ -34,17 +34,25 @@ def tiny(**release) -> dict:
     }
 
 
-def test_paper_plans_cost_058_of_ptfs():
-    for name, shape in (("paper_4versions.yaml", "cosine"), ("paper_4versions_knee.yaml", "knee"),
-                        ("paper_4versions_multistep.yaml", "multistep")):
+def test_paper_plans_cost_of_ptfs():
+    # 4 increments of 20000 steps; each branch decays over 0.6 of one (12000 steps). From nominal forks all
+    # three cost (4 + 3 * 0.6) / 10 = 0.58 of PTFS; a branch's steps at eta_max are the main path's
+    # (knee: its stable half; multistep: up to its first drop at 0.8), so the branches fork later and the
+    # main path runs on to the last fork. Cosine decays from its first step on.
+    for name, shape, shared, ratio in (("paper_4versions.yaml", "cosine", 0, 0.58),
+                                       ("paper_4versions_knee.yaml", "knee", 6000, 0.49),
+                                       ("paper_4versions_multistep.yaml", "multistep", 9600, 0.436)):
         plan = load_plan(EXAMPLES / name)
         costs = plan.costs()
-        assert costs["cost_ratio_vs_ptfs"] == pytest.approx(0.58, abs=1e-12)
-        assert costs["cost_ratio_vs_cpt"] == pytest.approx(1.45, abs=1e-12)
-        # (4 + 3 * 0.6) increments of 20000 steps
-        assert costs["total_tokens"] == 5.8 * 20000 * costs["tokens_per_step"]
+        assert costs["total_steps"] == 116000 - 3 * shared
+        assert costs["cost_ratio_vs_ptfs"] == pytest.approx(ratio, abs=1e-12)
+        assert [v["shared_steps"] for v in costs["versions"]] == [shared] * 4
+        assert costs["tokens_saved_by_effective_forks"] == 3 * shared * costs["tokens_per_step"]
         assert [p.name for p in plan.paths()] == ["main", "v1", "v2", "v3", "v4"]
         assert {p.release.shape for p in plan.paths()[1:]} == {shape}
+        nominal = load_plan(EXAMPLES / name, ["plan.fork=nominal"]).costs()
+        assert nominal["cost_ratio_vs_ptfs"] == pytest.approx(0.58, abs=1e-12)
+        assert nominal["cost_ratio_vs_cpt"] == pytest.approx(1.45, abs=1e-12)
 
 
 def test_demo_plan_is_tiny_and_uses_demo_corpora():
@@ -57,7 +65,8 @@ def test_demo_plan_is_tiny_and_uses_demo_corpora():
     assert plan.tokens_per_step == 1024
     assert 200 <= plan.costs()["total_steps"] <= 600
     assert [v.corpora for v in plan.versions] == [{"docs": 1.0}, {"code_a": 1.0}, {"code_b": 1.0}]
-    assert cfg.optimizer.lr == plan.eta_max and cfg.optimizer.min_lr == plan.eta_min
+    # The plan's LRs are the plan's: the training config stays as written.
+    assert (plan.eta_max, plan.eta_min) == (3e-3, 3e-4) and cfg.optimizer == OptimizerConfig()
 
 
 def test_paths_resolve_forks_ends_and_save_steps():
@@ -238,8 +247,9 @@ def test_written_defaults_and_stable_fraction_on_decay_shapes_are_accepted():
     # "shape: cosine, data: tail" written out or left to the default: the same plan
     assert Plan.from_dict(bare).plan_hash() == Plan.from_dict(tiny()).plan_hash()
     for shape in ("cosine", "linear", "1-sqrt", "knee"):  # WSD-style: hold eta_max, then decay
-        v1 = Plan.from_dict(tiny(shape=shape, stable_fraction=0.5)).path("v1")  # steps 60..99
-        assert v1.lr_at_step(79) == 1e-3 > v1.lr_at_step(81)
+        v1 = Plan.from_dict(tiny(shape=shape, stable_fraction=0.5)).path("v1")  # decays over steps 60..99
+        # The stable half is the main path's own: the branch starts where its LR first drops.
+        assert v1.lr(79) == 1e-3 > v1.lr_at_step(81) and v1.fork_step == 80
 
 
 def test_load_plan_prefixes_the_file_and_applies_overrides(tmp_path):
@@ -291,9 +301,15 @@ def test_costs_cumulate_main_and_branches_against_ptfs_and_cpt():
 def test_flops_per_token_is_megatron_formula():
     cfg = TrainConfig().validate()  # 2 layers, h=64, 4 heads, ffn 256, seq 128, padded vocab 2048, gelu
     h, s, f, v, layers = 64, 128, 256, 2048, 2
-    dense = layers * (4 * h * h + 2 * h * f) + h * v  # GEMM parameters touched per token
-    assert cfg.model.flops_per_token() == 6 * dense + 12 * layers * h * s  # "6N" + attention, as Megatron-LM
-    assert cfg.model.flops_per_token() == 72 * layers * h * h * (1 + s / (6 * h) + v / (12 * layers * h))
+    # Megatron-LM's num_floating_point_operations per token: 3 passes x 2 FLOPs per multiply-add; per layer
+    # the QKV and output projections, causal attention (QK^T and its product with V over half the scores)
+    # and a 2-matrix MLP; then the logits.
+    per_layer = h * (h + h + h) + h * s / 2 * 2 + h * h + h * f * 2
+    assert cfg.model.flops_per_token() == 3 * 2 * (layers * per_layer + h * v)
+    # The 1.2B LLaMA-style model of examples/paper_4versions.yaml (SwiGLU, seq 2048), pinned.
+    model = ModelConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5504,
+                        seq_length=2048, vocab_size=32000, activation="swiglu")
+    assert model.flops_per_token() == 8_282_701_824
 
 
 def test_check_data_reports_missing_prefixes(tmp_path):
@@ -357,7 +373,11 @@ def test_property_every_plan_path_is_continuous_and_complete(sizes, warmup, deca
     main, *branches = plan.paths()
     assert all(main.lr_at_step(s) == eta_max for s in range(warmup, main.end_step))  # constant after warmup
     for b in branches:
-        assert b.lr_at_step(b.fork_step) == main.lr_at_step(b.fork_step)  # continuous at the fork
+        nominal = b.release.nominal_step
+        assert b.lr(nominal) == main.lr_at_step(nominal)  # continuous at the nominal fork
+        # Up to the effective fork the branch is the main path (its LR; tail data is the main path's data).
+        assert all(b.lr(s) == main.lr_at_step(s) for s in range(nominal, b.fork_step))
+        assert b.fork_step == nominal or b.lr_at_step(b.fork_step) < main.lr_at_step(b.fork_step)
         assert b.lr_at_step(b.end_step - 1) == plan.eta_min  # complete decay
         lrs = [b.lr_at_step(s) for s in range(b.fork_step, b.end_step)]
         assert all(x >= y for x, y in zip(lrs, lrs[1:]))
@@ -417,4 +437,15 @@ def test_main_path_extra_save_steps_are_validated_and_saved():
     assert Plan.from_dict(data).path("main").weights_only_steps == {7}
     data["plan"]["main"]["weights_only_steps"] = [0]
     with pytest.raises(ConfigError, match=r"plan.main.weights_only_steps: \[0\] outside"):
+        Plan.from_dict(data)
+
+
+def test_a_merge_window_reaching_into_the_warmup_is_refused():
+    """A WSM merge emulates a decay only from checkpoints taken at the constant peak LR."""
+    data = tiny()
+    data["plan"]["versions"][0]["release"] = {"method": "merge", "merge": {"num_checkpoints": 4, "window_steps": 90}}
+    assert Plan.from_dict(data).versions[0].release.merge["save_steps"] == [10, 40, 70, 100]  # warmup: 0..9
+    data["plan"]["versions"][0]["release"]["merge"]["window_steps"] = 93
+    with pytest.raises(ConfigError, match=r"plan.versions\[0\].release.merge: merge window of 93 steps starts at "
+                                          r"step 7, inside the warmup \(steps 0..9\).*at most 90 steps"):
         Plan.from_dict(data)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import losses, run_lrpath, tiny_config
-from lrpath_megatron import checkpoint
+from lrpath_megatron import checkpoint_layout
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_loss_falls_on_real_text(reference):
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(config, reference, tmp_path):
     run_lrpath(["train", str(config), "--run-dir", str(tmp_path), "--stop-at-step", "17"])
-    assert checkpoint.find_latest(tmp_path / "checkpoints").name == "iter_0000017"
+    assert checkpoint_layout.find_latest(tmp_path / "checkpoints").name == "iter_0000017"
     assert sorted(losses(tmp_path)) == list(range(17))
     out = run_lrpath(["train", str(config), "--run-dir", str(tmp_path)])
     assert "resumed at step 17" in out.stdout

@@ -3,7 +3,7 @@
 Two sources:
 
 - ``demo``: the corpora shipped in ``data/corpora`` (Python 3.11 standard library: prose docs, two groups
-  of packages, C API headers), tokenized by ``data_tools.demo.prepare_demo_data``. Used on CPU.
+  of packages, C API headers), tokenized by ``lrpath_megatron.data_tools.demo.prepare_demo_data``. Used on CPU.
 - ``machine``: four domains of source text found on the machine that runs the benchmark, so a GPU
   machine with no network and no carried data can build them (with the interpreter and packages of the
   machine the text differs, so the exact token counts are written to ``increments.json``):
@@ -15,7 +15,7 @@ Two sources:
   4. ``cxx``     - the C/C++ headers under ``torch/include`` (a strong shift: another language).
 
   Files are read in sorted order, each file is one document, files under 200 characters are left out,
-  and each increment stops at ``max_chars`` characters. One SentencePiece BPE model (``data_tools``) is
+  and each increment stops at ``max_chars`` characters. One SentencePiece BPE model (``lrpath_megatron.data_tools``) is
   trained on a sample of all four and every increment is tokenized with it.
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     """Write ``out_dir/{domain}.jsonl``, the tokenizer and ``{domain}_text_document.bin/.idx``; returns
     ``{"prefixes", "tokens", "documents", "vocab_size", "source"}`` (also saved as increments.json).
     Reuses a finished build in ``out_dir``."""
-    from data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
-    from data_tools.tokenizer import TokenizerSpec, train_tokenizer
+    from lrpath_megatron.data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
+    from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "increments.json"
@@ -117,7 +117,7 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
 
 
 def demo_increments(out_dir: Path, vocab_size: int) -> dict:
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     data = prepare_demo_data(out_dir, vocab_size)
     return {"prefixes": data["prefixes"], "tokens": data["tokens"], "documents": data["documents"],

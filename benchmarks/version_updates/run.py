@@ -202,7 +202,7 @@ class Benchmark:
 
     def jobs(self) -> list[tuple[str, tuple]]:
         """(label, lrpath argv) in dependency order."""
-        from launch.jobs import build_jobs, merge_args
+        from lrpath_megatron.launch.jobs import build_jobs, merge_args
 
         versions = self.loaded["baselines"].versions
         base = str(self.run / "baselines")
@@ -217,7 +217,7 @@ class Benchmark:
             if m.kind != "switch":
                 continue
             plan, run_dir = self.loaded[m.slug], self.run / "switch" / m.slug
-            for job in build_jobs(plan.paths(), [v.release for v in plan.versions]):
+            for job in build_jobs(plan.paths(), plan.releases()):
                 if job.kind == "merge":
                     jobs.append((f"{m.name} {job.path}", tuple(merge_args(run_dir, job)) + ("--no-progress",)))
                 elif job.path != "main":

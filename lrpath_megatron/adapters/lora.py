@@ -42,6 +42,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 from torch import nn
 
+from lrpath_megatron import ranks
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.errors import LrpathError
 
@@ -312,28 +313,19 @@ def _adapter_shapes(model, name: str, with_head: bool) -> dict[str, list[int]]:
     return shapes
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def save_adapter(model, out_dir: Path, cfg: LoraConfig, name: str = DEFAULT_ADAPTER,
                  info: Optional[dict] = None) -> Path:
     """Collective. Writes adapter ``name`` (and the trained head when ``cfg.train_output_layer``) to
     ``out_dir``: ``adapter_config.json`` + ``weights/`` (dist checkpoint), renamed into place when complete."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    if _rank() == 0:
+    if ranks.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
-    _barrier()
+    ranks.barrier()
     dist_checkpointing.save(_adapter_sharded_state_dict(model, name, cfg.train_output_layer), str(tmp / "weights"))
-    _barrier()
-    if _rank() == 0:
+    ranks.barrier()
+    if ranks.rank() == 0:
         inner = getattr(model, "module", model)
         config = {"format": ADAPTER_FORMAT, "lora": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                   "shapes": _adapter_shapes(model, name, cfg.train_output_layer),
@@ -342,7 +334,7 @@ def save_adapter(model, out_dir: Path, cfg: LoraConfig, name: str = DEFAULT_ADAP
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
-    _barrier()
+    ranks.barrier()
     return out_dir
 
 

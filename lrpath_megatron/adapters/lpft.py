@@ -1,6 +1,6 @@
 """LP-FT: train only the output layer (and the final norm) first, then everything, on any path.
 
-:func:`lpft_phases` splits one :class:`~lrpath_megatron.trainer.PathRun` into two runs of the same
+:func:`lpft_phases` splits one :class:`~lrpath_megatron.path.PathRun` into two runs of the same
 trainer: phase 1 (the first ``probe_steps`` steps) with a transform that freezes all but the head; phase 2
 (the rest of the path) starting from phase 1's last checkpoint with the path's step, data position and
 LR schedule, and a fresh optimizer for the now-larger set of trainable parameters.
@@ -8,11 +8,10 @@ LR schedule, and a fresh optimizer for the now-larger set of trainable parameter
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from lrpath_megatron.adapters.lora import head_weight
-from lrpath_megatron.checkpoint import iter_name
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.path import FORK, PathRun, Start
 
 
 def freeze_all_but_head(model, train_final_norm: bool = True) -> None:
@@ -27,9 +26,10 @@ def freeze_all_but_head(model, train_final_norm: bool = True) -> None:
                 param.requires_grad_(True)
 
 
-def lpft_phases(run, probe_steps: int, train_final_norm: bool = True):
-    """(phase 1, phase 2) PathRuns, in ``run.run_dir/lp`` and ``run.run_dir/ft``; run them in order."""
-    first, last = run.start_step, run.end_step
+def lpft_phases(run: PathRun, probe_steps: int, train_final_norm: bool = True) -> tuple[PathRun, PathRun]:
+    """(phase 1, phase 2) PathRuns, in ``run``'s directory's ``lp`` and ``ft``; run them in order."""
+    path = run.path
+    first, last = path.fork_step, path.end_step
     if not 0 < probe_steps < last - first:
         raise ConfigError(f"adapt.lpft.probe_steps={probe_steps} must be in (0, {last - first}): the path has "
                           f"{last - first} steps and phase 2 needs at least one")
@@ -41,15 +41,17 @@ def lpft_phases(run, probe_steps: int, train_final_norm: bool = True):
             inner_transform(model)
         freeze_all_but_head(model, train_final_norm)
 
-    root = Path(run.run_dir)
+    # A parent's optimizer state covers other parameters than either phase trains: both start fresh.
+    origin = run.origin if run.origin.kind != FORK else dataclasses.replace(run.origin, fresh_optimizer=True)
+    probe_dirs = run.dirs.sub("lp")
     probe = dataclasses.replace(
-        run, name=f"{run.name}-lp", run_dir=root / "lp", end_step=switch, model_transform=probe_transform,
-        save_steps=frozenset(s for s in run.save_steps if s <= switch),
-        reset_optimizer=True,  # a parent's optimizer state covers other parameters
+        run, path=dataclasses.replace(path, name=f"{path.name}-lp", end_step=switch,
+                                      save_steps=frozenset(s for s in path.save_steps if s <= switch)),
+        dirs=probe_dirs, origin=origin, model_transform=probe_transform,
         lineage={**run.lineage, "lpft_phase": "probe"})
     finetune = dataclasses.replace(
-        run, name=f"{run.name}-ft", run_dir=root / "ft", start_step=switch,
-        parent_checkpoint=root / "lp" / "checkpoints" / iter_name(switch), init_weights_only=False,
-        reset_optimizer=True, save_steps=frozenset(s for s in run.save_steps if s > switch),
+        run, path=dataclasses.replace(path, name=f"{path.name}-ft", fork_step=switch,
+                                      save_steps=frozenset(s for s in path.save_steps if s > switch)),
+        dirs=run.dirs.sub("ft"), origin=Start(FORK, probe_dirs.checkpoint(switch), fresh_optimizer=True),
         lineage={**run.lineage, "lpft_phase": "finetune"})
     return probe, finetune

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from lrpath_megatron import checkpoint, distributed
+from lrpath_megatron import checkpoint, checkpoint_layout, distributed, forward
 from lrpath_megatron.adapters import METHODS
 from lrpath_megatron.adapters.lora import (
     DEFAULT_ADAPTER,
@@ -48,7 +48,6 @@ from lrpath_megatron.adapters.selector import (
     SelectorConfig,
     pooled_features,
     routed_token_losses,
-    token_losses,
     train_selector,
 )
 from lrpath_megatron.config import (
@@ -61,8 +60,10 @@ from lrpath_megatron.config import (
     to_dict,
 )
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.path import WEIGHTS, PathRun, PathSpec, Start
+from lrpath_megatron.ranks import rank
+from lrpath_megatron.run_layout import AdaptDirs, RunLayout
 from lrpath_megatron.status import release_status
-
 
 
 @dataclass
@@ -144,8 +145,8 @@ class Update:
         """The versions trained as updates on this base, up to and including this one."""
         return [v.name for v in self.plan.versions[self.base_index + 1:self.index + 1]]
 
-    def dir(self, version: Optional[str] = None, method: Optional[str] = None) -> Path:
-        return self.run_root / "adapt" / (method or self.method) / (version or self.version)
+    def dirs(self, version: Optional[str] = None, method: Optional[str] = None) -> AdaptDirs:
+        return RunLayout(self.run_root).adapt(method or self.method, version or self.version)
 
     @property
     def new_corpora(self) -> dict:
@@ -182,7 +183,7 @@ def resolve_update(plan, adapt: AdaptConfig, version: str, method: str, run_root
             raise LrpathError(f"base release {base} is not in {run_root} yet: "
                               f"{_how_to_release(plan, run_root, base)}; or pass its checkpoint with --base-checkpoint")
         base_checkpoint = Path(release.checkpoint)
-    elif not checkpoint.is_complete(Path(base_checkpoint)):
+    elif not checkpoint_layout.is_complete(Path(base_checkpoint)):
         raise LrpathError(f"--base-checkpoint {base_checkpoint} is not a complete checkpoint (no manifest.json)")
     checkpoint.check_model(base_checkpoint, to_dict(plan.train_config.model), "adapt",
                            f"give a --base-checkpoint of this model, or set the plan's model: section to the "
@@ -200,9 +201,9 @@ def _how_to_release(plan, run_root: Path, version: str) -> str:
     if r.method == "decay":
         return f"train its branch (`lrpath train {plan_file} --path {version} --run-dir {run_root}`)"
     # The merge job `lrpath launch` would run, so the command cannot drift from the one that releases it.
-    from launch.jobs import build_jobs, merge_args
+    from lrpath_megatron.launch.jobs import build_jobs, merge_args
 
-    job = next(j for j in build_jobs(plan.paths(), [v.release for v in plan.versions]) if j.key == version)
+    job = next(j for j in build_jobs(plan.paths(), plan.releases()) if j.key == version)
     return (f"train the main path through step {r.step} (`lrpath train {plan_file} --path main --run-dir "
             f"{run_root}`), then merge it (`{shlex.join(['lrpath', *merge_args(run_root, job)])}`)")
 
@@ -226,7 +227,7 @@ def _previous_static_adapter(update: Update) -> Optional[Path]:
     """Static ConPET carries one adapter: the previous update's, unless this is the first update."""
     if len(update.updates) == 1:
         return None
-    previous = update.dir(update.updates[-2]) / "adapter"
+    previous = update.dirs(update.updates[-2]).adapter
     if not (previous / "adapter_config.json").is_file():
         raise LrpathError(f"conpet-static trains one adapter through the updates: {update.updates[-2]}'s adapter "
                           f"{previous} is missing; run `lrpath adapt ... --version {update.updates[-2]} "
@@ -234,10 +235,9 @@ def _previous_static_adapter(update: Update) -> Optional[Path]:
     return previous
 
 
-def path_run(update: Update, report: dict):
-    """The trainer's PathRun of the update; ``report['params']`` is filled when the trainer builds it."""
-    from lrpath_megatron.trainer import PathRun
-
+def path_run(update: Update, report: dict) -> PathRun:
+    """The trainer's PathRun of the update: from the base's weights, a fresh optimizer and data; with
+    ``report['params']`` filled when the trainer builds the model."""
     method, lora_cfg, seed = update.method, update.adapt.lora, update.plan.train_config.seed
     previous = _previous_static_adapter(update) if method == "conpet-static" else None
 
@@ -249,9 +249,9 @@ def path_run(update: Update, report: dict):
         report["params"] = param_report(model)
 
     blend = _blend(update)
-    return PathRun(name=f"adapt-{method}-{update.version}", run_dir=update.dir(), end_step=update.adapt.steps,
-                   lr_at_step=_lr(update), weights_at_step=lambda step: (method, dict(blend)),
-                   parent_checkpoint=update.base_checkpoint, init_weights_only=True, model_transform=transform,
+    spec = PathSpec(f"adapt-{method}-{update.version}", update.adapt.steps, _lr(update),
+                    lambda step: (method, dict(blend)))
+    return PathRun(spec, update.dirs(), Start(WEIGHTS, update.base_checkpoint), model_transform=transform,
                    lineage={"adapt": {"method": method, "version": update.version, "base": update.base,
                                       "base_checkpoint": str(update.base_checkpoint), "blend": blend}},
                    source="plan")
@@ -282,23 +282,15 @@ def _base_model(cfg: TrainConfig, ckpt: Path):
     return model
 
 
-def _final_checkpoint(run) -> Path:
-    return Path(run.run_dir) / "checkpoints" / checkpoint.iter_name(run.end_step)
+def _final_checkpoint(run: PathRun) -> Path:
+    return run.dirs.checkpoint(run.path.end_step)
 
 
-@torch.no_grad()
-def evaluate(model, valid, corpora: list[str], n_batches: int, losses_of=None) -> dict[str, float]:
-    """Held-out loss per corpus: mean over micro-batches of the loss-masked token mean (the trainer's
-    definition). ``losses_of(batch) -> [b, s]`` defaults to the model's own forward."""
-    fn = losses_of or (lambda batch: token_losses(model, batch))
-    out = {}
-    for corpus in corpora:
-        values = []
-        for batch in valid.batches(corpus, n_batches):
-            mask = batch["loss_mask"].float()
-            values.append(float((fn(batch) * mask).sum() / mask.sum().clamp(min=1.0)))
-        out[corpus] = sum(values) / len(values)
-    return out
+def evaluate(update: Update, model, valid, token_losses_of=None) -> dict[str, float]:
+    """Held-out loss per corpus, the trainer's validation (``token_losses_of``: routed experts)."""
+    cfg = update.train_config
+    return forward.validation_losses(model, valid, update.adapt.eval_batches, cfg.model.seq_length,
+                                     cfg.parallel.micro_batch_size, token_losses_of)["val_loss_per_corpus"]
 
 
 def _valid(cfg: TrainConfig, micro_batch_size: Optional[int] = None):
@@ -325,7 +317,6 @@ def run_update(update: Update, progress: bool = True) -> dict:
         _check_exit(run_path(cfg, run), run.name)
         final = _final_checkpoint(run)
     train_seconds = time.perf_counter() - start
-    corpora = [c.name for c in cfg.data.corpora]
     result = {"method": update.method, "version": update.version, "base": update.base,
               "base_checkpoint": str(update.base_checkpoint), "steps": update.adapt.steps,
               "blend": _blend(update), "old_corpora": update.old_corpora, "new_corpora": list(update.new_corpora),
@@ -333,29 +324,29 @@ def run_update(update: Update, progress: bool = True) -> dict:
     with _session(cfg) as env:
         valid = _valid(cfg)
         model = _base_model(cfg, update.base_checkpoint)
-        result["base_val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+        result["base_val_loss"] = evaluate(update, model, valid)
         if update.method in ("full", "lpft"):
             checkpoint.load_model(final, model)
             p = param_report(model)  # phase 2 of lpft, like full, trains every parameter
             result["params"] = dataclasses.asdict(p) | {"ratio": p.ratio}
-            result["val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+            result["val_loss"] = evaluate(update, model, valid)
         else:
             inject_lora(model, update.adapt.lora, DEFAULT_ADAPTER, cfg.seed)
             checkpoint.load_model(final, model)  # base + adapter as trained
-            save_adapter(model, update.dir() / "adapter", update.adapt.lora, DEFAULT_ADAPTER,
+            save_adapter(model, update.dirs().adapter, update.adapt.lora, DEFAULT_ADAPTER,
                          info={"base_checkpoint": str(update.base_checkpoint), "version": update.version})
             p = report["params"]
             result["params"] = dataclasses.asdict(p) | {"ratio": p.ratio}
             # Evaluate what was saved: the exported adapter on a freshly loaded base.
             model = _base_model(cfg, update.base_checkpoint)
             if update.method == "conpet-dynamic":
-                result.update(_dynamic(update, cfg, model, valid, corpora, progress))
+                result.update(_dynamic(update, cfg, model, valid, progress))
             else:
-                load_adapter(model, update.dir() / "adapter", DEFAULT_ADAPTER, cfg.seed)
-                result["val_loss"] = evaluate(model, valid, corpora, update.adapt.eval_batches)
+                load_adapter(model, update.dirs().adapter, DEFAULT_ADAPTER, cfg.seed)
+                result["val_loss"] = evaluate(update, model, valid)
         result["summary"] = _summary(result, update)
         if env.rank == 0:
-            (update.dir() / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+            update.dirs().result.write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
 
 
@@ -377,7 +368,7 @@ def _summary(result: dict, update: Update) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Dynamic ConPET: experts + selector
 # --------------------------------------------------------------------------------------------------
-def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str], progress: bool) -> dict:
+def _dynamic(update: Update, cfg: TrainConfig, model, valid, progress: bool) -> dict:
     """Loads every expert of this base, retrains the selector over [base, updates...], evaluates routed."""
     from lrpath_megatron.data import TrainData
 
@@ -396,7 +387,7 @@ def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str],
                     raise LrpathError(f"conpet-dynamic routes by domain, but corpus {corpus!r} belongs to both "
                                       f"{classes[corpus_class[corpus]]} and {name}; give each update its own corpora")
     for u in update.updates:
-        adapter = update.dir(u) / "adapter"
+        adapter = update.dirs(u).adapter
         if not (adapter / "adapter_config.json").is_file():
             raise LrpathError(f"conpet-dynamic expert {u} is missing ({adapter}); run `lrpath adapt ... --version "
                               f"{u} --method conpet-dynamic` first")
@@ -404,9 +395,9 @@ def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str],
     set_active(model, None)
 
     selector = Selector(cfg.model.hidden_size, len(classes) - 1, scfg.hidden)
-    previous = update.dir(update.updates[-2]) / "selector.pt" if len(update.updates) > 1 else None
+    previous = update.dirs(update.updates[-2]).selector if len(update.updates) > 1 else None
     if previous is not None and previous.is_file():  # continue the previous update's selector
-        selector.load_state_dict(torch.load(previous, weights_only=False)["state_dict"])
+        selector.load_state_dict(torch.load(previous, weights_only=True)["state_dict"])
     selector.add_class()
     # Pick a class uniformly, then a sample of its stored set: one sampler over all classes' corpora.
     weights = {}
@@ -430,11 +421,10 @@ def _dynamic(update: Update, cfg: TrainConfig, model, valid, corpora: list[str],
             hits += int((predicted == c).sum())
             total += len(predicted)
         accuracy[corpus] = hits / total
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         torch.save({"classes": classes, "experts": experts, "state_dict": selector.state_dict(),
-                    "hidden": scfg.hidden}, update.dir() / "selector.pt")
-    val = evaluate(model, valid, corpora, update.adapt.eval_batches,
-                   lambda batch: routed_token_losses(selector, model, batch, experts, scfg.top_k))
+                    "hidden": scfg.hidden}, update.dirs().selector)
+    val = evaluate(update, model, valid, lambda batch: routed_token_losses(selector, model, batch, experts, scfg.top_k))
     return {"val_loss": val, "selector": {
         "classes": classes, "class_of_corpus": {k: classes[c] for k, c in corpus_class.items()},
         "heldout_accuracy": accuracy, "train_loss_first": losses[0], "train_loss_last": losses[-1],

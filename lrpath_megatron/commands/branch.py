@@ -21,14 +21,14 @@ def run(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg, path_run = resolve(args.plan, args.version, run_dir, args.overrides)
-    if path_run.parent_checkpoint is None:
+    if path_run.origin.checkpoint is None:
         from lrpath_megatron.errors import LrpathError
 
         raise LrpathError(f"{args.version!r} is the main path, not a branch; use lrpath train --path main")
     from lrpath_megatron.checkpoint_layout import record_fork
 
     start = time.perf_counter()
-    record = record_fork(path_run.run_dir, path_run.parent_checkpoint, path_run.start_step)
+    record = record_fork(path_run.dirs.fork_record, path_run.origin.checkpoint, path_run.path.fork_step)
     print(f"[{args.version}] forked from {record['parent_checkpoint']} at step {record['fork_step']} "
           f"({time.perf_counter() - start:.3f} s, no weights copied)")
     if args.no_train:

@@ -1,4 +1,5 @@
-"""``lrpath data {train-tokenizer,preprocess,inspect,split-versions,demo}``: thin calls into :mod:`data_tools`.
+"""``lrpath data {train-tokenizer,preprocess,inspect,split-versions,demo}``: thin calls into
+:mod:`lrpath_megatron.data_tools`.
 
 Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning; ``--tokenizer-type``
 is accepted for its command lines only (see :data:`SENTENCEPIECE_TYPES`).
@@ -109,8 +110,8 @@ def _inputs(p) -> None:
 
 
 def _train_tokenizer(args) -> int:
-    from data_tools.inputs import Problem, iter_texts
-    from data_tools.tokenizer import TokenizerSpec, train_tokenizer
+    from lrpath_megatron.data_tools.inputs import Problem, iter_texts
+    from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     if len(args.json_keys) != 1:
         raise ConfigError("train-tokenizer reads one key; give a single --json-keys")
@@ -132,7 +133,7 @@ def _train_tokenizer(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from data_tools.preprocess import PreprocessConfig, preprocess
+    from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
                            json_keys=args.json_keys, workers=args.workers, append_eod=args.append_eod,
@@ -151,7 +152,7 @@ def _preprocess(args) -> int:
 
 
 def _inspect(args) -> int:
-    from data_tools.inspect_data import inspect_dataset
+    from lrpath_megatron.data_tools.inspect_data import inspect_dataset
 
     report = inspect_dataset(args.prefix, args.tokenizer_model, args.valid_fraction, args.samples, args.max_chars,
                              args.seed)
@@ -162,7 +163,7 @@ def _inspect(args) -> int:
 def _split_versions(args) -> int:
     import yaml
 
-    from data_tools.versions import parse_version, split_versions
+    from lrpath_megatron.data_tools.versions import parse_version, split_versions
 
     corpora = {}
     for item in args.corpus:
@@ -181,7 +182,7 @@ def _split_versions(args) -> int:
 
 
 def _demo(args) -> int:
-    from data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
 
     print(json.dumps(prepare_demo_data(args.out_dir, args.vocab_size), indent=2))
     return 0

@@ -15,8 +15,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from data_tools.demo import prepare_demo_data
-    from launch.local import plan_commands, run_local
+    from lrpath_megatron.data_tools.demo import prepare_demo_data
+    from lrpath_megatron.launch.local import plan_commands, run_local
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.status import format_status, run_status
 

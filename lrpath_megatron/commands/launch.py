@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.run_layout import RunLayout
 
 # Options of one mode (argparse dest -> flag): the other mode has no use for them, so giving them there is an
 # error rather than silently ignored.
@@ -63,9 +64,9 @@ def run(args) -> int:
         return _local(args, run_dir)
     if not args.cluster:
         raise LrpathError("--slurm needs --cluster PROFILE.yaml (see examples/cluster_h100.yaml)")
-    from launch.slurm import prepare_slurm
+    from lrpath_megatron.launch.slurm import prepare_slurm
 
-    out = Path(args.out or run_dir / "slurm")
+    out = Path(args.out or RunLayout(run_dir).slurm)
     rendered = prepare_slurm(args.plan, args.overrides, args.cluster, args.cluster_overrides, run_dir, out)
     for f in rendered.files:
         print(f"wrote {f}")
@@ -77,7 +78,7 @@ def run(args) -> int:
     if not args.submit:
         print(f"submit with: bash {out / 'submit.sh'}   (or rerun with --submit)")
         return 0
-    from launch.submit import submit
+    from lrpath_megatron.launch.submit import submit
 
     for key, job_id in submit(out).items():
         print(f"submitted {key}: job {job_id}")
@@ -85,7 +86,7 @@ def run(args) -> int:
 
 
 def _local(args, run_dir: Path) -> int:
-    from launch.local import plan_commands, run_local
+    from lrpath_megatron.launch.local import plan_commands, run_local
     from lrpath_megatron.plan import load_plan
 
     nproc = 1 if args.nproc_per_node is None else args.nproc_per_node

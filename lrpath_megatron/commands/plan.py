@@ -54,7 +54,10 @@ def format_table(costs: dict) -> str:
         decay = f"{v['decay_steps']} ({human(v['decay_tokens'])})" if v["method"] == "decay" else "-"
         release = f"{v['method']}:{v['shape']}" if v["method"] == "decay" else v["method"]
         data = "+".join(v["corpora"]) + (f" [{v['branch_data']}]" if v["branch_data"] else "")
-        rows.append([v["name"], release, f"{v['fork_step']} ({human(v['fork_tokens'])})", decay, data,
+        fork = f"{v['fork_step']} ({human(v['fork_tokens'])})"
+        if v["shared_steps"]:
+            fork += f", nominal {v['nominal_fork_step']}"
+        rows.append([v["name"], release, fork, decay, data,
                      human(v["tokens"]), human(v["cumulative_tokens"]),
                      f"{v['cumulative_ratio_vs_ptfs']:.3f}", f"{v['cumulative_ratio_vs_cpt']:.3f}"])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -68,7 +71,9 @@ def format_table(costs: dict) -> str:
         f"main path   {main['steps']} steps, {human(main['tokens'])} tokens; checkpoints at steps "
         f"{', '.join(map(str, main['save_steps']))}"
         + (f"; weights only at {', '.join(map(str, main['weights_only_steps']))}" if main["weights_only_steps"] else ""),
-        f"branches    {human(costs['branch_tokens'])} tokens",
+        f"branches    {human(costs['branch_tokens'])} tokens"
+        + (f"; forked where they first differ from the main path, {human(costs['tokens_saved_by_effective_forks'])} "
+           f"tokens fewer than from their nominal forks" if costs["tokens_saved_by_effective_forks"] else ""),
         f"total       {human(costs['total_tokens'])} tokens, {costs['total_flops']:.3e} FLOPs",
         f"PTFS        {human(costs['ptfs_tokens'])} tokens, {costs['ptfs_flops']:.3e} FLOPs   "
         f"-> ratio {costs['cost_ratio_vs_ptfs']:.3f}",

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-from lrpath_megatron.config import ConfigError, TrainConfig, config_source, load_train_config, read_yaml
+from lrpath_megatron.config import config_source, load_train_config, read_yaml
 from lrpath_megatron.errors import LrpathError
 
 
@@ -54,45 +53,11 @@ def resolve(config_path: str, path: str | None, run_dir: Path, overrides: list[s
         if path is None:
             names = ", ".join(p.name for p in plan.paths())
             raise LrpathError(f"{config_path} is a version plan: choose a path with --path ({names})")
-        return plan.train_config, path_run(plan, path, run_dir)
+        return plan.train_config, plan.run_for(path, run_dir)
     if path is not None:
         raise LrpathError(f"--path {path}: {config_path} is not a version plan (it has no 'plan' section)")
+    from lrpath_megatron.path import standalone_run
+
     cfg = load_train_config(config_path, overrides)
     with config_source(config_path, overrides):
         return cfg, standalone_run(cfg, run_dir)
-
-
-def standalone_run(cfg: TrainConfig, run_dir: Path):
-    from lrpath_megatron.config import MixConfig, MixStage
-    from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
-    from lrpath_megatron.schedules import from_schedule_config
-    from lrpath_megatron.trainer import PathRun
-
-    lr_at_step = from_schedule_config(cfg.schedule, cfg.optimizer.lr, cfg.optimizer.min_lr)
-    corpora = [c.name for c in cfg.data.corpora]
-    if not corpora:
-        raise ConfigError("data.corpora is empty: list at least one {name, prefix} corpus")
-    # No policy = one stage with equal weights.
-    mix = cfg.data.mix if cfg.data.mix.stages else MixConfig(stages=[MixStage(weights={c: 1.0 for c in corpora})])
-    stages = resolve_stages(mix, corpora, cfg.optimizer.lr, "data.mix")
-    weights = MixSchedule(stages, mix.ramp_steps, lr_at_step, cfg.schedule.warmup_steps,
-                          cfg.schedule.train_steps).weights_at_step
-    return PathRun(name="train", run_dir=run_dir, end_step=cfg.schedule.train_steps, lr_at_step=lr_at_step,
-                   weights_at_step=weights)
-
-
-def path_run(plan, name: str, run_dir: Path):
-    """The trainer's view of one plan path: a branch starts from the main path's checkpoint at its fork."""
-    from lrpath_megatron.checkpoint import iter_name
-    from lrpath_megatron.trainer import PathRun
-
-    spec = plan.path(name)
-    parent = None
-    if spec.parent is not None:
-        parent = run_dir / spec.parent / "checkpoints" / iter_name(spec.fork_step)
-    lineage = {"plan_hash": plan.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
-               "release": dataclasses.asdict(spec.release) if spec.release else None}
-    return PathRun(name=name, run_dir=run_dir / name, end_step=spec.end_step, lr_at_step=spec.lr_at_step,
-                   weights_at_step=spec.weights_at_step, start_step=spec.fork_step,
-                   save_steps=frozenset(spec.save_steps), weights_only_steps=frozenset(spec.weights_only_steps),
-                   parent_checkpoint=parent, lineage=lineage, source="plan")

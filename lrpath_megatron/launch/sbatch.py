@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launch.jobs import MAIN, Job, merge_args, merge_time
-from launch.profile import ClusterProfile
+from lrpath_megatron.errors import EXIT_REQUEUE
+from lrpath_megatron.launch.jobs import MAIN, Job, merge_args, merge_time
+from lrpath_megatron.launch.profile import ClusterProfile
+from lrpath_megatron.run_layout import RunLayout
 
 # Exit code of `lrpath train` after a signal-triggered save: "requeue me".
-REQUEUE_EXIT = 3
 
 # Seconds srun waits, after the first rank exits, before it ends the others. Not --kill-on-bad-exit: that
 # would kill ranks still finishing a signal-triggered save the moment the first rank exits with code 3;
@@ -47,7 +48,7 @@ def script_name(path: str) -> str:
 
 
 def log_dir(spec: LaunchSpec, path: str) -> Path:
-    return spec.run_dir / path / "logs"
+    return RunLayout(spec.run_dir).path(path).logs
 
 
 def _container_opts(prof: ClusterProfile) -> list[str]:
@@ -93,7 +94,7 @@ def render_sbatch(spec: LaunchSpec, path: str) -> str:
     placement = [f"--nodes={nodes}", f"--ntasks-per-node={prof.gpus_per_node}"]
     placement += [f"--gpus-per-node={prof.gpus_per_node}"] if prof.request_gpus else []
     placement += ["--exclusive"] if prof.exclusive else []
-    # USR1 goes to the srun step: the trainer saves and exits REQUEUE_EXIT before the limit.
+    # USR1 goes to the srun step: the trainer saves and exits EXIT_REQUEUE before the limit.
     opts = _sbatch_options(spec, path, time_limit, placement, [f"--signal=USR1@{prof.signal_grace}"])
 
     srun = ["srun", f"--ntasks-per-node={prof.gpus_per_node}", "--kill-on-bad-exit=0", f"--wait={RANK_EXIT_WAIT}"]
@@ -174,7 +175,7 @@ def _step_lines(started: str, srun: list[str], command: list[str], finished: str
     ]
     if requeue:
         lines += [
-            f"if [[ $rc -eq {REQUEUE_EXIT} ]]; then",
+            f"if [[ $rc -eq {EXIT_REQUEUE} ]]; then",
             "    # The trainer saved a checkpoint on USR1/TERM: rerun this job; it resumes from that checkpoint.",
             '    echo "lrpath: saved on signal, requeueing job $SLURM_JOB_ID at $(date -Is)"',
             '    scontrol requeue "$SLURM_JOB_ID" && exit 0',

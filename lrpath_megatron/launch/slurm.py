@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from launch.jobs import Job, build_jobs, check_profile
-from launch.profile import load_profile
-from launch.sbatch import LaunchSpec, write_scripts
+from lrpath_megatron.launch.jobs import Job, build_jobs, check_profile
+from lrpath_megatron.launch.profile import load_profile
+from lrpath_megatron.launch.sbatch import LaunchSpec, write_scripts
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
 
     plan = load_plan(plan_file, list(overrides))
     paths = plan.paths()
-    jobs: list[Job] = build_jobs(paths, [v.release for v in plan.versions])
+    jobs: list[Job] = build_jobs(paths, plan.releases())
     profile = load_profile(profile_file, list(profile_overrides))
     check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
     spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)

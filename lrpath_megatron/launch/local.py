@@ -9,8 +9,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lrpath_megatron.errors import LrpathError
-
-from launch.jobs import Job, build_jobs, merge_args
+from lrpath_megatron.launch.jobs import Job, build_jobs, merge_args
 
 
 def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
@@ -42,5 +41,5 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Every job of a loaded plan (trained paths, then merge releases) as local commands, in order."""
-    jobs = build_jobs(plan.paths(), [v.release for v in plan.versions])
+    jobs = build_jobs(plan.paths(), plan.releases())
     return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

@@ -2,7 +2,7 @@
 
 A profile is a YAML mapping of :class:`ClusterProfile` fields (see ``examples/cluster_h100.yaml``),
 overridable with ``--cluster-set key=value``. Validation here covers the profile alone; checks that need
-the plan (parallel layout, time per checkpoint interval) are in :mod:`launch.jobs`.
+the plan (parallel layout, time per checkpoint interval) are in :mod:`lrpath_megatron.launch.jobs`.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_tools.inspect_data import held_out_range
-from data_tools.preprocess import output_prefix
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.data_tools.inspect_data import held_out_range
+from lrpath_megatron.data_tools.preprocess import output_prefix
 from lrpath_megatron.indexed import open_indexed
 
 

@@ -80,7 +80,7 @@ def inspect_dataset(prefix: str | Path, tokenizer_model: str | None = None, vali
                 "tokens": int(lengths[beg:end].sum())}
     shown = []
     if tokenizer_model and samples and n_docs:
-        from data_tools.tokenizer import Tokenizer
+        from lrpath_megatron.data_tools.tokenizer import Tokenizer
 
         tok = Tokenizer(tokenizer_model)
         picks = np.random.default_rng(seed).choice(n_docs, size=min(samples, n_docs), replace=False)

@@ -12,32 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
-from lrpath_megatron.checkpoint_layout import iter_name
 from lrpath_megatron.config import ConfigError, TrainConfig
-
-from launch.profile import ClusterProfile, parse_time
+from lrpath_megatron.launch.profile import ClusterProfile, parse_time
+from lrpath_megatron.path import PathSpec
+from lrpath_megatron.plan import ReleaseInfo
+from lrpath_megatron.run_layout import RunLayout
 
 MAIN = "main"
 # Time limit of a merge job unless the profile's paths.<version>.time or branches.time gives one: a
 # streamed merge reads each input once.
 MERGE_TIME = "01:00:00"
-
-
-class PathLike(Protocol):
-    name: str
-    parent: Optional[str]
-    fork_step: int
-    end_step: int
-    save_steps: set
-
-
-class ReleaseLike(Protocol):
-    version: str
-    method: str  # "decay" | "merge"
-    step: int
-    merge: dict  # for a merge: weights, save_steps (main-path steps, oldest first, the last == step), ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +47,7 @@ class Job:
         return "merge" if self.merge else "train"
 
 
-def build_jobs(paths: Sequence[PathLike], releases: Sequence[ReleaseLike] = ()) -> list[Job]:
+def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = ()) -> list[Job]:
     """Jobs in submission order (every job after the one it depends on): main-path segments, branches,
     then merge releases (``releases`` may hold every version's release; only merges make jobs)."""
     by_name = {p.name: p for p in paths}
@@ -108,8 +94,9 @@ def build_jobs(paths: Sequence[PathLike], releases: Sequence[ReleaseLike] = ()) 
 def merge_args(run_dir: Path, job: Job) -> list[str]:
     """``lrpath`` arguments of a merge job: main-path checkpoints -> ``RUN/<version>/checkpoints/iter_<step>``
     (where `lrpath status` finds the release). ``--skip-existing`` makes reruns and requeues exit 0."""
-    ckpts = [str(run_dir / MAIN / "checkpoints" / iter_name(s)) for s in job.merge.steps]
-    out = run_dir / job.path / "checkpoints" / iter_name(job.end_step)
+    layout = RunLayout(Path(run_dir))
+    ckpts = [str(layout.checkpoint(MAIN, s)) for s in job.merge.steps]
+    out = layout.checkpoint(job.path, job.end_step)
     return ["merge", *ckpts, "--weights", job.merge.weights, "--out", str(out), "--skip-existing"]
 
 
@@ -130,7 +117,7 @@ def checkpoint_gap(job: Job, save_interval: int, save_steps: set) -> int:
     return max(b - a for a, b in zip(ordered, ordered[1:])) if len(ordered) > 1 else 0
 
 
-def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], paths: Sequence[PathLike],
+def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], paths: Sequence[PathSpec],
                   train: TrainConfig) -> None:
     """Everything that would make a submitted job fail or loop, raised before anything is written."""
     names = {p.name for p in paths} | {j.key for j in jobs if j.kind == "merge"}

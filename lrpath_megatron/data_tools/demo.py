@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
-from data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
+from lrpath_megatron.data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
+from lrpath_megatron.data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
 
-CORPORA_DIR = Path(__file__).resolve().parents[1] / "data" / "corpora"
+# data/ of the source tree: the package is installed editable (pip install -e .).
+CORPORA_DIR = Path(__file__).resolve().parents[2] / "data" / "corpora"
 CORPORA = ("docs", "code_a", "code_b", "c_headers")
 FORMAT_VERSION = 1  # bump when the build below changes its output
 

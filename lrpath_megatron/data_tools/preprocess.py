@@ -1,8 +1,8 @@
 """JSONL / plain text -> megatron-core ``IndexedDataset`` files, in parallel, byte-identical for any worker count.
 
 Output names follow Megatron-LM's ``tools/preprocess_data.py``: ``{output_prefix}_{key}_document.bin/.idx``.
-Each worker tokenizes whole work units (see :mod:`data_tools.inputs`) into its own small .bin/.idx with
-megatron-core's ``IndexedDatasetBuilder``; the main process appends them in unit order with
+Each worker tokenizes whole work units (see :mod:`lrpath_megatron.data_tools.inputs`) into its own small
+.bin/.idx with megatron-core's ``IndexedDatasetBuilder``; the main process appends them in unit order with
 ``IndexedDatasetBuilder.add_index`` into ``*.tmp-PID.bin/.idx`` and renames those only when complete.
 
 Long documents: the text of one document is held in memory once and encoded in ~64 K-character pieces
@@ -27,9 +27,9 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data_tools import inputs as inp
-from data_tools.tokenizer import Tokenizer
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.data_tools import inputs as inp
+from lrpath_megatron.data_tools.tokenizer import Tokenizer
 from lrpath_megatron.errors import LrpathError
 
 

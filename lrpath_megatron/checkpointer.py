@@ -1,0 +1,197 @@
+"""The checkpoint policy of one path: where it starts, whether a checkpoint may be continued, which steps
+save and with what, the manifest, pruning, and what to do about damage. The trainer keeps the loop and
+asks; :mod:`checkpoint` moves the tensors and :mod:`checkpoint_layout` knows the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lrpath_megatron import checkpoint, checkpoint_layout
+from lrpath_megatron.config import TrainConfig, to_dict
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.path import FORK, RESUME, SCRATCH, WEIGHTS, PathRun, Start
+
+# The fixed inputs of the schedule digest by config field, and the key each has in the digest (the
+# original names: checkpoints written before the inputs were recorded keep their digest).
+SCHEDULE_INPUTS = {"parallel.global_batch_size": "global_batch_size", "model.seq_length": "seq_length",
+                   "data.seed": "data_seed", "data.corpora": "corpora", "data.valid_fraction": "valid_fraction"}
+
+
+class Checkpointer:
+    """Collective where it loads or saves (every rank calls it); everything else reads only."""
+
+    def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None):
+        self.cfg, self.run = cfg, run
+        self.root = run.dirs.checkpoints
+        self.end = run.path.end_step if stop_at_step is None else min(run.path.end_step, stop_at_step)
+        self.digest = None  # running hash of the trained steps' schedule (see _schedule_digest)
+
+    # ------------------------------------------------------------------------------------ the start
+    def choose_start(self) -> Start:
+        """The path's newest checkpoint training can continue from, else its origin. Refuses, before
+        anything is built or written, a start this run cannot continue. A newer weights-only checkpoint (a
+        merge input) is trained again, identically; a weights-only one at or past the stop means: done."""
+        self._check_fork_step()
+        own = checkpoint_layout.find_latest(self.root)
+        if own is not None and checkpoint_layout.read_manifest(own)["step"] < self.end:
+            own = checkpoint_layout.find_resumable(self.root)
+        start = Start(RESUME, own) if own is not None else self.run.origin
+        if start.kind == SCRATCH:
+            return start
+        if start.kind == FORK:  # complete, and the same checkpoint the branch forked from before (if it did)
+            checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step, write=False)
+        self._check_compatible(start)
+        return start
+
+    def _check_fork_step(self) -> None:
+        """A branch continues from the step it forked at; a plan that now forks it elsewhere (``plan.fork``,
+        or a changed release) would train another branch into the same directory."""
+        record = self.run.dirs.fork_record
+        if self.run.origin.kind != FORK or not record.is_file():
+            return
+        forked, now = json.loads(record.read_text())["fork_step"], self.run.path.fork_step
+        if forked != now:
+            raise LrpathError(
+                f"path {self.run.name!r} forked from step {forked} ({record}), but the {self.run.source} now forks "
+                f"it at step {now}; to continue it as it started, set plan.fork: nominal (a branch started before "
+                f"branches forked where they first differ from the main path) or restore the release settings, "
+                f"or start it again in a new --run-dir"
+            )
+
+    def damaged_fix(self, start: Start) -> str:
+        """What to do when the start checkpoint turns out damaged."""
+        if not start.own:
+            return "restore it from a copy: this path starts from that checkpoint"
+        ckpt = start.checkpoint
+        return (f"move it aside (mv {ckpt} {ckpt.parent / ('damaged_' + ckpt.name)}) and rerun: training then "
+                f"resumes from the previous checkpoint (from the start if there is none)")
+
+    def _check_compatible(self, start: Start) -> None:
+        source = self.run.source
+        manifest = checkpoint.check_model(
+            start.checkpoint, to_dict(self.cfg.model), "resume from" if start.own else "branch from",
+            f"use the model settings of the {source} it was trained with (or a new --run-dir for a different model)")
+        if not start.own:
+            return
+        self.digest = self._schedule_digest(manifest["step"])
+        if manifest.get("schedule_digest") == self.digest.hexdigest()[:16]:
+            return
+        ckpt, name = start.checkpoint, self.run.name
+        steps = f"steps {self.run.path.fork_step}..{manifest['step'] - 1}"
+        extend = " (extending it with later versions is fine)" if source == "plan" else ""
+        restore = f"restore the original {source}{extend}, or use a new --run-dir"
+        trained, now = manifest.get("schedule_inputs"), self._schedule_inputs()
+        if trained is None:  # written before the inputs were recorded: only the digest tells
+            raise LrpathError(f"cannot resume path {name!r} from {ckpt}: the LR schedule, data blend or "
+                              f"data settings of {steps} differ from what was trained; {restore}")
+        changed = [f"{k}: checkpoint {trained.get(k)!r} vs {source} {v!r}" for k, v in now.items()
+                   if trained.get(k) != v]
+        what = ("; ".join(changed) if changed
+                else f"the LR schedule or data blend of {steps} differ from what was trained")
+        raise LrpathError(f"cannot resume path {name!r} from {ckpt}: {what}; {restore}")
+
+    def load(self, start: Start, model, optimizer) -> dict | None:
+        """Collective. Loads the start into the live model and optimizer; returns the trainer state
+        (step, data) of a resume or fork, None for weights only or scratch. Weights only go in before the
+        model transform adds modules the base never had: call :meth:`load_weights` then."""
+        if start.kind in (SCRATCH, WEIGHTS):
+            return None
+        # An own checkpoint without optimizer state is the end of a finished path: nothing to continue.
+        load_optimizer = (checkpoint_layout.has_optimizer_state(start.checkpoint) if start.own
+                          else not start.fresh_optimizer)
+        return checkpoint.load(start.checkpoint, model, optimizer, load_optimizer=load_optimizer,
+                               restore_rng=start.own, fix=self.damaged_fix(start))
+
+    def load_weights(self, start: Start, module) -> None:
+        checkpoint.load_model(start.checkpoint, module, fix=self.damaged_fix(start))
+
+    def prepare(self, start: Start, step: int, is_rank0: bool) -> None:
+        """Once the start is loaded: the checkpoint directory, without leftovers of killed saves, and the
+        branch's reference to its fork checkpoint; then the schedule digest up to ``step``."""
+        if is_rank0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            checkpoint_layout.remove_stale_temporaries(self.root)
+            if start.kind == FORK:
+                checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step)
+        if self.digest is None:  # not resumed from an own checkpoint (which computed it)
+            self.digest = self._schedule_digest(step)
+
+    # ------------------------------------------------------------------------------------ the digest
+    def _schedule_inputs(self) -> dict:
+        """The settings besides the per-step LR and blend that decide which data the steps see."""
+        cfg = to_dict(self.cfg)
+        return {key: cfg[section][name] for key in SCHEDULE_INPUTS for section, name in [key.split(".")]}
+
+    def _schedule_digest(self, upto: int):
+        """Hash of everything that decided steps fork_step..upto-1 besides the model: LR and blend per step,
+        and the :meth:`_schedule_inputs`. A plan extended with new versions keeps the digest of the steps
+        already trained, so the main path can resume; a changed past cannot. Computed once at start; each
+        trained step then extends it (:meth:`trained`), so saves cost O(1)."""
+        inputs = {SCHEDULE_INPUTS[k]: v for k, v in self._schedule_inputs().items()}
+        h = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
+        for step in range(self.run.path.fork_step, upto):
+            self._extend(h, step)
+        return h
+
+    def _extend(self, h, step: int) -> None:
+        path = self.run.path
+        h.update(repr((path.lr_at_step(step), path.weights_at_step(step))).encode())
+
+    def trained(self, step: int) -> None:
+        """Step ``step`` was trained: it enters the digest of later checkpoints."""
+        self._extend(self.digest, step)
+
+    # ------------------------------------------------------------------------------------ saving
+    def should_save(self, step: int) -> bool:
+        path = self.run.path
+        return step == self.end or step in path.save_steps | path.weights_only_steps or self._interval(step)
+
+    def _interval(self, step: int) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return interval > 0 and step % interval == 0
+
+    def saves_optimizer(self, step: int, for_resume: bool) -> bool:
+        """Whether the checkpoint at ``step`` keeps the optimizer state: every checkpoint training may
+        continue from does; merge inputs and (with checkpoint.save_optimizer=false) the path's final
+        checkpoint hold the weights only."""
+        path = self.run.path
+        if step == 0:  # a fresh optimizer has no state to save
+            return False
+        if for_resume or step in path.save_steps:
+            return True
+        if step == path.end_step:
+            return self.cfg.checkpoint.save_optimizer
+        return step == self.end or self._interval(step) or step not in path.weights_only_steps
+
+    def has_checkpoint(self, step: int) -> bool:
+        return checkpoint_layout.checkpoint_at(self.root, step) is not None
+
+    def save(self, step: int, model, optimizer, data_state: dict, for_resume: bool = False) -> Path:
+        """Collective. The checkpoint at ``step`` with its manifest, then pruning (``checkpoint.keep_last``)."""
+        cfg, run = self.cfg, self.run
+        manifest = {
+            "path": run.name,
+            "schedule_digest": self.digest.hexdigest()[:16],
+            "schedule_inputs": self._schedule_inputs(),
+            "config": to_dict(cfg),
+            "code_version": checkpoint.code_version(),
+            "parent": str(run.origin.checkpoint) if run.origin.checkpoint else None,
+            "consumed_samples": step * cfg.parallel.global_batch_size,
+            "data_state": data_state,
+            **run.lineage,
+        }
+        state = {"step": step, "data": data_state}
+        saved = checkpoint.save(self.root, step, model, optimizer, state, manifest,
+                                save_optimizer=self.saves_optimizer(step, for_resume))
+        return saved
+
+    def prune(self) -> list[Path]:
+        """Rank 0: all but the ``checkpoint.keep_last`` newest resumable checkpoints, never a fork point, a
+        merge input (even one on an interval step, which keeps its optimizer state) or the path's end."""
+        keep = self.cfg.checkpoint.keep_last
+        if not keep:
+            return []
+        path = self.run.path
+        return checkpoint_layout.prune(self.root, keep, path.save_steps | path.weights_only_steps | {path.end_step})
