@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from lrpath_megatron.run_layout import RunLayout
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4},
          "medium": {"num_layers": 8, "hidden_size": 512, "num_attention_heads": 8}}
@@ -55,7 +57,7 @@ def main() -> None:
         plan_file.write_text(yaml.safe_dump(plan))
         run = work / f"run_{name}"
         lrpath("train", str(plan_file), "--path", "main", "--run-dir", str(run), "--stop-at-step", "3")
-        parent = run / "main" / "checkpoints" / "iter_0000003"
+        parent = RunLayout(run).checkpoint("main", 3)
         out = lrpath("branch", str(plan_file), "v1", "--run-dir", str(run), "--no-train")
         seconds = float(re.search(r"\(([0-9.]+) s, no weights copied\)", out).group(1))
         results[name] = {"parameters_bytes": dir_bytes(parent / "model"), "checkpoint_bytes": dir_bytes(parent),

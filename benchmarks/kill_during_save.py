@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> list[dict]:
     """Start `lrpath train`, let it save a few steps, SIGKILL it at a random moment, check; repeat."""
     from lrpath_megatron import checkpoint_layout
+    from lrpath_megatron.run_layout import PathDirs
 
     rng = random.Random(seed)
     results = []
@@ -29,9 +30,9 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
         proc = subprocess.Popen([sys.executable, "-m", "lrpath_megatron.cli", "train", str(config),
                                  "--run-dir", str(run_dir)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        before = checkpoint_layout.find_latest(run_dir / "checkpoints")
+        before = checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints)
         deadline = time.time() + 300
-        while checkpoint_layout.find_latest(run_dir / "checkpoints") in (None, before):  # at least one new save
+        while checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints) in (None, before):  # at least one new save
             if proc.poll() is not None:
                 raise RuntimeError(f"training exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
             if time.time() > deadline:
@@ -39,10 +40,10 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int) -> li
             time.sleep(0.05)
         delay = rng.uniform(0.0, 1.0)
         time.sleep(delay)
-        in_save = any(run_dir.joinpath("checkpoints").glob(".tmp_iter_*"))
+        in_save = any(PathDirs(run_dir).checkpoints.glob(".tmp_iter_*"))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        latest = checkpoint_layout.find_latest(run_dir / "checkpoints")
+        latest = checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints)
         bad = checkpoint_layout.verify(latest) if latest is not None else ["<none>"]
         left = leftover_processes(run_dir)
         results.append({"delay_s": round(delay, 3), "save_in_progress": in_save,

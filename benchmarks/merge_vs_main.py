@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
 def run(s: Settings, work: Path) -> dict:
     from lrpath_megatron.data_tools.demo import prepare_demo_data
-    from lrpath_megatron.checkpoint_layout import iter_name
+    from lrpath_megatron.run_layout import PathDirs
     from lrpath_megatron.merge import merge_checkpoints
     from lrpath_megatron.merge_weights import merge_weights
 
@@ -150,13 +150,13 @@ def run(s: Settings, work: Path) -> dict:
     data = prepare_demo_data(work / "demo_data")
     cfg_path, main_dir = train_main(s, data, work)
     train_s = time.time() - t0
-    ckpts = main_dir / "checkpoints"
+    main = PathDirs(main_dir)
     evaluate = Evaluator(cfg_path, work)
     T = s.steps
 
     # The main path near T: how much its held-out loss moves between checkpoints (the plateau noise).
     main_steps = [T - i * s.save_interval for i in range(min(8, T // s.save_interval))][::-1]
-    main_eval = {step: evaluate(ckpts / iter_name(step)) for step in main_steps}
+    main_eval = {step: evaluate(main.checkpoint(step)) for step in main_steps}
     at_T = main_eval[T]["val_loss"]
 
     variants = []
@@ -165,13 +165,13 @@ def run(s: Settings, work: Path) -> dict:
         for spec in s.weights:
             out = work / "merges" / f"w{window}_{spec}"
             out.parent.mkdir(exist_ok=True)
-            merge_checkpoints([ckpts / iter_name(x) for x in steps], merge_weights(spec, len(steps)), out,
+            merge_checkpoints([main.checkpoint(x) for x in steps], merge_weights(spec, len(steps)), out,
                               progress=False)
             ev = evaluate(out)
             variants.append({"kind": "merge", "window_steps": window, "weights": spec, "num_checkpoints": len(steps),
                              **ev, "delta_vs_main": ev["val_loss"] - at_T})
         if s.decay_branch:
-            ev = evaluate.decay_branch(ckpts / iter_name(T - window), T - window, T)
+            ev = evaluate.decay_branch(main.checkpoint(T - window), T - window, T)
             variants.append({"kind": "cosine_decay_branch", "window_steps": window, **ev,
                              "delta_vs_main": ev["val_loss"] - at_T})
 

@@ -33,32 +33,37 @@ class Checkpointer:
         """The path's newest checkpoint training can continue from, else its origin. Refuses, before
         anything is built or written, a start this run cannot continue. A newer weights-only checkpoint (a
         merge input) is trained again, identically; a weights-only one at or past the stop means: done."""
-        self._check_fork_step()
+        self.check_fork_step()
         own = checkpoint_layout.find_latest(self.root)
         if own is not None and checkpoint_layout.read_manifest(own)["step"] < self.end:
             own = checkpoint_layout.find_resumable(self.root)
         start = Start(RESUME, own) if own is not None else self.run.origin
         if start.kind == SCRATCH:
             return start
-        if start.kind == FORK:  # complete, and the same checkpoint the branch forked from before (if it did)
-            checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step, write=False)
+        if start.kind != RESUME:  # complete, and the same checkpoint the path started from before (if it did)
+            checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step,
+                                          write=False)
         self._check_compatible(start)
         return start
 
-    def _check_fork_step(self) -> None:
+    def check_fork_step(self) -> None:
         """A branch continues from the step it forked at; a plan that now forks it elsewhere (``plan.fork``,
-        or a changed release) would train another branch into the same directory."""
-        record = self.run.dirs.fork_record
+        or changed release settings) would train another branch into the same directory."""
+        record, path = self.run.dirs.fork_record, self.run.path
         if self.run.origin.kind != FORK or not record.is_file():
             return
-        forked, now = json.loads(record.read_text())["fork_step"], self.run.path.fork_step
-        if forked != now:
-            raise LrpathError(
-                f"path {self.run.name!r} forked from step {forked} ({record}), but the {self.run.source} now forks "
-                f"it at step {now}; to continue it as it started, set plan.fork: nominal (a branch started before "
-                f"branches forked where they first differ from the main path) or restore the release settings, "
-                f"or start it again in a new --run-dir"
-            )
+        forked, now = json.loads(record.read_text())["fork_step"], path.fork_step
+        if forked == now:
+            return
+        release = path.release
+        if release is not None and forked == release.nominal_step:
+            fix = "set plan.fork: nominal (it started from its nominal fork)"
+        elif release is not None and now == release.nominal_step:
+            fix = "set plan.fork: effective (it started where it first differs from the main path)"
+        else:
+            fix = f"restore the {self.run.source}'s settings it started with"
+        raise LrpathError(f"path {self.run.name!r} forked from step {forked} ({record}), but the {self.run.source} "
+                          f"now forks it at step {now}; to continue it, {fix}, or start it again in a new --run-dir")
 
     def damaged_fix(self, start: Start) -> str:
         """What to do when the start checkpoint turns out damaged."""
@@ -113,7 +118,7 @@ class Checkpointer:
         if is_rank0:
             self.root.mkdir(parents=True, exist_ok=True)
             checkpoint_layout.remove_stale_temporaries(self.root)
-            if start.kind == FORK:
+            if start.kind in (FORK, WEIGHTS):
                 checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step)
         if self.digest is None:  # not resumed from an own checkpoint (which computed it)
             self.digest = self._schedule_digest(step)

@@ -3,8 +3,13 @@
 A policy is a list of stages (``config.MixStage``): the first is active from the start, each later one
 has a threshold ``lr_below`` (a number, or relative to the path's peak such as ``"eta_max/5"``). The
 active stage at a step is the last whose threshold the LR has come down to (``lr <= threshold``, counted
-from the path's peak so that a warmup does not trigger it). With ``ramp_steps`` > 1 the weights move
-linearly from the previous stage to the new one over that many steps, starting at the switch step.
+from the path's peak so that a warmup does not trigger it; a multi-step drop may land exactly on the
+threshold). With ``ramp_steps`` > 1 the weights move linearly over that many steps, starting at the
+switch step, from the blend in force just before the switch (the previous stage's weights, or where a
+ramp still running had got to) to the new stage's.
+
+Weights are normalised here, once, when the policy is validated; every blend a policy hands out sums to 1
+(up to rounding), which the sampler asserts.
 """
 from __future__ import annotations
 
@@ -111,6 +116,10 @@ class MixSchedule:
                 self.switches[-1] = (step, index)  # two thresholds crossed in one step: the later wins
             else:
                 self.switches.append((step, index))
+        # Where each later switch's ramp starts: the blend of the step before it (in switch order).
+        self._origins: dict[int, dict] = {}
+        for position, (switch, _) in enumerate(self.switches[1:], start=1):
+            self._origins[position] = self._blend(position - 1, switch - 1)
 
     @property
     def switch_steps(self) -> list[tuple[int, str]]:
@@ -122,16 +131,20 @@ class MixSchedule:
         for k, (switch, _) in enumerate(self.switches):
             if step >= switch:
                 position = k
+        return self.stages[self.switches[position][1]].label, self._blend(position, step)
+
+    def _blend(self, position: int, step: int) -> dict:
+        """The weights at ``step`` while switch ``position`` is the latest."""
         switch, index = self.switches[position]
-        stage = self.stages[index]
+        weights = self.stages[index].weights
         done = step - switch + 1
         if position == 0 or self.ramp_steps <= 1 or done >= self.ramp_steps:
-            return stage.label, dict(stage.weights)
-        previous = self.stages[self.switches[position - 1][1]].weights
+            return dict(weights)
+        origin = self._origins[position]
         a = done / self.ramp_steps
-        names = list(dict.fromkeys([*previous, *stage.weights]))
-        blend = {n: (1 - a) * previous.get(n, 0.0) + a * stage.weights.get(n, 0.0) for n in names}
-        return stage.label, {n: w for n, w in blend.items() if w > 0}
+        names = list(dict.fromkeys([*origin, *weights]))
+        blend = {n: (1 - a) * origin.get(n, 0.0) + a * weights.get(n, 0.0) for n in names}
+        return {n: w for n, w in blend.items() if w > 0}
 
 
 def _first_step_at_or_below(lr: Callable[[int], float], threshold: float, lo: int, hi: int) -> Optional[int]:

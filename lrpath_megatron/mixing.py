@@ -1,12 +1,16 @@
 """Deterministic, resumable sampler that blends corpora with weights that change during a run.
 
-The blend policy (which weights are active at a step, e.g. switched when the LR falls below a threshold)
-comes in as ``weights_at_step(step) -> (stage_label, {corpus: weight})``; this module turns it into a
-sample sequence:
+The blend policy (which weights are active at a step, e.g. switched when the LR comes down to a
+threshold) comes in as ``weights_at_step(step) -> (stage_label, {corpus: weight})``, normalised; this
+module turns it into a sample sequence:
 
-* Corpus choice is a low-discrepancy assignment per stage: global sample ``n`` of a stage goes to the
-  corpus maximising ``w_c * (n + 1) - count_c`` (ties: first corpus in order), so after any prefix of a
-  stage every corpus is within one sample of its share.
+* Corpus choice follows the configured blend: every corpus has an expected count, the sum of its weight
+  over the samples drawn so far (each sample weighted by its own step's blend), and the next sample goes
+  to the corpus whose expected count after it most exceeds its realised count, its deficit (ties: first
+  corpus in order). The counts carry over stage switches, ramps, resumes and forks. After every prefix no
+  corpus is a whole sample ahead, and none is owed more than H_k - 1 samples for k corpora (1/2, 5/6,
+  13/12, ...), so with up to three corpora every corpus is within one sample of its expected count;
+  docs/mixing.md has the proof and why no sampler that does not look ahead does better.
 * Within a corpus, samples come in the order of a per-epoch permutation seeded by (seed, stable hash of
   the corpus name, epoch); a corpus that runs out wraps to the next epoch with a fresh permutation and a
   log line.
@@ -29,7 +33,11 @@ logger = logging.getLogger(__name__)
 
 WeightsFn = Callable[[int], "tuple[str, dict[str, float]]"]
 
-STATE_VERSION = 1
+# Version 1 states (per-stage counts) load where they continue exactly; see _load_legacy_blend.
+STATE_VERSION = 2
+LEGACY_STATE_VERSION = 1
+# How far the sum of a step's weights may be from 1 (the policy normalises; floats round).
+WEIGHT_SUM_TOLERANCE = 1e-9
 
 
 def stable_corpus_hash(name: str) -> int:
@@ -50,12 +58,18 @@ class MixingSampler:
 
     ``global_batch(step)`` must be called for consecutive steps starting at the state's step (0 for a
     fresh sampler).
+
+    Blend accounting: the steps form segments of identical weights (a stage, or one step of a ramp). The
+    state holds every corpus's deficit (expected minus realised count) at the start of the current
+    segment, the segment's weights and, within it, the samples drawn and each corpus's count. The deficit
+    of ``c`` for the segment's ``m``-th sample is then ``deficit_c + w_c * m - count_c``: a product, not a
+    running sum, so a constant blend accumulates no rounding and picks exactly as the earlier per-stage
+    sampler did.
     """
 
     def __init__(self, corpus_sizes: dict[str, int], weights_at_step: WeightsFn, global_batch_size: int,
                  seed: int) -> None:
-        if not corpus_sizes:
-            raise LrpathError("the mixing sampler needs at least one corpus; data.corpora is empty")
+        assert corpus_sizes, "configs are validated to name at least one corpus"
         for name, size in corpus_sizes.items():
             if int(size) <= 0:
                 raise LrpathError(f"corpus {name!r} has {size} training samples; it needs at least one")
@@ -71,7 +85,11 @@ class MixingSampler:
         self.cursors = {c: 0 for c in self.corpora}
         self.epochs = {c: 0 for c in self.corpora}
         self.stage: str | None = None
-        self.stage_counts = {c: 0 for c in self.corpora}
+        self.deficits = {c: 0.0 for c in self.corpora}  # at the start of the current segment
+        self.weights: dict[str, float] | None = None  # the current segment's, as the policy gave them
+        self.divisor = 1.0  # the weights' float sum (see _start_segment)
+        self.drawn = 0  # samples of the current segment
+        self.counts = {c: 0 for c in self.corpora}  # per corpus, in the current segment
         # Derived caches (not state): the current epoch's permutation per corpus.
         self._perms: dict[str, np.ndarray] = {}
         self._reset_stats()
@@ -85,6 +103,8 @@ class MixingSampler:
                 f"drawn for consecutive steps (resume by loading the sampler state saved with the checkpoint)"
             )
         label, weights = self._weights(step)
+        if weights != self.weights:
+            self._start_segment(weights)
         if label != self.stage:
             if self.stage is not None:
                 shown = {c: round(w, 4) for c, w in weights.items()}  # interpolated weights carry float noise
@@ -92,21 +112,40 @@ class MixingSampler:
                 logger.info(event)
                 self._stats_events.append(event)
             self.stage = label
-            self.stage_counts = {c: 0 for c in self.corpora}
-        active = [(c, weights[c]) for c in self.corpora if weights.get(c, 0.0) > 0.0]
-        counts = self.stage_counts
-        n_drawn = sum(counts.values())
-        batch = []
-        for _ in range(self.global_batch_size):
-            n_drawn += 1
-            corpus = max(active, key=lambda cw: cw[1] * n_drawn - counts[cw[0]])[0]  # max keeps the first tie
-            counts[corpus] += 1
-            batch.append((corpus, self._next_sample(corpus)))
+        batch = [(corpus, self._next_sample(corpus)) for corpus in self._choose(self.global_batch_size)]
         self.step += 1
         self._stats_samples.update(c for c, _ in batch)
         self._stats_stages[label] += len(batch)
         self._stats_weights = weights
         return batch
+
+    def _choose(self, n: int) -> list[str]:
+        """The corpora of the segment's next ``n`` samples: each the largest deficit after it is counted."""
+        rows = [(c, self.deficits[c], self.weights.get(c, 0.0) / self.divisor) for c in self.corpora]
+        counts = self.counts
+        chosen = []
+        for _ in range(n):
+            self.drawn += 1
+            m = self.drawn
+            corpus = max(rows, key=lambda r: r[1] + r[2] * m - counts[r[0]])[0]  # max keeps the first tie
+            counts[corpus] += 1
+            chosen.append(corpus)
+        return chosen
+
+    def _start_segment(self, weights: dict[str, float]) -> None:
+        """Close the current segment into the deficits and open one with ``weights``.
+
+        The weights are normalised by the policy; their float sum may still be 1 +- a few ulp. Dividing by
+        it makes the expected counts of a sample add up to 1 as closely as floats allow, and keeps the
+        choices for a constant blend bit-identical to those of the earlier sampler (which divided too).
+        """
+        if self.weights is not None:
+            for c in self.corpora:
+                self.deficits[c] += self.weights.get(c, 0.0) / self.divisor * self.drawn - self.counts[c]
+        self.weights = dict(weights)
+        self.divisor = float(sum(weights.values()))
+        self.drawn = 0
+        self.counts = {c: 0 for c in self.corpora}
 
     def _weights(self, step: int) -> tuple[str, dict[str, float]]:
         label, weights = self.weights_at_step(step)
@@ -116,11 +155,11 @@ class MixingSampler:
                 f"the data mix at step {step} (stage {label!r}) names corpora {unknown} that are not "
                 f"configured; configured corpora: {self.corpora}"
             )
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise LrpathError(f"the data mix at step {step} (stage {label!r}) has invalid weights {weights}; "
-                              f"weights must be >= 0 with a positive sum")
-        total = float(sum(weights.values()))
-        return str(label), {c: float(w) / total for c, w in weights.items()}
+        # The policy normalises (mix_policy); weights that do not sum to 1 are a bug upstream.
+        total = sum(weights.values())
+        normalised = all(w >= 0 for w in weights.values()) and abs(total - 1) <= WEIGHT_SUM_TOLERANCE
+        assert normalised, f"the data mix at step {step} (stage {label!r}) is not normalised: {weights}"
+        return str(label), {c: float(w) for c, w in weights.items()}
 
     def _next_sample(self, corpus: str) -> int:
         if self.cursors[corpus] == self.sizes[corpus]:
@@ -151,17 +190,24 @@ class MixingSampler:
             "cursors": dict(self.cursors),
             "epochs": dict(self.epochs),
             "stage": self.stage,
-            "stage_counts": dict(self.stage_counts),
+            "deficits": dict(self.deficits),
+            "weights": None if self.weights is None else dict(self.weights),
+            "divisor": self.divisor,
+            "drawn": self.drawn,
+            "counts": dict(self.counts),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (this run's, or the main path's at a branch's fork point).
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        """Continue from ``state`` (this run's, or the main path's at a branch's fork point), saved in
+        ``source`` (named in errors).
 
         Corpora absent from ``state`` start at epoch 0 (a plan may add corpora later); everything else
         must match, or the continuation would repeat or skip samples.
         """
-        if state.get("version") != STATE_VERSION:
-            raise LrpathError(f"sampler state has version {state.get('version')}, expected {STATE_VERSION}")
+        version = state.get("version")
+        if version not in (LEGACY_STATE_VERSION, STATE_VERSION):
+            raise LrpathError(f"the sampler state in {source} has version {version}; this sampler reads "
+                              f"versions {LEGACY_STATE_VERSION} and {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size)):
             if state[key] != mine:
                 raise LrpathError(
@@ -183,9 +229,43 @@ class MixingSampler:
         self.cursors = {c: int(state["cursors"].get(c, 0)) for c in self.corpora}
         self.epochs = {c: int(state["epochs"].get(c, 0)) for c in self.corpora}
         self.stage = state["stage"]
-        self.stage_counts = {c: int(state["stage_counts"].get(c, 0)) for c in self.corpora}
+        if version == LEGACY_STATE_VERSION:
+            self._load_legacy_blend(state, source)
+        else:
+            self.deficits = {c: float(state["deficits"].get(c, 0.0)) for c in self.corpora}
+            self.weights = None if state["weights"] is None else dict(state["weights"])
+            self.divisor = float(state["divisor"])
+            self.drawn = int(state["drawn"])
+            self.counts = {c: int(state["counts"].get(c, 0)) for c in self.corpora}
         self._perms.clear()
         self._reset_stats()
+
+    def _load_legacy_blend(self, state: dict, source: str) -> None:
+        """A version-1 state counted samples per stage (restarting at every label change) against the
+        weights of the current step. Its stage continues exactly as one segment with zero deficits at the
+        stage's start for as long as the weights stay constant; a ramp running at the resume step (the
+        weights change within the stage) was sampled differently, and is refused."""
+        step, (label, weights) = self.step, self._weights(self.step)
+        restart = label != self.stage
+        self.counts = {c: 0 if restart else int(state["stage_counts"].get(c, 0)) for c in self.corpora}
+        self.drawn = sum(self.counts.values())
+        try:
+            following = self.weights_at_step(step + 1)
+        except ValueError:  # the last step of a path: nothing follows
+            following = None
+        if following is not None and following[0] == label and dict(following[1]) != weights:
+            began = step - self.drawn // self.global_batch_size
+            raise LrpathError(
+                f"cannot continue the data sampler saved in {source} (step {step}): an earlier version of "
+                f"lrpath_megatron wrote it while the blend of stage {label!r} was ramping (from step "
+                f"{began}), which that version sampled differently from this one; move this checkpoint and "
+                f"any later one saved during the ramp aside so that the path resumes from a checkpoint "
+                f"saved before step {began} (one saved after the ramp ended also continues), or start the "
+                f"path again with a new --run-dir"
+            )
+        self.deficits = {c: 0.0 for c in self.corpora}
+        self.weights = weights
+        self.divisor = float(sum(weights.values()))
 
     # ---------------------------------------------------------------------------------------------
     def pop_stats(self) -> dict:

@@ -180,15 +180,22 @@ class ResolvedVersion:
 class Plan:
     """A validated plan; build with :func:`load_plan` or :meth:`Plan.from_dict`."""
 
-    def __init__(self, train_config: TrainConfig, config: PlanConfig, source: str = ""):
-        self.train_config = train_config
+    def __init__(self, written: TrainConfig, config: PlanConfig, source: str = ""):
+        """``written``: the plan's training sections as written; optimizer.lr / min_lr stand in for an
+        unwritten plan.main.eta_max / eta_min."""
         self.config = config
         self.source = source
+        main = config.main
+        self.eta_max = main.eta_max if main.eta_max is not None else written.optimizer.lr
+        self.eta_min = main.eta_min if main.eta_min is not None else written.optimizer.min_lr
+        self._check_lrs()
+        # The config the paths train with holds the plan's LRs (what its checkpoints' manifests record);
+        # each path sets the LR of every step itself.
+        self.train_config = dataclasses.replace(
+            written, optimizer=dataclasses.replace(written.optimizer, lr=self.eta_max, min_lr=self.eta_min)).validate()
+        train_config = self.train_config
         self.tokens_per_step = train_config.parallel.global_batch_size * train_config.model.seq_length
         self.corpus_names = [c.name for c in train_config.data.corpora]
-        main = config.main
-        self.eta_max = main.eta_max if main.eta_max is not None else train_config.optimizer.lr
-        self.eta_min = main.eta_min if main.eta_min is not None else train_config.optimizer.min_lr
         if train_config.data.mix != MixConfig():
             raise ConfigError(
                 "data.mix is not used in a plan (it blends stand-alone runs); blend a plan's data with "
@@ -219,10 +226,7 @@ class Plan:
         if "plan" not in data:
             raise ConfigError("plan: section is missing; a plan needs plan.main and plan.versions")
         plan_cfg = from_dict(PlanConfig, data.pop("plan"), "plan")
-        # optimizer.lr / min_lr only stand in for an unwritten plan.main.eta_max / eta_min: every path of a
-        # plan takes its LR from the plan.
-        train = from_dict(TrainConfig, data).validate()
-        return cls(train, plan_cfg, source)
+        return cls(from_dict(TrainConfig, data), plan_cfg, source)
 
     def _steps(self, tokens: float) -> int:
         # Round up; the epsilon keeps float fractions like 0.6 * 1000 from becoming 601.
@@ -241,14 +245,18 @@ class Plan:
             raise ConfigError(f"{where}: give one of {', '.join(names)}")
         return given[0] if given else None
 
-    def _validate_main(self) -> None:
+    def _check_lrs(self) -> None:
         main = self.config.main
         if self.eta_max <= 0:
-            raise ConfigError(f"plan.main.eta_max={self.eta_max} must be > 0")
+            where = "plan.main.eta_max" if main.eta_max is not None else "optimizer.lr (plan.main.eta_max unset)"
+            raise ConfigError(f"{where}={self.eta_max} must be > 0")
         if not 0 <= self.eta_min <= self.eta_max:
             where = "plan.main.eta_min" if main.eta_min is not None else "optimizer.min_lr (plan.main.eta_min unset)"
             raise ConfigError(f"{where}={self.eta_min} is negative or greater than plan.main.eta_max={self.eta_max}; "
                               f"a decay goes from eta_max down to eta_min >= 0")
+
+    def _validate_main(self) -> None:
+        main = self.config.main
         if not 0.0 <= main.replay < 1.0:
             raise ConfigError(f"plan.main.replay={main.replay} must be in [0, 1): the share of older data")
         warmup = self._one_of(main, "plan.main", ["warmup_steps", "warmup_tokens"], required=False)
@@ -612,7 +620,7 @@ class Plan:
                                                           for v, r in zip(self.config.versions, self._releases)])
         return {
             "train_config": self._hashed_train_config(),
-            "plan": to_dict(plan),
+            "plan": _hashed_plan(plan),
             "resolved": {
                 "tokens_per_step": self.tokens_per_step, "warmup_steps": self.warmup_steps,
                 "eta_max": self.eta_max, "eta_min": self.eta_min, "main_end": self.main_end,
@@ -622,10 +630,8 @@ class Plan:
         }
 
     def _hashed_train_config(self) -> dict:
-        # Performance levers and logging change how fast and what is reported, not what trains. The
-        # optimizer section holds the plan's LRs, as the hash of existing plans was taken with them there.
+        # Performance levers and logging change how fast and what is reported, not what trains.
         cfg = {k: v for k, v in to_dict(self.train_config).items() if k not in ("performance", "logging")}
-        cfg["optimizer"] = dict(cfg["optimizer"], lr=self.eta_max, min_lr=self.eta_min)
         cfg["model"] = hashed_model(self.train_config.model)
         return cfg
 
@@ -651,6 +657,18 @@ class Plan:
                     problems.append(str(exc))
         if problems:
             raise LrpathError("\n".join(problems))  # one line per corpus
+
+
+def _hashed_plan(plan: PlanConfig) -> dict:
+    """The plan section as hashed: settings added since plans were first hashed are left out at their
+    defaults, so an existing plan keeps its hash (the resolved forks and sizes are hashed beside it)."""
+    data = to_dict(plan)
+    if data["fork"] == PlanConfig.fork:
+        del data["fork"]
+    for v in data["versions"]:
+        if v["new_tokens"] is None:
+            del v["new_tokens"]
+    return data
 
 
 def _refuse_unused_settings(written: ReleaseConfig, shape: str, where: str) -> None:

@@ -57,7 +57,7 @@ class Trainer:
             self._print(f"[{self.run.name}] initialised from the weights of {start.checkpoint}")
         elif state is not None:
             self.step = state["step"]
-            self.train_data.load_state_dict(state["data"])
+            self.train_data.load_state_dict(state["data"], str(start.checkpoint))
             where = "resumed" if start.own else f"branched from {start.checkpoint}"
             self._print(f"[{self.run.name}] {where} at step {self.step}")
         self.checkpointer.prepare(start, self.step, self.is_rank0)

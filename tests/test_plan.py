@@ -65,8 +65,8 @@ def test_demo_plan_is_tiny_and_uses_demo_corpora():
     assert plan.tokens_per_step == 1024
     assert 200 <= plan.costs()["total_steps"] <= 600
     assert [v.corpora for v in plan.versions] == [{"docs": 1.0}, {"code_a": 1.0}, {"code_b": 1.0}]
-    # The plan's LRs are the plan's: the training config stays as written.
-    assert (plan.eta_max, plan.eta_min) == (3e-3, 3e-4) and cfg.optimizer == OptimizerConfig()
+    # The config the paths train with records the plan's LRs.
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (plan.eta_max, plan.eta_min) == (3e-3, 3e-4)
 
 
 def test_paths_resolve_forks_ends_and_save_steps():

@@ -241,15 +241,16 @@ class Benchmark:
                     link.symlink_to(self.run / "mains" / m.main / "main")
 
     def release_checkpoints(self, m: Method) -> list[Path]:
-        from lrpath_megatron.checkpoint_layout import iter_name
+        from lrpath_megatron.run_layout import RunLayout
 
         versions = self.loaded["baselines"].versions
         if m.kind in ("ptfs", "cpt"):
-            return [self.run / "baselines" / m.kind / v.name / "checkpoints" / iter_name(v.end_step) for v in versions]
+            layout = RunLayout(self.run / "baselines")
+            return [layout.checkpoint(f"{m.kind}/{v.name}", v.end_step) for v in versions]
         if m.kind == "main":
-            return [self.run / "mains" / m.main / "main" / "checkpoints" / iter_name(v.end_step) for v in versions]
-        plan = self.loaded[m.slug]
-        return [self.run / "switch" / m.slug / v.name / "checkpoints" / iter_name(v.branch_end) for v in plan.versions]
+            return [RunLayout(self.run / "mains" / m.main).checkpoint("main", v.end_step) for v in versions]
+        plan, layout = self.loaded[m.slug], RunLayout(self.run / "switch" / m.slug)
+        return [layout.checkpoint(v.name, v.branch_end) for v in plan.versions]
 
     def evaluate(self) -> dict:
         """{method: {version: lrpath eval result}}; one `lrpath eval` over the checkpoints not evaluated yet

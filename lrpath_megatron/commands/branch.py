@@ -26,7 +26,9 @@ def run(args) -> int:
 
         raise LrpathError(f"{args.version!r} is the main path, not a branch; use lrpath train --path main")
     from lrpath_megatron.checkpoint_layout import record_fork
+    from lrpath_megatron.checkpointer import Checkpointer
 
+    Checkpointer(cfg, path_run).check_fork_step()
     start = time.perf_counter()
     record = record_fork(path_run.dirs.fork_record, path_run.origin.checkpoint, path_run.path.fork_step)
     print(f"[{args.version}] forked from {record['parent_checkpoint']} at step {record['fork_step']} "
