@@ -17,35 +17,25 @@ from pathlib import Path
 from lrpath_megatron.checkpoint_layout import FORK, iter_name
 
 
+def _entry(name: str, doc: str) -> property:
+    """A file or directory of a path directory, by its fixed name."""
+    return property(lambda self: Path(self.root) / name, doc=doc)
+
+
 @dataclass(frozen=True)
 class PathDirs:
     """The directory of one path and the files in it."""
 
     root: Path
 
-    @property
-    def checkpoints(self) -> Path:
-        return Path(self.root) / "checkpoints"
+    checkpoints = _entry("checkpoints", "the path's checkpoints (iter_NNNNNNN/, latest)")
+    fork_record = _entry(FORK, "the checkpoint the path started from")
+    metrics = _entry("metrics.jsonl", "one JSON line per logged step")
+    tensorboard = _entry("tensorboard", "TensorBoard scalars")
+    logs = _entry("logs", "SLURM job output of the path")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / iter_name(step)
-
-    @property
-    def fork_record(self) -> Path:
-        return Path(self.root) / FORK
-
-    @property
-    def metrics(self) -> Path:
-        return Path(self.root) / "metrics.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return Path(self.root) / "tensorboard"
-
-    @property
-    def logs(self) -> Path:
-        """SLURM job output of the path."""
-        return Path(self.root) / "logs"
 
     def sub(self, name: str) -> "PathDirs":
         """A path directory nested in this one (the phases of LP-FT)."""
@@ -56,17 +46,9 @@ class PathDirs:
 class AdaptDirs(PathDirs):
     """An adapter update: a path directory with the exported adapter, the selector and the result beside."""
 
-    @property
-    def adapter(self) -> Path:
-        return Path(self.root) / "adapter"
-
-    @property
-    def selector(self) -> Path:
-        return Path(self.root) / "selector.pt"
-
-    @property
-    def result(self) -> Path:
-        return Path(self.root) / "result.json"
+    adapter = _entry("adapter", "the exported adapter (adapter_config.json + weights/)")
+    selector = _entry("selector.pt", "dynamic ConPET's selector")
+    result = _entry("result.json", "parameter counts, losses before and after, selector accuracy")
 
 
 @dataclass(frozen=True)
