@@ -40,6 +40,8 @@ class Checkpointer:
         start = Start(RESUME, own) if own is not None else self.run.origin
         if start.kind == SCRATCH:
             return start
+        if start.kind == WEIGHTS and not checkpoint_layout.is_complete(start.checkpoint):
+            raise LrpathError(self._not_a_checkpoint(start.checkpoint))
         if start.kind != RESUME:  # complete, and the same checkpoint the path started from before (if it did)
             checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step,
                                           write=False)
@@ -64,6 +66,14 @@ class Checkpointer:
             fix = f"restore the {self.run.source}'s settings it started with"
         raise LrpathError(f"path {self.run.name!r} forked from step {forked} ({record}), but the {self.run.source} "
                           f"now forks it at step {now}; to continue it, {fix}, or start it again in a new --run-dir")
+
+    def _not_a_checkpoint(self, ckpt: Path) -> str:
+        what = f"path {self.run.name!r} starts from the weights of {ckpt}, which is not a complete lrpath checkpoint"
+        if (ckpt / "config.json").is_file():
+            return (f"{what} but a Hugging Face model directory; import it first (`lrpath hf import {ckpt} --out "
+                    f"CKPT --seq-length {self.cfg.model.seq_length}`), use CKPT/model.yaml as the model section "
+                    f"and start from CKPT")
+        return f"{what} (no {checkpoint_layout.MANIFEST}); give an iter_NNNNNNN directory or an `lrpath hf import` output"
 
     def damaged_fix(self, start: Start) -> str:
         """What to do when the start checkpoint turns out damaged."""

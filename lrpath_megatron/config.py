@@ -324,6 +324,9 @@ class CheckpointConfig:
     # false: the path's final checkpoint holds the weights only (a release nobody continues training;
     # the optimizer state is 6/7 of a bf16 checkpoint, 2/3 of an fp32 one). Interval and signal saves keep it.
     save_optimizer: bool = True
+    # Start a stand-alone run from these weights (an lrpath checkpoint, e.g. from `lrpath hf import`): step
+    # 0, a fresh optimizer and data. A plan's main path has plan.main.init_from.
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         if self.save_interval < 0 or self.keep_last < 0:

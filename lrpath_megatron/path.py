@@ -104,7 +104,7 @@ class PathRun:
 
 def standalone_run(cfg, run_dir: Path) -> PathRun:
     """The path of ``lrpath train CONFIG.yaml``: ``schedule:`` and ``data.mix`` over ``train_steps`` steps in
-    ``run_dir`` (no mix = the corpora in equal shares)."""
+    ``run_dir`` (no mix = the corpora in equal shares), from ``checkpoint.init_from``'s weights if given."""
     from lrpath_megatron.config import MixConfig, MixStage
     from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
     from lrpath_megatron.schedules import from_schedule_config
@@ -115,4 +115,5 @@ def standalone_run(cfg, run_dir: Path) -> PathRun:
     stages = resolve_stages(mix, corpora, cfg.optimizer.lr, "data.mix")
     blend = MixSchedule(stages, mix.ramp_steps, lr, cfg.schedule.warmup_steps, cfg.schedule.train_steps).weights_at_step
     spec = PathSpec("train", cfg.schedule.train_steps, lr, blend)
-    return PathRun(spec, PathDirs(Path(run_dir)))
+    init = cfg.checkpoint.init_from
+    return PathRun(spec, PathDirs(Path(run_dir)), Start(WEIGHTS, Path(init)) if init is not None else Start())

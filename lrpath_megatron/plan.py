@@ -42,7 +42,7 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.indexed import check_indexed, check_token_ids
 from lrpath_megatron.merge_weights import merge_release
 from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
-from lrpath_megatron.path import FORK, PathRun, PathSpec, Start
+from lrpath_megatron.path import FORK, WEIGHTS, PathRun, PathSpec, Start
 from lrpath_megatron.run_layout import RunLayout
 
 RELEASE_METHODS = ("decay", "merge")
@@ -65,6 +65,9 @@ class MainPathConfig:
     save_steps: list = field(default_factory=list)
     # Extra main-path checkpoints of the weights only (no optimizer state): inputs of merges defined later.
     weights_only_steps: list = field(default_factory=list)
+    # Continue these weights (an lrpath checkpoint, e.g. from `lrpath hf import`) instead of random ones:
+    # the main path starts at step 0 with them, a fresh optimizer and its own data and LR path.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -196,6 +199,9 @@ class Plan:
         train_config = self.train_config
         self.tokens_per_step = train_config.parallel.global_batch_size * train_config.model.seq_length
         self.corpus_names = [c.name for c in train_config.data.corpora]
+        if train_config.checkpoint.init_from is not None:
+            raise ConfigError("checkpoint.init_from starts a stand-alone run; a plan's main path starts from "
+                              "plan.main.init_from (its branches fork from the main path); move it there")
         if train_config.data.mix != MixConfig():
             raise ConfigError(
                 "data.mix is not used in a plan (it blends stand-alone runs); blend a plan's data with "
@@ -535,6 +541,8 @@ class Plan:
         origin = Start()
         if spec.parent is not None:
             origin = Start(FORK, layout.checkpoint(spec.parent, spec.fork_step))
+        elif name == "main" and self.config.main.init_from is not None:
+            origin = Start(WEIGHTS, Path(self.config.main.init_from))
         lineage = {"plan_hash": self.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
                    "release": dataclasses.asdict(spec.release) if spec.release else None}
         return PathRun(spec, layout.path(name), origin, lineage=lineage, source="plan")
@@ -632,6 +640,7 @@ class Plan:
     def _hashed_train_config(self) -> dict:
         # Performance levers and logging change how fast and what is reported, not what trains.
         cfg = {k: v for k, v in to_dict(self.train_config).items() if k not in ("performance", "logging")}
+        del cfg["checkpoint"]["init_from"]  # plans start from plan.main.init_from
         cfg["model"] = hashed_model(self.train_config.model)
         return cfg
 
@@ -665,6 +674,8 @@ def _hashed_plan(plan: PlanConfig) -> dict:
     data = to_dict(plan)
     if data["fork"] == PlanConfig.fork:
         del data["fork"]
+    if data["main"]["init_from"] is None:
+        del data["main"]["init_from"]
     for v in data["versions"]:
         if v["new_tokens"] is None:
             del v["new_tokens"]
