@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrpath_megatron import cli
-from lrpath_megatron.config import ConfigError, MixConfig, MixStage, ModelConfig, OptimizerConfig, TrainConfig
+from lrpath_megatron.config import ConfigError, MixConfig, MixStage, ModelConfig, TrainConfig
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
 from lrpath_megatron.plan import Plan, load_plan
