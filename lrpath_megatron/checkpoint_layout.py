@@ -97,6 +97,12 @@ def model_differences(saved: dict, current: dict) -> list[str]:
 FORK = "fork.json"
 
 
+def read_fork(record_file: Path) -> dict | None:
+    """A path's fork record (parent checkpoint, fork step, parent manifest digest), None before it forked."""
+    path = Path(record_file)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def record_fork(record_file: Path, parent: Path, fork_step: int, write: bool = True) -> dict:
     """Reference (never copy) the checkpoint a branch starts from, in its ``fork.json`` (``record_file``):
     O(1) in the model size. The parent's manifest digest (which covers every file's checksum) is recorded;
@@ -109,9 +115,8 @@ def record_fork(record_file: Path, parent: Path, fork_step: int, write: bool = T
         )
     record = {"parent_checkpoint": str(parent.resolve()), "fork_step": fork_step,
               "parent_manifest_sha256": sha256_file(parent / MANIFEST)}
-    existing = Path(record_file)
-    if existing.is_file():
-        old = json.loads(existing.read_text())
+    existing, old = Path(record_file), read_fork(record_file)
+    if old is not None:
         if old["parent_manifest_sha256"] != record["parent_manifest_sha256"]:
             raise LrpathError(
                 f"{parent} changed since this branch forked from it ({existing}); the branch can no longer "

@@ -52,9 +52,10 @@ class Checkpointer:
         """A branch continues from the step it forked at; a plan that now forks it elsewhere (``plan.fork``,
         or changed release settings) would train another branch into the same directory."""
         record, path = self.run.dirs.fork_record, self.run.path
-        if self.run.origin.kind != FORK or not record.is_file():
+        recorded = checkpoint_layout.read_fork(record) if self.run.origin.kind == FORK else None
+        if recorded is None:
             return
-        forked, now = json.loads(record.read_text())["fork_step"], path.fork_step
+        forked, now = recorded["fork_step"], path.fork_step
         if forked == now:
             return
         release = path.release
