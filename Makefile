@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 demo: setup
 	$(BIN)/lrpath demo

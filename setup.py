@@ -19,12 +19,17 @@ setup(
         "matplotlib",
         "transformers>=5.24",
         "safetensors>=0.8",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json for preprocessing (encode_special_tokens)
+        "zstandard>=0.22",  # .zst inputs
+        "pyarrow>=14",  # Parquet inputs
     ],
     extras_require={
         # Used when importable, never required: TE layer specs + FP8, apex fused kernels.
         "te": ["transformer-engine[pytorch]"],
         "apex": [],  # NVIDIA apex is not on PyPI; build it from source (see README).
         "test": ["pytest", "hypothesis"],
+        # The fast preprocessing backend (--backend fast/auto); without it, auto is the exact backend.
+        "fast": ["gigatoken==0.10.0"],
     },
     entry_points={"console_scripts": ["lrpath=lrpath_megatron.cli:main"]},
 )

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Megatron-LM's ``tools/preprocess_data.py`` command line, run by ``lrpath data preprocess``.
 
-Writes ``{output-prefix}_{key}_document.bin/.idx`` from JSONL (``.gz`` and globs too) with a SentencePiece
-model. Flags keep Megatron-LM's names and meaning, ``--append-eod`` included (off unless given); flags of
+Writes ``{output-prefix}_{key}_document.bin/.idx`` from JSONL (``.gz``, ``.zst`` and globs too) with a
+SentencePiece model or a Hugging Face tokenizer.json, always with the exact (reference) backend, so the
+output is that of Megatron-LM's tool. Flags keep Megatron-LM's names and meaning, ``--append-eod`` included (off unless given); flags of
 that tool this one does not implement are refused with the reason. Bad input lines are skipped and counted,
 and existing outputs are refused unless ``--overwrite``, as in ``lrpath data preprocess`` (docs/data.md).
 
@@ -16,7 +17,7 @@ import os
 import sys
 
 from lrpath_megatron import cli
-from lrpath_megatron.commands.data import SENTENCEPIECE_TYPES
+from lrpath_megatron.commands.data import TOKENIZER_TYPES
 
 # Flags of Megatron-LM's tool that change what it does in ways this one does not: flag -> why refused.
 REFUSED = {
@@ -31,10 +32,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or globs (.gz ok)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the documents")
     p.add_argument("--output-prefix", required=True, help="outputs are PREFIX_{key}_document.bin/.idx")
-    p.add_argument("--tokenizer-type", choices=SENTENCEPIECE_TYPES,
-                   help="optional; all three tokenize alike here and in Megatron-LM: the --tokenizer-model ids, "
-                        "EOD = its eos id (other types are not SentencePiece models)")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
+                   help="optional; must match --tokenizer-model. The SentencePiece types tokenize alike here and "
+                        "in Megatron-LM: the model's ids, EOD = its eos id")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model or Hugging Face tokenizer.json (or its directory)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD (eos) id after every document")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--partitions", type=int, default=1,
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     lrpath = ["data", "preprocess", "--input", *args.input, "--json-keys", *args.json_keys,
               "--output-prefix", args.output_prefix, "--tokenizer-model", args.tokenizer_model,
               "--workers", str(args.workers), "--append-eod" if args.append_eod else "--no-append-eod",
-              "--input-format", "jsonl"]
+              "--input-format", "jsonl", "--backend", "exact"]
+    if args.tokenizer_type:
+        lrpath += ["--tokenizer-type", args.tokenizer_type]
     if args.overwrite:
         lrpath.append("--overwrite")
     return cli.main(lrpath)

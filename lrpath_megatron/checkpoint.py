@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (``iter_NNNNNNN`` = steps completed)::
 
-    model/              dist checkpoint of model.sharded_state_dict() (any TP/PP can load it)
+    model/              dist checkpoint of model.sharded_state_dict() (any TP/PP/VPP can load it)
     optimizer/          dist checkpoint of the optimizer state; absent from weights-only checkpoints (merge
                         inputs, releases saved with checkpoint.save_optimizer=false), which training
                         does not resume from
@@ -12,27 +12,32 @@ Layout of one checkpoint (``iter_NNNNNNN`` = steps completed)::
 
 Everything is written under ``.tmp_iter_NNNNNNN`` and renamed when complete; ``latest`` is replaced after
 the rename. A process killed at any point leaves either the previous checkpoint or the new one visible,
-never half of one.
+never half of one. :func:`save` writes in the foreground; :func:`stage` and :func:`commit` let
+:mod:`checkpoint_writer` write the tensors in the background in between.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lrpath_megatron import ranks
 from lrpath_megatron.checkpoint_layout import LATEST, MANIFEST, iter_name, model_differences, read_manifest, sha256_file, verify, write_json_atomic, write_text_atomic
 from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.mcore_patches import gathered_state_offsets, prepare_torch_adam_load, restore_steps
+from lrpath_megatron.mcore_patches import (gathered_state_offsets, prepare_torch_adam_load, restore_steps,
+                                         results_queue_dies_with_trainer)
 
 # The distributed optimizer's state in its canonical per-parameter form, so a checkpoint resumes at any
 # TP/PP/DP (megatron-core 0.16's default, fully_sharded_model_space, cannot be saved by its own
@@ -64,53 +69,147 @@ def unwrap(model):
     return model
 
 
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
-         save_optimizer: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    model = unwrap(model)
+def model_chunks(model) -> list:
+    """The unwrapped GPTModel chunks of ``model``: a module, or a stage's list of (interleaved) chunks."""
+    return [unwrap(m) for m in (model if isinstance(model, list) else [model])]
+
+
+def sharded_state_dict(chunks: list) -> dict:
+    """The stage's sharded model state. Tensor keys are global (a layer's number includes its chunk's
+    offset), so what matters to another layout is only the keys: chunks go under chunk0, chunk1, ...
+    because their local dict keys (decoder.layers.0...) repeat; one chunk stays flat as before."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _load_chunks(chunks: list, state: dict) -> None:
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state)
+        return
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{i}"])
+
+
+@dataclass
+class StagedSave:
+    """A checkpoint whose state is captured but whose tensors are not written yet: ``request`` (megatron-core's
+    dist-checkpointing write of every part) writes them, in the foreground or in a background process, then
+    :func:`commit` makes it visible."""
+    step: int
+    tmp: Path
+    final: Path
+    request: AsyncRequest
+    manifest: dict
+    optimizer_state: bool
+
+
+def stage(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
+          save_optimizer: bool = True) -> StagedSave:
+    """Collective. Everything of the checkpoint at ``step`` up to the tensor writes: the temporary directory,
+    megatron-core's save plans (whose write requests hold the state as it is now: a background write
+    forks a process that sees this moment's memory, a GPU's tensors are copied to host first), and the
+    small per-rank files."""
+    chunks = model_chunks(model)
     root = Path(root)
-    final = root / iter_name(step)
     tmp = root / f".tmp_{iter_name(step)}"
     rank = ranks.rank()
+    save_optimizer = save_optimizer and optimizer is not None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("rng", "model", "optimizer"):
+        for sub in ["rng", "model"] + (["optimizer"] if save_optimizer else []):
             (tmp / sub).mkdir(parents=True)
     ranks.barrier()
-    model_sd = model.sharded_state_dict()
+    model_sd = sharded_state_dict(chunks)
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
-    save_optimizer = save_optimizer and optimizer is not None
     optim_sd = None
     if save_optimizer:
         with gathered_state_offsets(optimizer):
             optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(model_sd, str(tmp / "model"))
+    results_queue_dies_with_trainer()
+    requests = [dist_checkpointing.save(model_sd, str(tmp / "model"), async_sharded_save=True)]
     if optim_sd is not None:
-        dist_checkpointing.save(optim_sd, str(tmp / "optimizer"))
+        requests.append(dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), async_sharded_save=True))
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        if not save_optimizer:
-            (tmp / "optimizer").rmdir()
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    request = _one_request(requests, tmp / f"{DIGESTS_PREFIX}{rank}.json")
+    return StagedSave(step, tmp, root / iter_name(step), request, manifest, save_optimizer)
+
+
+def _one_request(requests: list[AsyncRequest], digests: Path) -> AsyncRequest:
+    """The write requests of the parts (model, optimizer) as one, its tensors staged in host memory now
+    (megatron-core's preload: copies from a GPU; CPU tensors stay where they are, and a background write's
+    forked process sees them as they are at the fork). Every part's writers report through the one result
+    queue of the process, which each part's finalization reads in turn: the parts are written one after
+    the other in one process, in the order they are finalized. Then the same process writes the sha256 of
+    the files it wrote to ``digests``, for the manifest: hashing a large checkpoint would otherwise stall
+    training in :func:`commit`."""
+    parts = []
+    for request in requests:
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # the write buckets, staged
+        if request.async_fn is not None:  # None: nothing of this part to write on this rank
+            parts.append((request.async_fn, args, request.async_fn_kwargs))
+    return AsyncRequest(_write_parts, (parts, digests), [fn for request in requests for fn in request.finalize_fns])
+
+
+def _write_parts(parts: list, digests: Path) -> None:
+    for write, args, kwargs in parts:
+        write(*args, **kwargs)
+    written = [Path(bucket[0]) for _, args, _ in parts for bucket in args[1]]  # (file path, key, data)
+    try:
+        write_json_atomic(digests, {str(f.relative_to(digests.parent)): sha256_file(f) for f in written})
+    except OSError:  # the write failed (its finalization says so) or left no room for the record: then
+        pass  # commit hashes these files itself
+
+
+def commit(staged: StagedSave) -> Path:
+    """Collective, once every rank's writes of ``staged`` completed (megatron-core's finalization ran):
+    checksums, the manifest, the rename to ``iter_NNNNNNN`` and ``latest``. Returns the checkpoint."""
     ranks.barrier()
+    tmp, final = staged.tmp, staged.final
     checksums = _distributed_checksums(tmp)
-    if rank == 0:
-        manifest = dict(manifest, step=step, world_size=ranks.world(), optimizer_state=save_optimizer, files=checksums)
+    if ranks.rank() == 0:
+        manifest = dict(staged.manifest, step=staged.step, world_size=ranks.world(),
+                        optimizer_state=staged.optimizer_state, files=checksums)
         write_json_atomic(tmp / MANIFEST, manifest)
         if final.exists():  # a re-save of the same step (e.g. a resumed run stopped at the same point)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(final.parent / LATEST, final.name)
     ranks.barrier()
     return final
 
 
+def save(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
+         save_optimizer: bool = True) -> Path:
+    """Collective: every rank calls it. Writes in the foreground; returns the final checkpoint directory."""
+    staged = stage(root, step, model, optimizer, trainer_state, manifest, save_optimizer)
+    staged.request.execute_sync()
+    return commit(staged)
+
+
+# Each rank's writer records the sha256 of the tensor files it wrote in TMP/<prefix><rank>.json (removed
+# before the checkpoint becomes visible).
+DIGESTS_PREFIX = ".sha256_rank_"
+
+
 def _distributed_checksums(ckpt: Path) -> dict[str, str]:
-    """sha256 of every written file, the files split across ranks so no rank reads the whole checkpoint."""
-    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    """sha256 of every written file: the writers' records, and the rest (the small files, or everything if
+    a record is missing) split across ranks so no rank reads the whole checkpoint."""
+    records = sorted(ckpt.glob(f"{DIGESTS_PREFIX}*"))  # written atomically: a .tmp one is no record
+    known = {k: v for record in records if record.suffix == ".json" for k, v in json.loads(record.read_text()).items()}
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p not in records)
     rank, world = ranks.rank(), ranks.world()
-    mine = {name: sha256_file(ckpt / name) for i, name in enumerate(files) if i % world == rank}
-    return {k: v for part in ranks.gather(mine) for k, v in sorted(part.items())}
+    todo = [name for name in files if name not in known]
+    mine = {name: sha256_file(ckpt / name) for i, name in enumerate(todo) if i % world == rank}
+    hashed = {k: v for part in ranks.gather(mine) for k, v in part.items()}
+    if rank == 0:  # every rank has read them (the gather above)
+        for record in records:
+            record.unlink()
+    return {name: known.get(name) or hashed[name] for name in files}
 
 
 # What to do about a damaged checkpoint when the caller has nothing more specific to say.
@@ -143,25 +242,25 @@ def _explain_load_failure(ckpt: Path, fix: str, read: Callable[[], T]) -> T:
                       f"rank's error")
 
 
-def _read_model(ckpt: Path, model) -> None:
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt) / "model")))
+def _read_model(ckpt: Path, chunks: list) -> None:
+    _load_chunks(chunks, dist_checkpointing.load(sharded_state_dict(chunks), str(Path(ckpt) / "model")))
 
 
 def load_model(ckpt: Path, model, fix: str = DAMAGED_FIX) -> None:
     """Collective. Model weights only, at whatever TP/PP the live model has. ``fix``: what the error
     of a damaged checkpoint tells the user to do."""
-    _explain_load_failure(Path(ckpt), fix, lambda: _read_model(ckpt, unwrap(model)))
+    _explain_load_failure(Path(ckpt), fix, lambda: _read_model(ckpt, model_chunks(model)))
 
 
 def load(ckpt: Path, model, optimizer, load_optimizer: bool = True, restore_rng: bool = True,
          fix: str = DAMAGED_FIX) -> dict:
     """Collective. Loads model (and optimizer) state into the live objects; returns the trainer state."""
-    return _explain_load_failure(Path(ckpt), fix, lambda: _load(Path(ckpt), unwrap(model), optimizer,
+    return _explain_load_failure(Path(ckpt), fix, lambda: _load(Path(ckpt), model_chunks(model), optimizer,
                                                                 load_optimizer, restore_rng))
 
 
-def _load(ckpt: Path, model, optimizer, load_optimizer: bool, restore_rng: bool) -> dict:
-    _read_model(ckpt, model)
+def _load(ckpt: Path, chunks: list, optimizer, load_optimizer: bool, restore_rng: bool) -> dict:
+    _read_model(ckpt, chunks)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     # A step-0 checkpoint has no optimizer state: a fresh optimizer is exactly its state.
     if load_optimizer and optimizer is not None and state["step"] > 0:
@@ -172,7 +271,7 @@ def _load(ckpt: Path, model, optimizer, load_optimizer: bool, restore_rng: bool)
                 f"plan.main.save_steps, or retrain its path with checkpoint.save_optimizer=true"
             )
         held = prepare_torch_adam_load(optimizer)
-        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+        opt_sd = optimizer.sharded_state_dict(sharded_state_dict(chunks), is_loading=True,
                                              metadata=OPTIMIZER_METADATA)
         optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(ckpt / "optimizer")))
         restore_steps(held)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
-from lrpath_megatron import checkpoint, checkpoint_layout
+from lrpath_megatron import checkpoint, checkpoint_layout, ranks
+from lrpath_megatron.checkpoint_writer import CheckpointWriter
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.hf.start import imported_checkpoint, is_hf_dir
 from lrpath_megatron.path import FORK, RESUME, SCRATCH, WEIGHTS, PathRun, Start
 
 # The fixed inputs of the schedule digest by config field, and the key each has in the digest (the
@@ -22,17 +26,21 @@ SCHEDULE_INPUTS = {"parallel.global_batch_size": "global_batch_size", "model.seq
 class Checkpointer:
     """Collective where it loads or saves (every rank calls it); everything else reads only."""
 
-    def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None):
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.run, self.log = cfg, run, log
         self.root = run.dirs.checkpoints
         self.end = run.path.end_step if stop_at_step is None else min(run.path.end_step, stop_at_step)
         self.digest = None  # running hash of the trained steps' schedule (see _schedule_digest)
+        self.writer: CheckpointWriter | None = None  # from prepare() on
+        self._last_save = time.monotonic()  # for checkpoint.save_interval_minutes
 
     # ------------------------------------------------------------------------------------ the start
     def choose_start(self) -> Start:
-        """The path's newest checkpoint training can continue from, else its origin. Refuses, before
-        anything is built or written, a start this run cannot continue. A newer weights-only checkpoint (a
-        merge input) is trained again, identically; a weights-only one at or past the stop means: done."""
+        """The path's newest checkpoint training can continue from, else its origin (a Hugging Face model
+        directory imported first: collective then). Refuses, before anything is built or written, a start
+        this run cannot continue. A newer weights-only checkpoint (a merge input) is trained again,
+        identically; a weights-only one at or past the stop means: done."""
         self.check_fork_step()
         own = checkpoint_layout.find_latest(self.root)
         if own is not None and checkpoint_layout.read_manifest(own)["step"] < self.end:
@@ -40,6 +48,9 @@ class Checkpointer:
         start = Start(RESUME, own) if own is not None else self.run.origin
         if start.kind == SCRATCH:
             return start
+        if start.kind == WEIGHTS and is_hf_dir(start.checkpoint):
+            start = Start(WEIGHTS, imported_checkpoint(start.checkpoint, self.cfg, self.run.dirs.hf_import,
+                                                       self.run.name, self.run.source))
         if start.kind == WEIGHTS and not checkpoint_layout.is_complete(start.checkpoint):
             raise LrpathError(self._not_a_checkpoint(start.checkpoint))
         if start.kind != RESUME:  # complete, and the same checkpoint the path started from before (if it did)
@@ -69,12 +80,9 @@ class Checkpointer:
                           f"now forks it at step {now}; to continue it, {fix}, or start it again in a new --run-dir")
 
     def _not_a_checkpoint(self, ckpt: Path) -> str:
-        what = f"path {self.run.name!r} starts from the weights of {ckpt}, which is not a complete lrpath checkpoint"
-        if (ckpt / "config.json").is_file():
-            return (f"{what} but a Hugging Face model directory; import it first (`lrpath hf import {ckpt} --out "
-                    f"CKPT --seq-length {self.cfg.model.seq_length}`), use CKPT/model.yaml as the model section "
-                    f"and start from CKPT")
-        return f"{what} (no {checkpoint_layout.MANIFEST}); give an iter_NNNNNNN directory or an `lrpath hf import` output"
+        return (f"path {self.run.name!r} starts from the weights of {ckpt}, which is not a complete lrpath "
+                f"checkpoint (no {checkpoint_layout.MANIFEST}) nor a Hugging Face model directory (no config.json); "
+                f"give an iter_NNNNNNN directory, an `lrpath hf import` output or a Hugging Face model directory")
 
     def damaged_fix(self, start: Start) -> str:
         """What to do when the start checkpoint turns out damaged."""
@@ -133,6 +141,9 @@ class Checkpointer:
                 checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step)
         if self.digest is None:  # not resumed from an own checkpoint (which computed it)
             self.digest = self._schedule_digest(step)
+        self.writer = CheckpointWriter(self.root, self.cfg.checkpoint.async_save,
+                                       lambda msg: self.log(f"[{self.run.name}] {msg}"))
+        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------------------------ the digest
     def _schedule_inputs(self) -> dict:
@@ -184,8 +195,19 @@ class Checkpointer:
     def has_checkpoint(self, step: int) -> bool:
         return checkpoint_layout.checkpoint_at(self.root, step) is not None
 
-    def save(self, step: int, model, optimizer, data_state: dict, for_resume: bool = False) -> Path:
-        """Collective. The checkpoint at ``step`` with its manifest, then pruning (``checkpoint.keep_last``)."""
+    def time_due(self) -> bool:
+        """This rank's wall clock says a save is due (``checkpoint.save_interval_minutes``); the trainer
+        makes it one decision of all ranks."""
+        minutes = self.cfg.checkpoint.save_interval_minutes
+        return minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
+
+    def save(self, step: int, model, optimizer, data_state: dict, for_resume: bool = False) -> None:
+        """Collective. The checkpoint at ``step`` with its manifest; once it is visible, pruning
+        (``checkpoint.keep_last``). With ``checkpoint.async_save`` the tensors are written in the
+        background, after the previous write completed; a checkpoint that another job or the next start
+        reads (a fork point, a merge input, the stop step, a signal's save) is complete on return."""
+        self._last_save = time.monotonic()
+        self.writer.wait(f"step {step} saves next; one write at a time")
         cfg, run = self.cfg, self.run
         manifest = {
             "path": run.name,
@@ -199,9 +221,32 @@ class Checkpointer:
             **run.lineage,
         }
         state = {"step": step, "data": data_state}
-        saved = checkpoint.save(self.root, step, model, optimizer, state, manifest,
-                                save_optimizer=self.saves_optimizer(step, for_resume))
-        return saved
+        if ranks.rank() == 0:
+            self.writer.check_space(step)
+        save_optimizer = self.saves_optimizer(step, for_resume)
+        self.writer.write(step, lambda: checkpoint.stage(self.root, step, model, optimizer, state, manifest,
+                                                         save_optimizer), self._committed)
+        path = self.run.path
+        if for_resume or step == self.end:
+            self.writer.wait(f"step {step} is where the next start resumes")
+        elif step in path.save_steps | path.weights_only_steps:
+            self.writer.wait(f"step {step} is read by another job: a fork point or merge input")
+
+    def poll(self) -> None:
+        """Collective, every step: commits a finished background write, raises a failed one on every rank."""
+        self.writer.poll()
+
+    def finish(self) -> None:
+        self.writer.wait("the run ends")
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def _committed(self, ckpt: Path) -> None:
+        if ranks.rank() != 0:
+            return
+        for old in self.prune():
+            self.log(f"[{self.run.name}] deleted {old.name} (checkpoint.keep_last={self.cfg.checkpoint.keep_last})")
 
     def prune(self) -> list[Path]:
         """Rank 0: all but the ``checkpoint.keep_last`` newest resumable checkpoints, never a fork point, a

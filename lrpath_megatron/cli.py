@@ -28,6 +28,8 @@ COMMAND_MODULES = [
     "lrpath_megatron.commands.data",
     "lrpath_megatron.commands.adapt",
     "lrpath_megatron.commands.status",
+    "lrpath_megatron.commands.forecast",
+    "lrpath_megatron.commands.report",
     "lrpath_megatron.commands.export",
     "lrpath_megatron.commands.hf",
     "lrpath_megatron.commands.eval",

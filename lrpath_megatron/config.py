@@ -112,17 +112,45 @@ class ParallelConfig:
     global_batch_size: int = 8
     # None = on when running on GPU (sharded Adam states), off on CPU.
     use_distributed_optimizer: Optional[bool] = None
+    # Model chunks per pipeline stage (megatron-core's interleaved schedule); None = one chunk. Each stage
+    # holds v chunks of num_layers / (pipeline_parallel * v) layers: the bubble shrinks by v for v times
+    # the pipeline's point-to-point traffic (docs/layout.md).
+    virtual_pipeline: Optional[int] = None
+    # Both need megatron-core's Transformer Engine layer spec (refused without it, model.check_parallel_features).
+    sequence_parallel: bool = False  # norms, dropout and residuals split over the TP ranks along the sequence
+    context_parallel: int = 1  # ranks that each hold 1/CP of every sequence (ring attention)
 
     def validate(self) -> None:
-        _positive(self, "parallel", ["tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size"])
+        _positive(self, "parallel", ["tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
+                                     "context_parallel"])
+        if self.virtual_pipeline is not None:
+            _positive(self, "parallel", ["virtual_pipeline"])
+            if self.pipeline_parallel < 2:
+                raise ConfigError(f"parallel.virtual_pipeline={self.virtual_pipeline} interleaves the stages of a "
+                                  f"pipeline: it needs parallel.pipeline_parallel >= 2 (got "
+                                  f"{self.pipeline_parallel}); set virtual_pipeline to null")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ConfigError("parallel.sequence_parallel splits activations over the tensor-parallel ranks: it needs "
+                              f"parallel.tensor_parallel >= 2 (got {self.tensor_parallel}); set it to false")
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks each pipeline stage holds."""
+        return self.virtual_pipeline or 1
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one replica of the model (DP replicates it)."""
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
     def data_parallel(self, world_size: int) -> int:
         """DP size derived from the world size; raises if the world does not factor."""
-        mp = self.tensor_parallel * self.pipeline_parallel
+        mp = self.model_parallel
         if world_size % mp:
+            cp = " * parallel.context_parallel" if self.context_parallel > 1 else ""
             raise ConfigError(
                 f"world size {world_size} is not divisible by parallel.tensor_parallel * "
-                f"parallel.pipeline_parallel = {mp}; launch a multiple of {mp} processes"
+                f"parallel.pipeline_parallel{cp} = {mp}; launch a multiple of {mp} processes"
             )
         dp = world_size // mp
         if self.global_batch_size % (self.micro_batch_size * dp):
@@ -130,7 +158,29 @@ class ParallelConfig:
                 f"parallel.global_batch_size={self.global_batch_size} is not divisible by "
                 f"micro_batch_size * data_parallel = {self.micro_batch_size} * {dp}"
             )
+        self.check_microbatches(self.global_batch_size // (self.micro_batch_size * dp))
         return dp
+
+    def check_microbatches(self, num_microbatches: int) -> None:
+        """megatron-core's interleaved schedule runs the micro-batches in groups of pipeline_parallel."""
+        pp = self.pipeline_parallel
+        if self.virtual_pipeline is not None and num_microbatches % pp:
+            raise ConfigError(
+                f"parallel.virtual_pipeline needs a number of micro-batches per step (global_batch_size / "
+                f"(micro_batch_size * data_parallel) = {num_microbatches}) that is a multiple of "
+                f"parallel.pipeline_parallel={pp}; change parallel.global_batch_size to a multiple of "
+                f"{pp * self.global_batch_size // num_microbatches} or set virtual_pipeline to null"
+            )
+
+    def check_eval_batches(self, eval_batches: int, dp: int) -> None:
+        """Each DP rank runs its 1/DP of the held-out micro-batches through the (interleaved) schedule."""
+        pp = self.pipeline_parallel
+        if self.virtual_pipeline is not None and eval_batches % (pp * dp):
+            raise ConfigError(
+                f"logging.eval_batches={eval_batches} held-out micro-batches per corpus, split over "
+                f"data_parallel={dp} ranks, must give each a multiple of parallel.pipeline_parallel={pp} for the "
+                f"interleaved schedule; set logging.eval_batches to a multiple of {pp * dp}"
+            )
 
     def check_model(self, model: ModelConfig) -> None:
         tp, pp = self.tensor_parallel, self.pipeline_parallel
@@ -151,6 +201,18 @@ class ParallelConfig:
         if model.num_layers % pp:
             raise ConfigError(
                 f"parallel.pipeline_parallel={pp} does not divide model.num_layers={model.num_layers}"
+            )
+        chunks = pp * self.model_chunks
+        if model.num_layers % chunks:
+            raise ConfigError(
+                f"parallel.pipeline_parallel * parallel.virtual_pipeline = {pp} * {self.virtual_pipeline} = "
+                f"{chunks} model chunks do not divide model.num_layers={model.num_layers}; choose a "
+                f"virtual_pipeline that divides num_layers / pipeline_parallel = {model.num_layers // pp}"
+            )
+        if self.context_parallel > 1 and model.seq_length % (2 * self.context_parallel):
+            raise ConfigError(
+                f"parallel.context_parallel={self.context_parallel} splits each sequence into 2 * CP load-balanced "
+                f"parts: model.seq_length={model.seq_length} must be a multiple of {2 * self.context_parallel}"
             )
 
 
@@ -267,16 +329,19 @@ class ScheduleConfig:
 
 @dataclass
 class CorpusConfig:
-    """One tokenized corpus: a Megatron .bin/.idx prefix."""
+    """One tokenized corpus: a Megatron .bin/.idx prefix, or its shards (a glob, or a list of prefixes and
+    globs), read as one dataset in that order (:mod:`lrpath_megatron.corpus_shards`)."""
 
     name: str = ""
-    prefix: str = ""
+    prefix: Any = ""  # str | list[str]
 
     def validate(self, where: str) -> None:
         if not self.name:
             raise ConfigError(f"{where}.name is empty; give every corpus a unique name")
-        if not self.prefix:
-            raise ConfigError(f"{where}.prefix is empty; point it at a Megatron .bin/.idx prefix")
+        entries = self.prefix if isinstance(self.prefix, list) else [self.prefix]
+        if not entries or not all(isinstance(e, str) and e for e in entries):
+            raise ConfigError(f"{where}.prefix={self.prefix!r}: point it at a Megatron .bin/.idx prefix (PREFIX of "
+                              f"PREFIX.bin), a glob of shard prefixes, or a non-empty list of prefixes and globs")
 
 
 @dataclass
@@ -327,10 +392,19 @@ class CheckpointConfig:
     # Start a stand-alone run from these weights (an lrpath checkpoint, e.g. from `lrpath hf import`): step
     # 0, a fresh optimizer and data. A plan's main path has plan.main.init_from.
     init_from: Optional[str] = None
+    # Also save when this many minutes of wall time passed since the last save (whichever of this and
+    # save_interval comes first; the same decision on every rank). 0 = by steps only.
+    save_interval_minutes: float = 0.0
+    # Write checkpoints in the background while training continues (megatron-core's asynchronous
+    # dist-checkpointing); costs up to one more copy of the state in host memory (docs/checkpointing.md).
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.save_interval < 0 or self.keep_last < 0:
             raise ConfigError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+        if not self.save_interval_minutes >= 0:
+            raise ConfigError(f"checkpoint.save_interval_minutes must be >= 0 (0 = by steps only), got "
+                              f"{self.save_interval_minutes}")
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """Corpora (Megatron .bin/.idx) to micro-batches: megatron-core ``GPTDataset`` per corpus and split.
 
+A corpus of several shards is read as the one dataset of their documents in order
+(:mod:`lrpath_megatron.corpus_shards`); everything below sees one dataset per corpus.
+
 Every corpus is split by document range with megatron-core's split semantics (``data.valid_fraction``
 -> split ``"1-f,f,0"``): the first documents train, the last ones are held out. Each corpus's train
 ``GPTDataset`` exposes exactly one epoch of fixed ``seq_length + 1`` token windows (its documents shuffled
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 
 from lrpath_megatron.config import CorpusConfig, DataConfig
+from lrpath_megatron.corpus_shards import ShardedIndexed, check_same_shards, open_shards, resolve_shards
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.indexed import check_token_ids, open_indexed, token_id_error
+from lrpath_megatron.indexed import token_id_error
 from lrpath_megatron.mixing import MixingSampler, WeightsFn
 
 logger = logging.getLogger(__name__)
@@ -61,27 +65,28 @@ def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_
     )
 
 
-def open_corpus(corpus: CorpusConfig, vocab_size: int | None = None):
-    """The corpus's megatron-core ``IndexedDataset``, checked first (see :mod:`lrpath_megatron.indexed`).
-    The train and valid splits share one open, so the checks read each corpus once per process; the key
-    holds the files' size and mtime, so a rewritten corpus is opened and checked again."""
-    return _open_checked(corpus.name, corpus.prefix, vocab_size, _files_signature(corpus.prefix))
+def open_corpus(corpus: CorpusConfig, vocab_size: int | None = None) -> ShardedIndexed:
+    """The corpus's shards as one dataset, checked first (see :mod:`lrpath_megatron.corpus_shards`). The train
+    and valid splits share one open, so the checks read each corpus once per process; the key holds the
+    shards and their files' size and mtime, so a rewritten or re-globbed corpus is opened and checked again."""
+    shards = tuple(resolve_shards(corpus.prefix, f"corpus {corpus.name!r}"))
+    return _open_checked(corpus.name, shards, vocab_size, _files_signature(shards))
 
 
-def _files_signature(prefix: str) -> tuple | None:
+def _files_signature(shards: tuple[str, ...]) -> tuple | None:
+    from lrpath_megatron.data_tools.corpus_meta import meta_path
+
     try:
-        return tuple((s.st_size, s.st_mtime_ns) for s in map(os.stat, (prefix + ".bin", prefix + ".idx")))
+        pairs = tuple((s.st_size, s.st_mtime_ns) for p in shards for s in map(os.stat, (p + ".bin", p + ".idx")))
     except OSError:
         return None  # missing: the check says so
+    # The sidecars too: a rewritten one is checked again.
+    return pairs + tuple(os.path.exists(meta) and os.stat(meta).st_mtime_ns for meta in map(meta_path, shards))
 
 
 @functools.lru_cache(maxsize=64)
-def _open_checked(name: str, prefix: str, vocab_size: int | None, signature: tuple | None):
-    where = f"corpus {name!r}"
-    indexed = open_indexed(prefix, where)
-    if vocab_size is not None:
-        check_token_ids(prefix, np.dtype(indexed.index.dtype), vocab_size, where)
-    return indexed
+def _open_checked(name: str, shards: tuple[str, ...], vocab_size: int | None, signature: tuple | None):
+    return open_shards(list(shards), f"corpus {name!r}", vocab_size)
 
 
 def build_split(corpus: CorpusConfig, indexed, config, split_name: str):
@@ -107,7 +112,7 @@ def build_split(corpus: CorpusConfig, indexed, config, split_name: str):
     level = gpt_logger.level
     gpt_logger.setLevel(logging.ERROR)  # silences "unable to save indexes" (in-memory on purpose)
     try:
-        return GPTDataset(indexed, corpus.prefix, indices, None, split, config)
+        return GPTDataset(indexed, str(corpus.prefix), indices, None, split, config)
     finally:
         gpt_logger.setLevel(level)
 
@@ -118,9 +123,9 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _default_vocab_size(indexed) -> int:
+def _default_vocab_size(indexed: ShardedIndexed) -> int:
     # Only the null tokenizer's EOD id depends on it, and EOD is unused here (no resets, no EOD masking).
-    return int(np.iinfo(indexed.index.dtype).max)
+    return int(np.iinfo(indexed.dtype).max)
 
 
 class CorpusSplits:
@@ -132,6 +137,7 @@ class CorpusSplits:
         vocab = vocab_size or _default_vocab_size(next(iter(indexed.values())))
         config = gpt_dataset_config(seq_length, cfg.valid_fraction, seed, vocab)
         self.datasets = {c.name: build_split(c, indexed[c.name], config, split_name) for c in cfg.corpora}
+        self.shards = {name: data.identity() for name, data in indexed.items()}
         self.split_name, self.vocab_size = split_name, vocab_size
 
     def batch(self, picked: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
@@ -178,10 +184,16 @@ class TrainData:
         return [self.splits.batch(mine[i:i + mbs]) for i in range(0, len(mine), mbs)]
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        """The sampler's state, and the shards of every corpus it counts samples of."""
+        return {**self.sampler.state_dict(), "shards": self.splits.shards}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
-        """``source``: the checkpoint the state comes from, named in a refusal."""
+        """``source``: the checkpoint the state comes from, named in a refusal. The shards are compared
+        first: a corpus whose shards changed may keep its sample count, which the sampler checks. States
+        saved before shards were recorded have none to compare."""
+        for corpus, saved in state.get("shards", {}).items():
+            if corpus in self.splits.shards:  # one no longer configured: the sampler names it
+                check_same_shards(corpus, saved, self.splits.shards[corpus], source)
         self.sampler.load_state_dict(state, source)
 
     def pop_stats(self) -> dict:

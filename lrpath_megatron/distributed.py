@@ -72,6 +72,8 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context_parallel,
     )
     seed_everything(seed)
     return env
@@ -88,15 +90,19 @@ def _forks_die_with_this_process() -> None:
     they finish the save). On Linux, every process forked from here gets SIGKILL when its parent dies."""
     if not sys.platform.startswith("linux") or _forking_pid:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def after_in_child() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != _forking_pid[-1]:  # the parent died before prctl took effect
-            os._exit(1)
-
     _forking_pid.append(os.getpid())
-    os.register_at_fork(before=lambda: _forking_pid.__setitem__(-1, os.getpid()), after_in_child=after_in_child)
+    os.register_at_fork(before=lambda: _forking_pid.__setitem__(-1, os.getpid()),
+                        after_in_child=lambda: die_with_parent(_forking_pid[-1]))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process of ``parent_pid`` (Linux): SIGKILL when the parent dies, and exit now if it
+    already has (before prctl took effect)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron.core import parallel_state
 from tqdm import tqdm
 
 from lrpath_megatron import checkpoint, checkpoint_layout, distributed, forward
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import ValidData
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.model import build_model, transformer_config, with_precision
+from lrpath_megatron.model import build_model_chunks, transformer_config, with_precision
 
 
 def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int | None = None) -> dict:
@@ -32,8 +33,10 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     batches = num_batches or cfg.logging.eval_batches
     distributed.initialize(cfg.parallel, cfg.seed)
     try:
+        cfg.parallel.check_eval_batches(batches, parallel_state.get_data_parallel_world_size())
         tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-        model = with_precision(build_model(cfg.model, cfg.parallel, cfg.precision, tcfg), tcfg)
+        model = [with_precision(chunk, tcfg)
+                 for chunk in build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)]
         valid = ValidData(cfg.data, cfg.model.seq_length, cfg.parallel.micro_batch_size, cfg.data.seed,
                           vocab_size=cfg.model.vocab_size)
         results = {}

@@ -62,10 +62,12 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, TrainConfig]:
 
 
 def single_rank_config(cfg: TrainConfig) -> TrainConfig:
-    """The same model on one CPU process: TP=PP=1, one micro-batch per step (no data is read), no FP8
-    (an FP8 run stores its weights in the params dtype; FP8 is a compute setting)."""
+    """The same model on one CPU process: TP=PP=CP=1 without interleaving or sequence parallelism, one
+    micro-batch per step (no data is read), no FP8 (an FP8 run stores its weights in the params dtype;
+    FP8 is a compute setting)."""
     mbs = cfg.parallel.micro_batch_size
-    return replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
+    return replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None,
+                                         sequence_parallel=False, context_parallel=1,
                                          global_batch_size=mbs, use_distributed_optimizer=False),
                    precision=replace(cfg.precision, fp8=None))
 

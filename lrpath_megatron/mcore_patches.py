@@ -132,7 +132,18 @@ FOREACH_GRAD_NORM = Patch(
     "megatron.core.utils' local_multi_tensor_* fallbacks compute",
 )
 
-PATCHES = (GATHERED_STATE_OFFSETS, TORCH_ADAM_LOAD, ROW_PARALLEL_TP_GROUP, FOREACH_GRAD_NORM)
+_FILESYSTEM_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+WRITE_RESULTS_QUEUE = Patch(
+    "write_results_queue",
+    {
+        f"{_FILESYSTEM_ASYNC}:_results_queue": None,
+        f"{_FILESYSTEM_ASYNC}:_get_write_results_queue": "349269cbdd56",
+    },
+    "whether filesystem_async still creates the checkpoint writers' result queue once, in the module "
+    "global _results_queue, from a spawned multiprocessing Manager (_get_write_results_queue)",
+)
+
+PATCHES = (GATHERED_STATE_OFFSETS, TORCH_ADAM_LOAD, ROW_PARALLEL_TP_GROUP, FOREACH_GRAD_NORM, WRITE_RESULTS_QUEUE)
 
 
 # ------------------------------------------------------------------------------- distributed optimizer checkpoints
@@ -213,6 +224,33 @@ def restore_steps(held: list) -> None:
     for inner, steps in held:
         for p, step in steps.items():
             inner.state[p]["step"] = step.clone()
+
+
+# ------------------------------------------------------------------------------------------- checkpoint writers
+_results_manager: list = []  # the Manager serving the writers' result queue, alive as long as this process
+
+
+def results_queue_dies_with_trainer() -> None:
+    """megatron-core's checkpoint writers report through a queue served by a Manager process that
+    filesystem_async starts with the "spawn" method at the first save. A spawned process is not forked
+    from Python, so :func:`lrpath_megatron.distributed.die_with_parent` (every fork's) does not reach it,
+    and it outlives a trainer killed with -9 - one stray process per rank and kill. Create that queue
+    first, from a Manager that gets SIGKILL when this process dies (on CPU and GPU alike)."""
+    import multiprocessing
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from lrpath_megatron.distributed import die_with_parent
+
+    WRITE_RESULTS_QUEUE.check()
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _results_manager.append(manager)
+    filesystem_async._results_queue = manager.Queue()
 
 
 # ------------------------------------------------------------------------------------------- performance levers

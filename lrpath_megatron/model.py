@@ -54,6 +54,21 @@ class SDPAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
+def check_parallel_features(parallel: ParallelConfig) -> None:
+    """Sequence and context parallelism exist in megatron-core 0.16.1 only in its Transformer Engine layer
+    spec (the local spec's torch norms and attention assert on split sequences): refused without it, on
+    every rank alike, before any process group starts."""
+    wanted = [name for name, on in (("parallel.sequence_parallel", parallel.sequence_parallel),
+                                    ("parallel.context_parallel", parallel.context_parallel > 1)) if on]
+    if wanted and not (have_transformer_engine() and use_cuda()):
+        where = "Transformer Engine is not importable" if not have_transformer_engine() else "no GPU is used"
+        raise ConfigError(
+            f"{' and '.join(wanted)} need{'' if len(wanted) > 1 else 's'} megatron-core's Transformer Engine layers on GPU, but {where}; "
+            f"install the [te] extra (pip install 'lrpath-megatron[te]', a CUDA build) on a GPU machine, or set "
+            f"parallel.sequence_parallel=false and parallel.context_parallel=1"
+        )
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                        perf: PerformanceConfig | None = None) -> TransformerConfig:
     """``perf`` None = no performance levers (what export, evaluation and merging build)."""
@@ -63,6 +78,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
             "precision.fp8 is set but Transformer Engine is not importable; install the [te] extra "
             "or set precision.fp8=null (docs/performance.md says why there is no FP8 path without it)"
         )
+    check_parallel_features(parallel)
     if perf is not None:
         performance.check(perf, cuda, have_transformer_engine())
     bf16 = precision.dtype == "bf16"
@@ -85,12 +101,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=not cuda,
         # CPU: p2p calls torch.cuda.synchronize when batched (see cpu_compat notes).
         batch_p2p_sync=cuda,
+        # Interleaved at PP=2 a stage's previous and next stage are the same rank: a batch of sends both
+        # ways is matched in posting order and swaps activations with gradients (measured on gloo).
+        # Unbatched, megatron-core sends each direction over its own group (Megatron-LM's default too).
+        batch_p2p_comm=parallel.virtual_pipeline is None,
         **performance.transformer_flags(perf),
         **performance.fp8_settings(precision),
     )
@@ -109,16 +132,19 @@ def layer_spec(model: ModelConfig) -> ModuleSpec:
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                config: TransformerConfig | None = None) -> GPTModel:
-    """The local pipeline stage of the GPT (pre/post-process flags from parallel_state)."""
+                config: TransformerConfig | None = None, vp_stage: int | None = None) -> GPTModel:
+    """The local pipeline stage of the GPT, or with ``parallel.virtual_pipeline`` its chunk ``vp_stage``
+    (the layers of virtual stage vp_stage * PP + pp_rank). Only the first chunk of the first stage embeds,
+    only the last chunk of the last stage has the output layer."""
     config = config or transformer_config(model, parallel, precision)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=not model.untie_embeddings,
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
@@ -127,6 +153,15 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     if use_cuda():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       config: TransformerConfig | None = None) -> list[GPTModel]:
+    """Every model chunk of the local pipeline stage, in schedule order: one, or one per virtual stage."""
+    config = config or transformer_config(model, parallel, precision)
+    if parallel.virtual_pipeline is None:
+        return [build_model(model, parallel, precision, config)]
+    return [build_model(model, parallel, precision, config, vp) for vp in range(parallel.virtual_pipeline)]
 
 
 def _rope_scaling(model: ModelConfig) -> dict:

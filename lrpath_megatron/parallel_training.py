@@ -26,20 +26,21 @@ def check_levers(cfg: TrainConfig) -> None:
                           "shards; set parallel.use_distributed_optimizer=true or the lever to false")
 
 
-def wrap_for_training(cfg: TrainConfig, tcfg: TransformerConfig, module, say: Callable[[str], None]):
-    """(DDP model, Megatron optimizer) of ``module`` (weights loaded and transformed already); ``say``
-    reports levers that were compiled or left as built."""
+def wrap_for_training(cfg: TrainConfig, tcfg: TransformerConfig, modules: list, say: Callable[[str], None]):
+    """(DDP model chunks, Megatron optimizer over all of them) of the stage's ``modules`` (weights loaded
+    and transformed already); ``say`` reports levers that were compiled or left as built."""
     perf, dist_opt = cfg.performance, use_distributed_optimizer(cfg)
     if perf.compile_layers:  # after any model transform: the compiled layers include its modules
-        say(f"torch.compile: {performance.compile_layers(module, perf)} layers")
-    model = DistributedDataParallel(
-        config=tcfg,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
-            overlap_grad_reduce=perf.overlap_grad_reduce, overlap_param_gather=perf.overlap_param_gather,
-            bucket_size=perf.ddp_bucket_size),
-        module=with_precision(module, tcfg),
-    )
+        say(f"torch.compile: {sum(performance.compile_layers(m, perf) for m in modules)} layers")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+        overlap_grad_reduce=perf.overlap_grad_reduce, overlap_param_gather=perf.overlap_param_gather,
+        bucket_size=perf.ddp_bucket_size)
+    # One DDP per chunk, as Megatron-LM builds them: later chunks keep one bucket, reduced when the
+    # interleaved schedule finishes their backward.
+    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=with_precision(module, tcfg),
+                                     disable_bucketing=i > 0)
+             for i, module in enumerate(modules)]
     o = cfg.optimizer
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -47,7 +48,7 @@ def wrap_for_training(cfg: TrainConfig, tcfg: TransformerConfig, module, say: Ca
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
             bf16=cfg.precision.dtype == "bf16", params_dtype=tcfg.params_dtype, use_distributed_optimizer=dist_opt,
         ),
-        [model],
+        model,
     )
     mcore_patches.check_checkpoint_patches(optimizer)
     if perf.fused_adam and not performance.use_fused_adam(optimizer):
@@ -60,5 +61,5 @@ def wrap_for_training(cfg: TrainConfig, tcfg: TransformerConfig, module, say: Ca
     tcfg.grad_scale_func = optimizer.scale_loss
     tcfg.finalize_model_grads_func = finalize_model_grads
     if perf.overlap_grad_reduce:  # reduce each bucket once, in the last micro-batch's backward
-        tcfg.no_sync_func = model.no_sync
+        tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     return model, optimizer

@@ -38,8 +38,8 @@ from lrpath_megatron.config import (
     register_list_item_type,
     to_dict,
 )
+from lrpath_megatron.corpus_shards import check_shards
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.indexed import check_indexed, check_token_ids
 from lrpath_megatron.merge_weights import merge_release
 from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
 from lrpath_megatron.path import FORK, WEIGHTS, PathRun, PathSpec, Start
@@ -85,8 +85,11 @@ class ReleaseConfig:
     fork_step: Optional[int] = None  # global main-path step
     fork_tokens: Optional[int] = None  # global main-path token position
     fork_fraction: Optional[float] = None  # position inside the version's own main-path segment, 0..1
-    # How long the branch decays (exactly one for method=decay).
-    decay_steps: Optional[int] = None
+    # How long the branch decays (exactly one for method=decay). decay_steps: auto takes the length the release
+    # forecast chooses when the branch starts (lrpath_megatron.release_forecast.choose_decay), within
+    # decay_bounds: [min, max] steps (default: 10% .. 100% of the version's steps).
+    decay_steps: Any = None  # steps, or "auto"
+    decay_bounds: Optional[list] = None
     decay_tokens: Optional[int] = None
     decay_fraction: Optional[float] = None  # of the version's own steps
     # tail (default): the rest of the version's segment (no extra data) | replay: D_1..D_v blend
@@ -99,7 +102,10 @@ class ReleaseConfig:
 RELEASE_DEFAULTS = {"shape": "cosine", "data": "tail", "drop_points": list(schedules.MULTISTEP_POINTS), "merge": {}}
 # Settings of a decay release (all but method, merge and the fork position): a merge trains no branch.
 DECAY_SETTINGS = ("shape", "stable_fraction", "drop_points", "drop_factors", "decay_steps", "decay_tokens",
-                  "decay_fraction", "data", "mix")
+                  "decay_fraction", "decay_bounds", "data", "mix")
+# The decay lengths decay_steps: auto chooses among, as fractions of the version's steps (with its bounds):
+# the main path saves at each one's fork, so the choice can be made when the branch starts.
+AUTO_DECAY_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
 def _with_defaults(release: ReleaseConfig) -> ReleaseConfig:
@@ -121,6 +127,16 @@ class VersionConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What is written beside each release as soon as it is released."""
+
+    hf: bool = False  # a Hugging Face model directory, RUN/<version>/hf (``lrpath hf export``)
+    # The tokenizer the data was tokenized with, shipped with the model: a SentencePiece .model file. None:
+    # an imported model's own tokenizer files (plan.main.init_from), else none.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
 class PlanConfig:
     main: MainPathConfig = field(default_factory=MainPathConfig)
     versions: list = field(default_factory=list)  # list[VersionConfig]
@@ -128,6 +144,7 @@ class PlanConfig:
     # from the main path's (the steps before are the main path's own, bit for bit, so they are trained
     # once); "nominal", where its fork settings put it (each branch retrains those steps).
     fork: str = "effective"
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 FORK_RULES = ("effective", "nominal")
@@ -214,6 +231,9 @@ class Plan:
         self.main_lr = schedules.WarmupConstant(self.eta_max, self.warmup_steps)
         if config.fork not in FORK_RULES:
             raise ConfigError(f"plan.fork={config.fork!r} is not one of {', '.join(FORK_RULES)}")
+        if config.export.tokenizer is not None and not config.export.hf:
+            raise ConfigError("plan.export.tokenizer goes with the Hugging Face exports; set plan.export.hf: true "
+                              "or remove it")
         self.versions: list[ResolvedVersion] = self._resolve_versions()
         if config.fork == "effective":
             self.versions = [self._fork_effectively(v, r) for v, r in zip(self.versions, self._releases)]
@@ -288,6 +308,7 @@ class Plan:
     def _resolve_versions(self) -> list[ResolvedVersion]:
         resolved: list[ResolvedVersion] = []
         names: set[str] = set()
+        self.decay_candidates: dict[str, list] = {}  # per decay_steps: auto version, the lengths it may take
         total = 0
         segments = []
         for i, v in enumerate(self.config.versions):
@@ -335,6 +356,16 @@ class Plan:
             kind, value = self._one_of(r, where, ["decay_steps", "decay_tokens", "decay_fraction"], required=True)
             if kind == "decay_fraction" and not 0 < value <= 1:
                 raise ConfigError(f"{where}.decay_fraction={value} must be in (0, 1] (of the version's steps)")
+            if value == "auto":
+                # Resolved at the shortest candidate until a branch records its choice (Plan.with_decay):
+                # the main path then trains to the latest candidate fork, saving at every earlier one.
+                self.decay_candidates[name] = self._auto_candidates(r, seg_steps, where)
+                value = self.decay_candidates[name][0]
+            elif r.decay_bounds is not None:
+                raise ConfigError(f"{where}.decay_bounds applies to decay_steps: auto only; remove it or set "
+                                  "decay_steps: auto")
+            if kind == "decay_steps" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where}.decay_steps={value!r} must be a number of steps or auto")
             decay = {"decay_steps": lambda x: x, "decay_tokens": self._steps,
                      "decay_fraction": lambda x: self._steps(x * seg_steps * self.tokens_per_step)}[kind](value)
             if decay < 2:
@@ -397,6 +428,41 @@ class Plan:
             return ReleaseInfo(name, r.method, fork_step, merge=merge)
         return ReleaseInfo(name, r.method, fork_step, r.shape, r.data, decay, nominal_step=fork_step)
 
+    def _auto_candidates(self, r: ReleaseConfig, seg_steps: int, where: str) -> list:
+        lo, hi = r.decay_bounds if r.decay_bounds is not None else (max(2, round(0.1 * seg_steps)), seg_steps)
+        if (not isinstance(r.decay_bounds, (list, type(None))) or isinstance(lo, bool) or isinstance(hi, bool)
+                or not isinstance(lo, int) or not isinstance(hi, int) or not 2 <= lo <= hi):
+            raise ConfigError(f"{where}.decay_bounds={r.decay_bounds!r} must be [min, max] steps with 2 <= min <= max")
+        return sorted({lo, hi} | {round(f * seg_steps) for f in AUTO_DECAY_FRACTIONS if lo <= round(f * seg_steps) <= hi})
+
+    def _candidate_forks(self, v: ResolvedVersion, r: ReleaseConfig) -> set:
+        """The main-path steps the branch of a decay_steps: auto version may fork at, one per candidate."""
+        forks = set()
+        moves = r.data == "tail" and all(getattr(r, k) is None for k in ("fork_step", "fork_tokens", "fork_fraction"))
+        for n in self.decay_candidates[v.name]:
+            nominal = v.end_step - n if moves else v.release.nominal_step
+            alt = dataclasses.replace(v, release=dataclasses.replace(v.release, step=nominal, nominal_step=nominal,
+                                                                     decay_steps=n), branch_end=nominal + n)
+            forks.add((self._fork_effectively(alt, r) if self.config.fork == "effective" else alt).release.step)
+        return forks
+
+    def with_decay(self, name: str, decay_steps: int) -> "Plan":
+        """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto choice)."""
+        versions = [dataclasses.replace(v, release=dataclasses.replace(
+            v.release, decay_steps=decay_steps, decay_tokens=None, decay_fraction=None, decay_bounds=None))
+                    if v.name == name else v for v in self.config.versions]
+        return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source)
+
+    def with_choices(self, run_dir: Path) -> "Plan":
+        """This plan with the decay lengths its decay_steps: auto branches chose in ``run_dir`` (the releases
+        as trained: their steps and costs)."""
+        plan = self
+        for name in self.decay_candidates:
+            record = RunLayout(Path(run_dir)).path(name).decay_choice
+            if record.is_file():
+                plan = plan.with_decay(name, json.loads(record.read_text())["decay_steps"])
+        return plan
+
     # ---------------------------------------------------------------- paths
     def _segment(self, step: int) -> ResolvedVersion:
         for v in self.versions:
@@ -424,6 +490,9 @@ class Plan:
     def _build_paths(self) -> dict[str, PathSpec]:
         # A release's own step is a full checkpoint: branches fork there and launch ends a main segment there.
         save = set(self.config.main.save_steps) | {v.release.step for v in self.versions}
+        for v, r in zip(self.versions, self._releases):
+            if v.name in self.decay_candidates:
+                save |= self._candidate_forks(v, r)
         weights_only = set(self.config.main.weights_only_steps)
         for v in self.versions:
             weights_only |= v.merge_input_steps()
@@ -536,7 +605,15 @@ class Plan:
 
     def run_for(self, name: str, run_dir: Path) -> PathRun:
         """Path ``name`` as the trainer runs it in ``run_dir``: a path with a parent starts from the parent's
-        checkpoint at its fork step (optimizer state and data position included)."""
+        checkpoint at its fork step (optimizer state and data position included). The branch of a
+        decay_steps: auto version takes the release forecast's choice (recorded in ``run_dir`` and in its
+        checkpoints' manifests: the same metrics give the same choice, a resume reuses it)."""
+        if name in self.decay_candidates:
+            from lrpath_megatron.release_forecast import choose_decay
+
+            choice = choose_decay(self, name, Path(run_dir))
+            run = self.with_decay(name, choice["decay_steps"]).run_for(name, run_dir)
+            return dataclasses.replace(run, lineage={**run.lineage, "plan_hash": self.plan_hash(), "decay_choice": choice})
         spec, layout = self.path(name), RunLayout(Path(run_dir))
         origin = Start()
         if spec.parent is not None:
@@ -584,6 +661,9 @@ class Plan:
                 "branch_data": v.release.data,
                 "decay_steps": v.release.decay_steps,
                 "decay_tokens": v.release.decay_steps * tps,
+                # decay_steps: auto: the lengths the forecast chooses among (decay_steps is the shortest until
+                # the branch records its choice, Plan.with_choices)
+                "decay_candidates": self.decay_candidates.get(v.name),
                 "release_step": v.branch_end,
                 "branch_steps": own,
                 "tokens": own * tps,  # training this release adds beyond the main path
@@ -641,6 +721,13 @@ class Plan:
         # Performance levers and logging change how fast and what is reported, not what trains.
         cfg = {k: v for k, v in to_dict(self.train_config).items() if k not in ("performance", "logging")}
         del cfg["checkpoint"]["init_from"]  # plans start from plan.main.init_from
+        # How and when checkpoints are written does not change what trains.
+        for key in ("async_save", "save_interval_minutes"):
+            del cfg["checkpoint"][key]
+        # Layout levers added later hash only when set, so plans written before them keep their hash.
+        for key, default in (("virtual_pipeline", None), ("sequence_parallel", False), ("context_parallel", 1)):
+            if cfg["parallel"][key] == default:
+                del cfg["parallel"][key]
         cfg["model"] = hashed_model(self.train_config.model)
         return cfg
 
@@ -649,8 +736,9 @@ class Plan:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def check_data(self) -> None:
-        """Raise unless every corpus the plan uses is a consistent ``PREFIX.bin``/``PREFIX.idx`` pair whose
-        sampled token ids fit ``model.vocab_size`` (the checks training runs when it opens the data)."""
+        """Raise unless every shard of every corpus the plan uses is a consistent ``PREFIX.bin``/``PREFIX.idx``
+        pair whose tokenizer and sampled token ids fit ``model.vocab_size`` (the checks training runs when it
+        opens the data)."""
         used = {name for v in self.versions for name in v.corpora}
         for r in self.config.versions:
             if r.release.mix is not None:
@@ -660,8 +748,7 @@ class Plan:
             if corpus.name in used:
                 where = f"corpus {corpus.name!r}"
                 try:
-                    dtype = check_indexed(corpus.prefix, where)
-                    check_token_ids(corpus.prefix, dtype, self.train_config.model.vocab_size, where)
+                    check_shards(corpus.prefix, where, self.train_config.model.vocab_size)
                 except LrpathError as exc:
                     problems.append(str(exc))
         if problems:
@@ -672,6 +759,7 @@ def _hashed_plan(plan: PlanConfig) -> dict:
     """The plan section as hashed: settings added since plans were first hashed are left out at their
     defaults, so an existing plan keeps its hash (the resolved forks and sizes are hashed beside it)."""
     data = to_dict(plan)
+    del data["export"]  # what is written beside the releases changes nothing that trains
     if data["fork"] == PlanConfig.fork:
         del data["fork"]
     if data["main"]["init_from"] is None:
@@ -679,6 +767,8 @@ def _hashed_plan(plan: PlanConfig) -> dict:
     for v in data["versions"]:
         if v["new_tokens"] is None:
             del v["new_tokens"]
+        if v["release"]["decay_bounds"] is None:
+            del v["release"]["decay_bounds"]
     return data
 
 

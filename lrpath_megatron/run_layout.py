@@ -6,6 +6,8 @@ stand-alone run's directory is itself one path directory. Inside a path director
 
     checkpoints/iter_NNNNNNN/   checkpoints (see checkpoint_layout), ``checkpoints/latest``
     fork.json                   the parent checkpoint a branch started from
+    hf_import/                  the Hugging Face model an init_from names, imported once
+    hf/                         a release exported as a Hugging Face model (plan.export.hf)
     metrics.jsonl, tensorboard/ training metrics
     logs/                       SLURM job output
 """
@@ -33,6 +35,9 @@ class PathDirs:
     metrics = _entry("metrics.jsonl", "one JSON line per logged step")
     tensorboard = _entry("tensorboard", "TensorBoard scalars")
     logs = _entry("logs", "SLURM job output of the path")
+    decay_choice = _entry("decay_choice.json", "the decay length a release forecast chose (decay_steps: auto)")
+    hf_import = _entry("hf_import", "the Hugging Face model the path starts from (init_from), imported")
+    hf = _entry("hf", "the release as a Hugging Face model directory (plan.export.hf)")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / iter_name(step)

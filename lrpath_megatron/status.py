@@ -126,8 +126,9 @@ def release_status(plan: Plan, run_dir: Path, version: str) -> ReleaseStatus:
 
 def run_status(plan: Plan, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
-    paths = [path_status(spec, RunLayout(run_dir), plan.tokens_per_step) for spec in plan.paths()]
-    releases = [release_status(plan, run_dir, v.name) for v in plan.versions]
+    trained = plan.with_choices(run_dir)  # decay_steps: auto branches at the lengths they chose
+    paths = [path_status(spec, RunLayout(run_dir), plan.tokens_per_step) for spec in trained.paths()]
+    releases = [release_status(trained, run_dir, v.name) for v in plan.versions]
     return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)
 
 

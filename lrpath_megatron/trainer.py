@@ -20,7 +20,7 @@ from lrpath_megatron.config import TrainConfig
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import EXIT_REQUEUE, LrpathError
 from lrpath_megatron.metrics import MetricsLogger, peak_flops
-from lrpath_megatron.model import build_model, transformer_config
+from lrpath_megatron.model import build_model_chunks, check_parallel_features, transformer_config
 from lrpath_megatron.parallel_training import check_levers, wrap_for_training
 from lrpath_megatron.path import WEIGHTS, PathRun
 
@@ -28,16 +28,19 @@ from lrpath_megatron.path import WEIGHTS, PathRun
 class Trainer:
     def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None):
         self.cfg, self.run, self.path = cfg, run, run.path
-        self.checkpointer = Checkpointer(cfg, run, stop_at_step)
+        self.checkpointer = Checkpointer(cfg, run, stop_at_step, log=self._print)
         self.end = self.checkpointer.end
         self._signal: int | None = None
 
     # ---------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
+        check_parallel_features(cfg.parallel)  # before any process group: refused alike on every rank
         self.env = distributed.initialize(cfg.parallel, cfg.seed)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        if cfg.logging.eval_interval:
+            cfg.parallel.check_eval_batches(cfg.logging.eval_batches, self.dp_size)
         self.is_rank0 = self.env.rank == 0
         gpu = torch.cuda.get_device_name() if distributed.use_cuda() else None
         self.peak_flops = peak_flops(gpu, cfg.precision.dtype, cfg.logging.peak_tflops)
@@ -67,12 +70,14 @@ class Trainer:
         cfg = self.cfg
         check_levers(cfg)
         tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.performance)
-        module = build_model(cfg.model, cfg.parallel, cfg.precision, tcfg)
+        chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
         if self.start.kind == WEIGHTS:  # base weights go in before the transform adds modules the base never had
-            self.checkpointer.load_weights(self.start, module)
+            self.checkpointer.load_weights(self.start, chunks)
         if self.run.model_transform is not None:
-            self.run.model_transform(module)
-        self.model, self.optimizer = wrap_for_training(cfg, tcfg, module, lambda m: self._print(f"[{self.run.name}] {m}"))
+            for chunk in chunks:
+                self.run.model_transform(chunk)
+        # self.model: the stage's DDP model chunks (one unless parallel.virtual_pipeline is set)
+        self.model, self.optimizer = wrap_for_training(cfg, tcfg, chunks, lambda m: self._print(f"[{self.run.name}] {m}"))
 
     # ---------------------------------------------------------------------------------------- loop
     def train(self) -> int:
@@ -87,6 +92,7 @@ class Trainer:
                 return 0
             last_saved = self.step if self.start.checkpoint is not None else -1
             while self.step < end:
+                self.checkpointer.poll()  # a background write that finished is committed; one that failed stops here
                 record = self._train_step()
                 self.checkpointer.trained(self.step)
                 self.step += 1
@@ -99,8 +105,8 @@ class Trainer:
                     record.update(samples_per_corpus=stats["samples"], mix_fractions=stats["fractions"],
                                   stage=stats["stage"], events=stats["events"])
                     self.logger.log(record)
-                signalled = self._signal_received()
-                if signalled or self.checkpointer.should_save(self.step):
+                signalled, time_due = self._agreed(self._signal is not None, self.checkpointer.time_due())
+                if signalled or time_due or self.checkpointer.should_save(self.step):
                     self.save(for_resume=signalled)
                     last_saved = self.step
                 if signalled:
@@ -108,7 +114,11 @@ class Trainer:
                     return EXIT_REQUEUE
             if last_saved != self.step:
                 self.save()
+            self.checkpointer.finish()
             return 0
+        except BaseException:
+            self.checkpointer.abort()  # a background write of a failed run is not waited for
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -121,7 +131,8 @@ class Trainer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = cfg.optimizer.weight_decay * group.get("wd_mult", 1.0)
         start = time.perf_counter()
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         microbatches = self.train_data.microbatches(step)
         losses = self._forward_backward(microbatches, forward_only=False)
@@ -159,35 +170,33 @@ class Trainer:
         """With performance.overlap_param_gather an optimizer step leaves the other ranks' parameter shards
         to be gathered by the next training forward. Saves (and evaluations) read whole parameters: gather
         them now, with the gathering hooks off meanwhile, as Megatron-LM does."""
-        if not self.model.use_forward_hook:
+        if not self.model[0].use_forward_hook:
             yield
             return
-        self.model.disable_forward_pre_hook(param_sync=True)
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
         try:
             yield
         finally:
-            self.model.enable_forward_pre_hook()
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
     # ---------------------------------------------------------------------------------------- state
     def save(self, for_resume: bool = False):
         with self._parameters_gathered():
-            saved = self.checkpointer.save(self.step, self.model, self.optimizer, self.train_data.state_dict(),
-                                           for_resume)
-        if self.is_rank0:
-            for old in self.checkpointer.prune():
-                self._print(f"[{self.run.name}] deleted {old.name} (checkpoint.keep_last={self.cfg.checkpoint.keep_last})")
-        return saved
+            self.checkpointer.save(self.step, self.model, self.optimizer, self.train_data.state_dict(), for_resume)
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
 
-    def _signal_received(self) -> bool:
-        """All ranks agree: one rank signalled means everyone saves (SLURM signals ranks at slightly different times)."""
-        flag = torch.tensor([1 if self._signal is not None else 0])
+    def _agreed(self, *flags: bool) -> list[bool]:
+        """All ranks agree on each flag: one rank's signal (SLURM signals ranks at slightly different times)
+        or wall clock saying "save" means everyone saves."""
+        agreed = torch.tensor([int(f) for f in flags])
         if distributed.use_cuda():
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            agreed = agreed.cuda()
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in agreed.tolist()]
 
     def _print(self, msg: str) -> None:
         if self.is_rank0:

@@ -231,8 +231,9 @@ def released(demo_data, tmp_path_factory):
     prefixes = demo_data["prefixes"]
     release = {"decay_steps": 4, "data": "replay"}
     plan = {
+        # a Llama (RMSNorm, SwiGLU): its LoRA updates export to Hugging Face
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
-                  "vocab_size": demo_data["vocab_size"]},
+                  "vocab_size": demo_data["vocab_size"], "normalization": "RMSNorm", "activation": "swiglu"},
         "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
         "data": {"corpora": [{"name": n, "prefix": prefixes[n]} for n in ("docs", "code_a", "c_headers")]},
         "checkpoint": {"save_interval": 0},
@@ -291,6 +292,30 @@ def test_lora_update_keeps_base_and_matches_trainer_eval(released):
     base = _weights(plan.train_config, Path(result["base_checkpoint"]))
     trained = _weights(plan.train_config, root / "adapt" / "lora" / "v2" / "checkpoints" / "iter_0000006")
     assert base.keys() == trained.keys() and all(torch.equal(base[k], trained[k]) for k in base)
+    _check_hf_export_of_update(plan, RunLayout(root).adapt("lora", "v2"), Path(result["base_checkpoint"]))
+
+
+def _check_hf_export_of_update(plan, update, base: Path) -> None:
+    """`lrpath hf export` of the update is base + adapter as one model: transformers loads every weight and
+    computes lrpath's logits of the base with the adapter loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from lrpath_megatron import cli
+    from test_hf import TOLERANCE, lrpath_logits
+
+    out = update.root / "exported"
+    assert cli.main(["hf", "export", str(update.root), "--out", str(out), "--no-progress"]) == 0
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokens = torch.randint(0, plan.train_config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model.eval()(tokens).logits
+    ours = lrpath_logits(plan.train_config, base, tokens, update.adapter)
+    without = lrpath_logits(plan.train_config, base, tokens)
+    diff = (theirs - ours).abs().max().item()
+    print(f"LoRA update export: max |logits diff| = {diff:.2e} (adapter moved them by "
+          f"{(ours - without).abs().max().item():.2e})")
+    assert diff <= TOLERANCE and (ours - without).abs().max().item() > 100 * TOLERANCE
 
 
 def test_conpet_static_carries_one_adapter_with_replay(released):

@@ -326,7 +326,7 @@ def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_mod
     texts = ["  Indented\tline\n<|sep|> and </s> <s> <pad> as text", "déjà vu 中 😀\n\n"]
     src = _write_jsonl(tmp_path / "in.jsonl", texts)
     args = ["data", "preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
-            str(small_model), "--workers", "1", "--no-progress"]
+            str(small_model), "--workers", "1", "--no-progress", "--backend", "exact"]
     assert cli.main(args + ["--tokenizer-type", "SentencePieceTokenizer"]) == 0
     ours = IndexedDataset(str(tmp_path / "out_text_document"))
     for kind in SENTENCEPIECE_TYPES:
@@ -336,11 +336,14 @@ def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_mod
         for i, text in enumerate(texts):
             assert ours[i].tolist() == theirs.tokenize(text) + [theirs.eod], kind
     capsys.readouterr()
-    for kind in ("GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer"):
+    for kind in ("GPT2BPETokenizer", "TikTokenizer"):
         with pytest.raises(SystemExit) as exc:  # a usage error, before any input is read
             cli.main(args + ["--tokenizer-type", kind])
         assert exc.value.code == 2
-        assert f"'{kind}' is not supported: preprocess tokenizes with the SentencePiece model" in capsys.readouterr().err
+        assert f"'{kind}' is not supported: preprocess reads a SentencePiece .model" in capsys.readouterr().err
+    # HuggingFaceTokenizer names a tokenizer.json: with a .model it would tokenize otherwise in Megatron-LM.
+    assert cli.main(args + ["--tokenizer-type", "HuggingFaceTokenizer", "--overwrite"]) == 2
+    assert "--tokenizer-type HuggingFaceTokenizer does not match --tokenizer-model" in capsys.readouterr().err
 
 
 def test_cli_end_to_end(tmp_path, capsys):

@@ -120,6 +120,27 @@ def _logits(model, tokens: torch.Tensor):
     return store[0] if parallel_state.is_pipeline_last_stage() else None
 
 
+def lrpath_logits(cfg, ckpt: Path, tokens: torch.Tensor, adapter: Path | None = None) -> torch.Tensor:
+    """Logits of checkpoint ``ckpt`` (with LoRA ``adapter`` loaded on it) in this process, one rank, as
+    lrpath evaluates it: the model built from ``cfg`` in its precision."""
+    from lrpath_megatron import checkpoint, distributed
+    from lrpath_megatron.adapters.lora import load_adapter
+    from lrpath_megatron.model import build_model, transformer_config, with_precision
+
+    cfg = replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
+                                        micro_batch_size=tokens.shape[0], global_batch_size=tokens.shape[0]))
+    distributed.initialize(cfg.parallel, cfg.seed)
+    try:
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        model = with_precision(build_model(cfg.model, cfg.parallel, cfg.precision, tcfg), tcfg)
+        checkpoint.load_model(ckpt, model)
+        if adapter is not None:
+            load_adapter(model, adapter, seed=cfg.seed)
+        return _logits(model, tokens)[..., :cfg.model.vocab_size].float()
+    finally:
+        distributed.shutdown()
+
+
 def _megatron_worker(rank: int, world: int, port: int, jobs: list, result_file: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LRPATH_DEVICE="cpu")
@@ -278,12 +299,13 @@ def test_import_records_the_model_and_the_tokenizer_goes_back_out(hf, tmp_path):
     out = tmp_path / "with_tokenizer"
     assert cli.main(["hf", "export", str(ckpt), "--out", str(out), "--no-progress"]) == 0
     assert AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == [1, 2]
+    # a real SentencePiece tokenizer goes out with a release in test_init_from; anything else is refused
     spm = tmp_path / "sp.model"
-    spm.write_bytes(b"sentencepiece model bytes")
+    spm.write_bytes(b"not a sentencepiece model")
     out = tmp_path / "with_spm"
     assert cli.main(["hf", "export", str(hf["qwen2"].ckpt), "--out", str(out), "--no-progress",
-                     "--tokenizer-model", str(spm)]) == 0
-    assert (out / "tokenizer.model").read_bytes() == spm.read_bytes()
+                     "--tokenizer-model", str(spm)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".with_spm.*"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -193,6 +193,52 @@ def test_local_dry_run_runs_merges_after_main(merge_plan_file, tmp_path, capsys)
     assert f"{tmp_path}/main/checkpoints/iter_0000020 " in lines[2]
 
 
+def test_releases_export_to_hugging_face_after_their_jobs(merge_plan_file, tmp_path, capsys):
+    """plan.export.hf: one CPU job per release after the job that writes it (the branch, the merge),
+    writing RUN/<version>/hf; locally, after the merges. The plan hash does not change."""
+    plan = yaml.safe_load(merge_plan_file.read_text())
+    plan["plan"]["export"] = {"hf": True, "tokenizer": "tok/spm.model"}
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    loaded = load_plan(plan_file)
+    assert loaded.plan_hash() == load_plan(merge_plan_file).plan_hash()
+    exports = [j for j in build_jobs(loaded.paths(), loaded.releases(), loaded.config.export) if j.kind == "export"]
+    assert [(j.key, j.path, j.end_step, j.after) for j in exports] == [
+        ("v2-hf", "v2", 60 + DECAY_STEPS, "v2"), ("v1-hf", "v1", 30, "v1")]
+
+    out, run = tmp_path / "out", tmp_path / "run"
+    assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["main.sbatch", "submit.sh", "v1-hf.sbatch", "v1.sbatch",
+                                                     "v2-hf.sbatch", "v2.sbatch"]
+    for script in out.iterdir():
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    submit = (out / "submit.sh").read_text()
+    for version in ("v1", "v2"):
+        assert (f"job_{version}_hf=$(sbatch --parsable --job-name=lrpath-{version}-hf "
+                f"--dependency=afterok:$job_{version} {version}-hf.sbatch)") in submit
+    script = (out / "v1-hf.sbatch").read_text()
+    opts = {line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")}
+    assert {"--job-name=lrpath-v1-hf", "--nodes=1", "--ntasks=1", f"--output={run}/v1/logs/slurm-%j.out"} <= opts
+    assert not any(o.startswith(("--gpus", "--ntasks-per-node", "--exclusive")) for o in opts)
+    assert (f"srun --ntasks=1 \\\n    lrpath hf export {run}/v1/checkpoints/iter_0000030 --out {run}/v1/hf "
+            f"--overwrite --no-progress --tokenizer-model tok/spm.model") in script
+
+    capsys.readouterr()
+    assert _launch(plan_file, "--local", "--run-dir", run, "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("lrpath_megatron.cli ")[1].split()[:2] for line in lines[2:]] == [
+        ["merge", f"{run}/main/checkpoints/iter_0000020"], ["hf", "export"], ["hf", "export"]]
+    assert lines[3].endswith(f"export {run}/v2/checkpoints/iter_{60 + DECAY_STEPS:07d} --out {run}/v2/hf "
+                             f"--overwrite --no-progress --tokenizer-model tok/spm.model")
+
+    from lrpath_megatron.config import ConfigError
+    from lrpath_megatron.plan import Plan
+
+    plan["plan"]["export"] = {"tokenizer": "tok/spm.model"}
+    with pytest.raises(ConfigError, match="plan.export.tokenizer goes with the Hugging Face exports"):
+        Plan.from_dict(plan)
+
+
 def test_rendered_scripts(plan_file, tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
     assert _launch(plan_file, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out,

@@ -252,6 +252,15 @@ def test_written_defaults_and_stable_fraction_on_decay_shapes_are_accepted():
         assert v1.lr(79) == 1e-3 > v1.lr_at_step(81) and v1.fork_step == 80
 
 
+@pytest.mark.parametrize("name, digest", [("demo_plan", "4569922f989a1775"), ("paper_4versions", "d8bfbd6c2a58c01c"),
+                                           ("paper_4versions_knee", "685688656c73c959"),
+                                           ("paper_4versions_multistep", "a70004daae7d4a41")])
+def test_shipped_plans_keep_their_hash(name, digest):
+    # Run directories record the plan hash and refuse a changed plan: a new setting left at its default must not
+    # change the hash of plans written before it, or every existing run would refuse to resume.
+    assert load_plan(EXAMPLES / f"{name}.yaml").plan_hash() == digest
+
+
 def test_load_plan_prefixes_the_file_and_applies_overrides(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(tiny()))

@@ -40,6 +40,16 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(config, reference, tmp_
     assert losses(tmp_path) == reference  # exact float equality, every step
 
 
+def test_a_corpus_in_three_shards_trains_and_resumes_to_the_losses_of_one_file(demo_data, reference, tmp_path):
+    from test_corpus_shards import split_into_shards
+
+    shards = split_into_shards(demo_data["prefixes"]["docs"], tmp_path / "docs", 3)
+    config = tiny_config(dict(demo_data, prefixes={**demo_data["prefixes"], "docs": shards}), tmp_path / "c.yaml")
+    run_lrpath(["train", str(config), "--run-dir", str(tmp_path), "--stop-at-step", "17"])
+    assert "resumed at step 17" in run_lrpath(["train", str(config), "--run-dir", str(tmp_path)]).stdout
+    assert losses(tmp_path) == reference  # the same samples as one file: exact float equality, every step
+
+
 @pytest.fixture(scope="module")
 def initial(config, tmp_path_factory) -> Path:
     """Step-0 weights saved at TP=PP=DP=1: every layout starts from the same parameters."""
@@ -97,7 +107,14 @@ def test_resharding_tp2_to_tp1_and_pp1_to_pp2(config, initial, single, tmp_path)
     (["parallel.tensor_parallel=4"], 2, "world size 2 is not divisible by"),
     (["model.activation=relu"], 1, "model.activation='relu' is not one of"),
     (["model.hidden_sise=32"], 1, "unknown key model.hidden_sise"),
-], ids=["heads-hidden", "tp-heads", "world-tp-pp", "bad-choice", "typo"])
+    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2", "parallel.global_batch_size=6"], 2,
+     "(global_batch_size / (micro_batch_size * data_parallel) = 3) that is a multiple of parallel.pipeline_parallel=2"),
+    (["parallel.context_parallel=2"], 1, "parallel.context_parallel needs megatron-core's Transformer Engine layers on "
+                                         "GPU, but Transformer Engine is not importable; install the [te] extra"),
+    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"], 2,
+     "parallel.sequence_parallel needs megatron-core's Transformer Engine layers"),
+], ids=["heads-hidden", "tp-heads", "world-tp-pp", "bad-choice", "typo", "vpp-microbatches",
+        "cp-without-te", "sp-without-te"])
 def test_bad_config_fails_with_one_clear_message(config, tmp_path, overrides, nproc, message):
     args = ["train", str(config), "--run-dir", str(tmp_path / "run")]
     for item in overrides:
@@ -209,3 +226,35 @@ def test_bf16_holds_every_parameter_in_bf16_and_resumes_bitwise(config, referenc
     run_lrpath(["eval", str(config), str(whole / "checkpoints" / "iter_0000008"), "--json", str(out), *sets[:2]])
     assert json.loads(out.read_text())[str(whole / "checkpoints" / "iter_0000008")]["val_loss"] == \
         pytest.approx(logged["val_loss"], abs=1e-6)
+
+
+VPP = ["--set", "parallel.pipeline_parallel=2", "--set", "parallel.virtual_pipeline=2"]
+
+
+def test_interleaved_pipeline_matches_single_process_and_reshards(config, initial, single, tmp_path):
+    """megatron-core's interleaved schedule (PP=2, two chunks of one layer per stage): at DP=2 on four
+    processes over all steps, a checkpoint it saved resumed at one process without interleaving, and that
+    one resumed interleaved at DP=1; every loss as the single-process run. `lrpath eval` at one process
+    reads its last checkpoint and gets the validation loss the interleaved run logged."""
+    vpp = _from_initial(initial, tmp_path / "vpp")
+    run_lrpath(["train", str(config), "--run-dir", str(vpp), "--stop-at-step", str(LAYOUT_STEPS), *VPP,
+                "--set", "checkpoint.save_interval=3", "--set", f"logging.eval_interval={LAYOUT_STEPS}"], nproc=4)
+    got = losses(vpp)
+    assert sorted(got) == list(range(LAYOUT_STEPS))
+    for step in single:
+        assert got[step] == pytest.approx(single[step], abs=1e-5), step
+    mixed = tmp_path / "mixed" / "checkpoints"
+    mixed.mkdir(parents=True)
+    shutil.copytree(vpp / "checkpoints" / "iter_0000003", mixed / "iter_0000003")
+    (mixed / "latest").write_text("iter_0000003")
+    common = ["train", str(config), "--run-dir", str(mixed.parent)]
+    assert "resumed at step 3" in run_lrpath([*common, "--stop-at-step", "4"]).stdout
+    assert "resumed at step 4" in run_lrpath([*common, "--stop-at-step", str(LAYOUT_STEPS), *VPP], nproc=2).stdout
+    got = losses(mixed.parent)
+    assert sorted(got) == [3, 4, 5]
+    for step in got:
+        assert got[step] == pytest.approx(single[step], abs=1e-5), step
+    last = vpp / "checkpoints" / "iter_0000006"
+    run_lrpath(["eval", str(config), str(last), "--json", str(tmp_path / "eval.json")])
+    logged = json.loads((vpp / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert json.loads((tmp_path / "eval.json").read_text())[str(last)]["val_loss"] == pytest.approx(logged, abs=1e-6)

@@ -70,14 +70,22 @@ class Method:
 
 # ------------------------------------------------------------------------------------------ the methods
 def build_methods(fractions: list[float], shapes: list[str], branch_data: list[str], merge_weights: str,
-                  merge_checkpoints: int, mains: list[str], steps_per_version: int) -> list[Method]:
+                  merge_checkpoints: int, mains: list[str], steps_per_version: int,
+                  decays: tuple = ("fixed",)) -> list[Method]:
+    """``decays``: ``fixed`` (one method per fraction) and/or ``auto`` (decay_steps: auto, the release forecast
+    choosing between 10% of a version and the largest fraction: the same ceiling as the longest fixed decay)."""
     methods = [Method("ptfs", "ptfs"), Method("cpt", "cpt")]
+    bounds = [max(2, round(0.1 * steps_per_version)), round(max(fractions) * steps_per_version)]
     for main in mains:
         for shape in shapes:
             for data in branch_data:
-                for f in fractions:
+                for f in fractions if "fixed" in decays else ():
                     release = {"method": "decay", "shape": shape, "decay_fraction": f, "data": data}
                     methods.append(Method(f"switch/{main}-main/{shape}-{data}-{f:g}", "switch", main, release))
+                if "auto" in decays:
+                    release = {"method": "decay", "shape": shape, "decay_steps": "auto", "decay_bounds": bounds,
+                               "data": data}
+                    methods.append(Method(f"switch/{main}-main/{shape}-{data}-auto", "switch", main, release))
         for f in fractions:
             window = max(merge_checkpoints - 1, round(f * steps_per_version))
             release = {"method": "merge", "merge": {"num_checkpoints": merge_checkpoints, "weights": merge_weights,
@@ -159,7 +167,7 @@ class Benchmark:
         self.spv = args.steps_per_version
         self.replay = {"new": 0.0, "replay": args.replay}
         self.methods = build_methods(args.fractions, args.shapes, args.branch_data, args.merge_weights,
-                                     args.merge_checkpoints, args.mains, self.spv)
+                                     args.merge_checkpoints, args.mains, self.spv, args.decay)
         if args.only:
             self.methods = [m for m in self.methods if m.kind in ("ptfs", "cpt") or m.name in args.only]
         self.plans: dict[str, Path] = {}
@@ -249,8 +257,12 @@ class Benchmark:
             return [layout.checkpoint(f"{m.kind}/{v.name}", v.end_step) for v in versions]
         if m.kind == "main":
             return [RunLayout(self.run / "mains" / m.main).checkpoint("main", v.end_step) for v in versions]
-        plan, layout = self.loaded[m.slug], RunLayout(self.run / "switch" / m.slug)
+        plan, layout = self.as_trained(m), RunLayout(self.run / "switch" / m.slug)
         return [layout.checkpoint(v.name, v.branch_end) for v in plan.versions]
+
+    def as_trained(self, m: Method):
+        """The plan of a switch method with the decay lengths its decay_steps: auto branches chose."""
+        return self.loaded[m.slug].with_choices(self.run / "switch" / m.slug)
 
     def evaluate(self) -> dict:
         """{method: {version: lrpath eval result}}; one `lrpath eval` over the checkpoints not evaluated yet
@@ -281,7 +293,7 @@ class Benchmark:
         elif m.kind == "main":
             cumulative = [v.end_step * base["tokens_per_step"] for v in self.loaded["baselines"].versions]
         else:
-            cumulative = [r["cumulative_tokens"] for r in self.loaded[m.slug].costs()["versions"]]
+            cumulative = [r["cumulative_tokens"] for r in self.as_trained(m).costs()["versions"]]
         return cumulative, base["ptfs_tokens"]
 
 
@@ -456,6 +468,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.6],
                    help="release lengths as fractions of a version's steps (branch decay, merge window)")
     p.add_argument("--shapes", type=lambda s: s.split(","), default=["cosine"], help="branch decay shapes")
+    p.add_argument("--decay", type=lambda s: tuple(s.split(",")), default=("fixed",),
+                   help="fixed (a decay per --fractions), auto (decay_steps: auto, the release forecast choosing up "
+                        "to the largest fraction) or fixed,auto side by side; auto needs validation losses on the "
+                        "main path: logging.eval_interval is set to a tenth of a version if the plan has none")
     p.add_argument("--branch-data", type=lambda s: s.split(","),
                    help="branch data: tail, replay, lrmix (default: all on cpu, tail,replay on gpu)")
     p.add_argument("--mains", type=lambda s: s.split(","), default=["new", "replay"], help="main-path variants")
@@ -474,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.plan = args.plan or size["plan"]
     args.data = args.data or size["data"]
     args.branch_data = args.branch_data or size["branch_data"]
+    if set(args.decay) - {"fixed", "auto"}:
+        p.error(f"--decay {','.join(args.decay)}: choose from fixed, auto")
     bad = set(args.branch_data) - {"tail", "replay", "lrmix"}
     if bad:
         p.error(f"--branch-data {','.join(sorted(bad))}: choose from tail, replay, lrmix")
@@ -490,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     template = read_yaml(args.plan)
     apply_overrides(template, args.overrides)
+    if "auto" in args.decay and not template.get("logging", {}).get("eval_interval"):
+        # The forecast reads the main path's validation losses (not hashed: the main path trains the same).
+        template.setdefault("logging", {})["eval_interval"] = max(1, args.steps_per_version // 10)
     args.eval_batches = args.eval_batches or template.get("logging", {}).get("eval_batches", 4)
     vocab = template["model"]["vocab_size"]
     data = (increments.demo_increments(args.data_dir, vocab) if args.data == "demo" else

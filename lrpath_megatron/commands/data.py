@@ -2,7 +2,7 @@
 :mod:`lrpath_megatron.data_tools`.
 
 Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning; ``--tokenizer-type``
-is accepted for its command lines only (see :data:`SENTENCEPIECE_TYPES`).
+is accepted for its command lines only (see :data:`TOKENIZER_TYPES`).
 """
 from __future__ import annotations
 
@@ -22,14 +22,42 @@ from lrpath_megatron.errors import LrpathError
 # SentencePiece tokenizer for these types: ids of the model as is, EOD = its eos id. That is what preprocess
 # does, so the flag only keeps Megatron-LM command lines working; other types are not SentencePiece models.
 SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+# Its HuggingFaceTokenizer: a tokenizer.json (or a directory holding one), EOD = the tokenizer's eos.
+HF_TYPE = "HuggingFaceTokenizer"
+TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, HF_TYPE)
 
 
 def _tokenizer_type(value: str) -> str:
-    if value not in SENTENCEPIECE_TYPES:
+    if value not in TOKENIZER_TYPES:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not supported: preprocess tokenizes with the SentencePiece model of --tokenizer-model "
-            f"only; accepted for Megatron-LM compatibility: {', '.join(SENTENCEPIECE_TYPES)} (all the same here)")
+            f"{value!r} is not supported: preprocess reads a SentencePiece .model or a Hugging Face tokenizer.json "
+            f"(--tokenizer-model); accepted for Megatron-LM compatibility: {', '.join(TOKENIZER_TYPES)}")
     return value
+
+
+def check_tokenizer_type(tokenizer_type: str | None, model: str) -> None:
+    """The type must name the kind of file --tokenizer-model is (a Megatron-LM command line that mixes them
+    would tokenize differently there)."""
+    is_hf = os.path.isdir(model) or model.endswith(".json")
+    if tokenizer_type and (tokenizer_type == HF_TYPE) != is_hf:
+        raise ConfigError(f"--tokenizer-type {tokenizer_type} does not match --tokenizer-model {model}: use "
+                          f"{HF_TYPE} with a tokenizer.json (or its directory), a SentencePiece type with a .model")
+
+
+def _verify(value: str) -> int:
+    if value == "all":
+        return -1
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of documents or 'all'")
+    return int(value)
+
+
+def _slurm_task() -> tuple[int, int]:
+    """(index, count) of this task of a SLURM array job; (0, 1) outside one."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return 0, 1
+    return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
 
 
 def register(sub) -> None:
@@ -57,11 +85,30 @@ def register(sub) -> None:
     pp = cmds.add_parser("preprocess", help="JSONL (.gz, globs) or text -> {output-prefix}_{key}_document.bin/.idx")
     _inputs(pp)
     pp.add_argument("--output-prefix", required=True)
-    pp.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
-    pp.add_argument("--tokenizer-type", type=_tokenizer_type, metavar="{" + ",".join(SENTENCEPIECE_TYPES) + "}",
-                    help="optional; accepted so Megatron-LM command lines run unchanged, and changes nothing: "
-                         "Megatron-LM's preprocess_data.py (megatron-core 0.16.1) tokenizes the same way for all "
-                         "three (the --tokenizer-model ids as is, EOD = its eos id). Other types are refused")
+    pp.add_argument("--tokenizer-model", required=True,
+                    help="SentencePiece .model, or a Hugging Face tokenizer.json (or a directory holding one)")
+    pp.add_argument("--tokenizer-type", type=_tokenizer_type, metavar="{" + ",".join(TOKENIZER_TYPES) + "}",
+                    help="optional; accepted so Megatron-LM command lines run unchanged: must match the kind of "
+                         "--tokenizer-model. The three SentencePiece types tokenize alike in Megatron-LM's "
+                         "preprocess_data.py (megatron-core 0.16.1): the model's ids as is, EOD = its eos id")
+    pp.add_argument("--eod-token", help="text of the EOD token (default: the tokenizer's eos; for a tokenizer.json, "
+                                        "the eos_token of the tokenizer_config.json next to it)")
+    pp.add_argument("--backend", choices=["exact", "fast", "auto"], default="auto",
+                    help="exact: sentencepiece / tokenizers (the reference); fast: gigatoken (extra 'fast'); "
+                         "auto: fast when installed")
+    pp.add_argument("--verify", type=_verify, default=0, metavar="N|all",
+                    help="fast backend: re-encode N sampled documents with the exact backend and report the "
+                         "mismatch rate; 'all' checks every document and fails on any difference")
+    pp.add_argument("--sharded", action="store_true",
+                    help="one output shard per input file: {output-prefix}_{key}_document_FFFFF_PPPPP; a rerun "
+                         "keeps complete shards (checksummed) and rebuilds the rest")
+    pp.add_argument("--shard-tokens", type=int, default=0,
+                    help="sharded output, a new shard after a document brings one to this many tokens")
+    task = _slurm_task()
+    pp.add_argument("--task-index", type=int, default=task[0],
+                    help="sharded output: this task makes the shards of input files i with i %% task-count == "
+                         "task-index (default: from SLURM_ARRAY_TASK_ID)")
+    pp.add_argument("--task-count", type=int, default=task[1], help="default: SLURM_ARRAY_TASK_COUNT, else 1")
     pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     pp.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                     help="append the EOD (eos) id after every document (default on)")
@@ -77,7 +124,8 @@ def register(sub) -> None:
     pp.set_defaults(func=_preprocess)
 
     i = cmds.add_parser("inspect", help="documents, tokens, length histogram, held-out split, decoded samples")
-    i.add_argument("prefix", help="dataset path prefix (without .bin/.idx)")
+    i.add_argument("prefix", nargs="+", help="dataset path prefix (without .bin/.idx); a quoted glob or several "
+                   "prefixes: the shards of one corpus, reported as one with a line per shard")
     i.add_argument("--tokenizer-model", help="decode samples with this model")
     i.add_argument("--valid-fraction", type=float, help="report the held-out documents (megatron-core split)")
     i.add_argument("--samples", type=int, default=1)
@@ -103,7 +151,8 @@ def register(sub) -> None:
 
 def _inputs(p) -> None:
     p.add_argument("--input", nargs="+", required=True,
-                   help="files or globs: JSONL (.gz ok) or .txt (one document per line)")
+                   help="files, directories or globs: JSONL (.gz, .zst), Parquet (the --json-keys columns) or "
+                        ".txt (one document per line)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the documents")
     p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
                    help="auto: .txt/.txt.gz are text, anything else JSONL")
@@ -135,17 +184,23 @@ def _train_tokenizer(args) -> int:
 def _preprocess(args) -> int:
     from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
 
+    check_tokenizer_type(args.tokenizer_type, args.tokenizer_model)
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
                            json_keys=args.json_keys, workers=args.workers, append_eod=args.append_eod,
                            on_error=args.on_error, max_doc_chars=args.max_doc_chars, input_format=args.input_format,
-                           chunk_bytes=args.chunk_bytes, progress=args.progress, overwrite=args.overwrite)
+                           chunk_bytes=args.chunk_bytes, progress=args.progress, overwrite=args.overwrite,
+                           backend=args.backend, eod_token=args.eod_token, verify=args.verify, sharded=args.sharded,
+                           shard_tokens=args.shard_tokens, task_index=args.task_index, task_count=args.task_count)
     # SIGTERM (scancel, timeout) unwinds like Ctrl-C, so temporary and partial files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     summary = preprocess(cfg)
     print(summary.format())
     if args.summary_json:
         data = asdict(summary) | {"problems": [str(p) for p in summary.problems],
-                                  "tokens_per_second": summary.tokens_per_second}
+                                  "tokens_per_second": summary.tokens_per_second,
+                                  "verification": asdict(summary.verification)
+                                  | {"rate": summary.verification.rate,
+                                     "examples": [str(m) for m in summary.verification.examples]}}
         with open(args.summary_json, "w") as f:
             json.dump(data, f, indent=2)
     return 0
@@ -154,7 +209,8 @@ def _preprocess(args) -> int:
 def _inspect(args) -> int:
     from lrpath_megatron.data_tools.inspect_data import inspect_dataset
 
-    report = inspect_dataset(args.prefix, args.tokenizer_model, args.valid_fraction, args.samples, args.max_chars,
+    prefix = args.prefix[0] if len(args.prefix) == 1 else args.prefix
+    report = inspect_dataset(prefix, args.tokenizer_model, args.valid_fraction, args.samples, args.max_chars,
                              args.seed)
     print(json.dumps(asdict(report), indent=2) if args.json else report.format())
     return 0

@@ -27,4 +27,7 @@ def run(args) -> int:
     plan.check_data()
     run_local(plan_commands(plan, DEMO_PLAN, [], run_dir, args.nproc_per_node))
     print(format_status(run_status(plan, run_dir)))
+    from lrpath_megatron.report import write_report
+
+    print(f"\nreport (one HTML page): {write_report(plan, run_dir, run_dir / 'report.html')}")
     return 0

@@ -28,18 +28,22 @@ def register(sub) -> None:
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     imp.set_defaults(func=run_import)
 
-    exp = hf_sub.add_parser("export", help="an lrpath checkpoint (any TP/PP, merge, import) to an HF directory",
+    exp = hf_sub.add_parser("export", help="an lrpath checkpoint (any TP/PP, merge, import) or LoRA update to an "
+                                           "HF directory",
                             description="Writes config.json, generation_config.json, safetensors weights (sharded "
                                         "past --max-shard-size, with an index) and the tokenizer files of an "
-                                        "imported model, for transformers, lm-evaluation-harness or vLLM.")
-    exp.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory with manifest.json and model/")
+                                        "imported model, for transformers, lm-evaluation-harness or vLLM. A LoRA "
+                                        "update is merged into its base.")
+    exp.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory with manifest.json and model/, or a "
+                                                        "LoRA update (RUN/adapt/<method>/<version> or its adapter/)")
     exp.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
     exp.add_argument("--overwrite", action="store_true",
                      help="replace HF_DIR if it exists (once the new one is complete)")
     exp.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                      help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     exp.add_argument("--tokenizer-model", metavar="FILE.model",
-                     help="a SentencePiece model (from `lrpath data train-tokenizer`) to ship as tokenizer.model")
+                     help="the SentencePiece model the data was tokenized with (`lrpath data train-tokenizer`), "
+                          "shipped as tokenizer.model + tokenizer_config.json")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.set_defaults(func=run_export)
 

@@ -73,6 +73,7 @@ def run(args) -> int:
     for job in rendered.jobs:
         after = f" after {job.after}" if job.after else ""
         what = f"merge of main steps {', '.join(map(str, job.merge.steps))}" if job.merge else \
+            f"Hugging Face export of release {job.path}" if job.export else \
             f"path {job.path} steps {job.start_step}..{job.end_step}"
         print(f"  job {job.key}: {what}{after}")
     if not args.submit:

@@ -29,4 +29,7 @@ def run(args) -> int:
                           f"or pass the --run-dir it was trained in")
     status = run_status(plan, run_dir)
     print(to_json(status) if args.json else format_status(status))
+    if not args.json:
+        print(f"\nforecast of pending releases: lrpath forecast {args.plan} --run-dir {run_dir}\n"
+              f"report (one HTML page): lrpath report {args.plan} --run-dir {run_dir} --out {run_dir / 'report.html'}")
     return 0

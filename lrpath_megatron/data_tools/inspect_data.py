@@ -1,4 +1,8 @@
-"""What a .bin/.idx dataset holds: documents, tokens, a length histogram, the held-out split, decoded samples."""
+"""What a .bin/.idx dataset holds: documents, tokens, a length histogram, the held-out split, decoded samples.
+
+A corpus of several shards (a glob or a list of prefixes, as ``data.corpora[].prefix`` takes them) is
+reported as the one dataset training reads (:mod:`lrpath_megatron.corpus_shards`): totals, held-out split
+and samples over all shards, and one line per shard."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lrpath_megatron.corpus_shards import open_shards
 from lrpath_megatron.data import split_string
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.indexed import open_indexed
 
 
 def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
@@ -29,7 +33,7 @@ def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
 
 @dataclass
 class InspectReport:
-    prefix: str
+    prefix: str | list  # as given: a prefix, a glob, or a list of them
     dtype: str
     documents: int
     tokens: int
@@ -40,11 +44,17 @@ class InspectReport:
     histogram: list  # (low, high, count): document lengths in [low, high), power-of-two buckets
     held_out: dict  # {"valid_fraction", "first_doc", "end_doc", "documents", "tokens"} or {}
     samples: list = field(default_factory=list)  # (document index, n tokens, decoded text)
+    shards: list = field(default_factory=list)  # {"prefix", "documents", "tokens"} per shard, in corpus order
 
     def format(self) -> str:
-        out = [f"{self.prefix}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype})",
-               f"document length: min {self.min_len}, median {self.median_len:.0f}, mean {self.mean_len:.1f}, "
-               f"max {self.max_len}"]
+        name = self.prefix if isinstance(self.prefix, str) else " ".join(self.prefix)
+        count = f", {len(self.shards)} shards" if len(self.shards) > 1 else ""
+        out = [f"{name}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}){count}"]
+        if len(self.shards) > 1:
+            out += [f"  shard {i}: {s['prefix']}: {s['documents']:,} documents, {s['tokens']:,} tokens"
+                    for i, s in enumerate(self.shards)]
+        out.append(f"document length: min {self.min_len}, median {self.median_len:.0f}, mean {self.mean_len:.1f}, "
+                   f"max {self.max_len}")
         peak = max((c for _, _, c in self.histogram), default=1)
         for low, high, count in self.histogram:
             out.append(f"  [{low:>9}, {high:>9}) {count:>8}  {'#' * max(1 if count else 0, 40 * count // peak)}")
@@ -58,10 +68,13 @@ class InspectReport:
         return "\n".join(out)
 
 
-def inspect_dataset(prefix: str | Path, tokenizer_model: str | None = None, valid_fraction: float | None = None,
-                    samples: int = 1, max_chars: int = 400, seed: int = 0) -> InspectReport:
-    """Summarise a dataset; with a tokenizer, decode ``samples`` documents drawn with ``seed``."""
-    ds = open_indexed(str(prefix))
+def inspect_dataset(prefix: str | Path | list, tokenizer_model: str | None = None,
+                    valid_fraction: float | None = None, samples: int = 1, max_chars: int = 400,
+                    seed: int = 0) -> InspectReport:
+    """Summarise a dataset (or the shards of one corpus); with a tokenizer, decode ``samples`` documents
+    drawn with ``seed``."""
+    prefix = str(prefix) if isinstance(prefix, Path) else prefix
+    ds = open_shards(prefix, "")
     doc_idx = ds.document_indices
     lengths = np.add.reduceat(ds.sequence_lengths.astype(np.int64), doc_idx[:-1]) if len(ds) else np.zeros(0)
     # Documents made of one sequence each (the preprocessing here) make this the same as sequence_lengths.
@@ -89,7 +102,7 @@ def inspect_dataset(prefix: str | Path, tokenizer_model: str | None = None, vali
                 [ds[j] for j in range(doc_idx[i], doc_idx[i + 1])])
             text = tok.decode(ids[:-1] if len(ids) and ids[-1] == tok.eod_id else ids)
             shown.append((i, int(len(ids)), text if len(text) <= max_chars else text[:max_chars] + " [...]"))
-    return InspectReport(str(prefix), np.dtype(ds.index.dtype).name, n_docs, tokens,
+    return InspectReport(prefix, ds.dtype.name, n_docs, tokens,
                          int(lengths.min()) if n_docs else 0, float(np.median(lengths)) if n_docs else 0.0,
                          float(lengths.mean()) if n_docs else 0.0, int(lengths.max()) if n_docs else 0,
-                         histogram, held, shown)
+                         histogram, held, shown, ds.identity())

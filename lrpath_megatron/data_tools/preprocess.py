@@ -2,19 +2,20 @@
 
 Output names follow Megatron-LM's ``tools/preprocess_data.py``: ``{output_prefix}_{key}_document.bin/.idx``.
 Each worker tokenizes whole work units (see :mod:`lrpath_megatron.data_tools.inputs`) into its own small
-.bin/.idx with megatron-core's ``IndexedDatasetBuilder``; the main process appends them in unit order with
-``IndexedDatasetBuilder.add_index`` into ``*.tmp-PID.bin/.idx`` and renames those only when complete.
+.bin/.idx (:mod:`indexed_writer`, megatron-core's format byte for byte); the main process appends them in
+unit order into ``*.tmp-PID.bin/.idx`` and renames those only when complete, then writes the sidecar
+(:mod:`corpus_meta`). ``--backend``: :mod:`encoders`; sharded, resumable output: :mod:`shards`.
 
 Long documents: the text of one document is held in memory once and encoded in ~64 K-character pieces
-(see :meth:`Tokenizer.encode`), so a 50 MB document costs ~50 MB plus its token array. Documents over
+(exact SentencePiece backend, see :meth:`Tokenizer.encode`), so a 50 MB document costs ~50 MB plus its token array. Documents over
 ``max_doc_chars`` (0 = no limit) are reported and skipped/refused like any other bad input.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing as mp
 import os
+import random
 import shutil
 import signal
 import threading
@@ -29,7 +30,9 @@ from tqdm import tqdm
 
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.data_tools import inputs as inp
-from lrpath_megatron.data_tools.tokenizer import Tokenizer
+from lrpath_megatron.data_tools.corpus_meta import file_checksums, write_meta
+from lrpath_megatron.data_tools.encoders import Encoder
+from lrpath_megatron.data_tools.indexed_writer import DatasetWriter, optimal_dtype
 from lrpath_megatron.errors import LrpathError
 
 
@@ -48,6 +51,13 @@ class PreprocessConfig:
     progress: bool = True
     overwrite: bool = False  # replace existing output files (else refuse before reading any input)
     max_listed: int = 10  # problems listed per kind in the summary (all are counted)
+    backend: str = "exact"  # exact | fast | auto (see encoders); the CLI defaults to auto
+    eod_token: str | None = None  # the EOD token's text; default: the tokenizer's eos
+    verify: int = 0  # fast backend: re-encode this many sampled documents with the exact one; -1 = all
+    shard_tokens: int = 0  # sharded output: a new shard after a document brings one to this many tokens
+    sharded: bool = False  # one output shard (or more, with shard_tokens) per input file; resumable
+    task_index: int = 0  # this task's share of the input files (file i goes to task i % task_count)
+    task_count: int = 1
 
     def validate(self) -> None:
         if not self.inputs:
@@ -62,6 +72,48 @@ class PreprocessConfig:
             raise ConfigError(f"--input-format={self.input_format!r}: choose auto, jsonl or text")
         if self.workers < 1 or self.chunk_bytes < 1 or self.max_doc_chars < 0:
             raise ConfigError("--workers and --chunk-bytes must be >= 1, --max-doc-chars >= 0")
+        if self.verify < -1 or self.shard_tokens < 0:
+            raise ConfigError("--verify takes a count or 'all'; --shard-tokens must be >= 0")
+        if not 0 <= self.task_index < self.task_count:
+            raise ConfigError(f"--task-index {self.task_index} must be in [0, --task-count {self.task_count})")
+        if self.task_count > 1 and not self.is_sharded:
+            raise ConfigError("--task-count > 1 splits input files into shards: add --sharded or --shard-tokens")
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.sharded or self.shard_tokens > 0
+
+
+@dataclass
+class Mismatch:
+    """A document the fast backend encoded differently from the exact one."""
+
+    path: str
+    line: int
+    key: str
+    position: int  # first differing token
+    fast: list  # pieces from there on (a few)
+    exact: list
+
+    def __str__(self) -> str:
+        return (f"{self.path}:{self.line} {self.key!r} token {self.position}: fast {self.fast} != "
+                f"exact {self.exact}")
+
+
+@dataclass
+class Verification:
+    documents: int = 0  # documents re-encoded with the exact backend
+    differing: int = 0
+    examples: list = field(default_factory=list)  # the first few Mismatch
+
+    def merge(self, other: "Verification", max_listed: int) -> None:
+        self.documents += other.documents
+        self.differing += other.differing
+        self.examples += other.examples[:max(0, max_listed - len(self.examples))]
+
+    @property
+    def rate(self) -> float:
+        return self.differing / self.documents if self.documents else 0.0
 
 
 @dataclass
@@ -72,7 +124,9 @@ class UnitResult:
     documents: int
     tokens: dict  # key -> tokens written (EOD included)
     problems: list  # Problem, lines relative to the unit
-    partials: dict  # key -> partial dataset prefix
+    partials: dict  # key -> partial dataset prefix (sharded runs: {})
+    verification: Verification = field(default_factory=Verification)
+    shards: tuple = (0, 0)  # sharded runs: (shards written, complete shards kept)
 
 
 @dataclass
@@ -85,6 +139,9 @@ class Summary:
     outputs: dict  # key -> dataset prefix
     dtype: str
     seconds: float
+    backend: str = "exact"
+    verification: Verification = field(default_factory=Verification)
+    shards: tuple = (0, 0)  # (shards written, complete shards kept from an earlier run)
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,7 +150,15 @@ class Summary:
     def format(self) -> str:
         lines = [f"{self.documents} documents from {self.files} files in {self.seconds:.1f} s "
                  f"({self.tokens_per_second:,.0f} tokens/s), dtype {self.dtype}"]
-        lines += [f"  {key}: {n:,} tokens -> {self.outputs[key]}.bin/.idx" for key, n in self.tokens.items()]
+        lines += [f"  {key}: {n:,} tokens -> {self.outputs[key]}{'_*' if any(self.shards) else ''}.bin/.idx"
+                  for key, n in self.tokens.items()]
+        if any(self.shards):
+            lines.append(f"shards: {self.shards[0]} written, {self.shards[1]} complete from an earlier run kept")
+        v = self.verification
+        lines.append(f"backend: {self.backend}" + (
+            f"; verified {v.documents:,} documents with the exact backend: {v.differing} differ ({v.rate:.3%})"
+            if v.documents else ("" if self.backend == "exact" else "; not verified (--verify N)")))
+        lines += [f"  {m}" for m in v.examples]
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{k}={n}" for k, n in sorted(self.skipped.items())))
             lines += [f"  {p}" for p in self.problems]
@@ -126,82 +191,173 @@ class _Progress:
 _WORKER: dict = {}  # per-process state set by _init_worker
 
 
-def _init_worker(cfg: PreprocessConfig, dtype: type, partial_dir: str, sink: Callable[[tuple], None]) -> None:
+def _init_worker(cfg: PreprocessConfig, encoder: Encoder, dtype: type, partial_dir: str, total_bytes: int,
+                 sink: Callable[[tuple], None]) -> None:
     if mp.parent_process() is not None:  # a pool worker: the pool's terminate() must simply end it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # see _run_units
-    _WORKER.update(cfg=cfg, dtype=dtype, partial_dir=partial_dir, tokenizer=Tokenizer(cfg.tokenizer_model),
-                   progress=_Progress(sink))
+    _WORKER.update(cfg=cfg, dtype=dtype, partial_dir=partial_dir, total_bytes=total_bytes, progress=_Progress(sink),
+                   encoder=encoder)  # loaded once by the main process, inherited by forked workers
 
 
-def _encode_fields(fields: dict, cfg: PreprocessConfig, tok: Tokenizer, report) -> dict | None:
-    encoded = {}
-    for key, text in fields.items():
-        if cfg.max_doc_chars and len(text) > cfg.max_doc_chars:
-            report(inp.TOO_LONG, f"{key!r} has {len(text):,} characters > --max-doc-chars={cfg.max_doc_chars:,}")
-            return None
-        if not text or text.isspace():  # (no stripped copy of a possibly huge text)
-            report(inp.EMPTY_DOCUMENT, f"{key!r} is empty or whitespace only")
-            return None
-        try:
-            ids = tok.encode(text)
-        except (UnicodeEncodeError, TypeError):  # sentencepiece's answer to lone surrogates (JSON "\\ud800")
-            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), -1)
-            report(inp.INVALID_UTF8, f"{key!r} has an unpaired surrogate at character {at}, not encodable as UTF-8")
-            return None
-        encoded[key] = np.append(ids, tok.eod_id) if cfg.append_eod else ids
-    return encoded
+BATCH_CHARS = 4 << 20  # characters encoded per backend call: large enough for the fast backend's batching
+SHOWN_PIECES = 6  # pieces around the first difference in a mismatch example
 
 
-def process_unit(unit: inp.WorkUnit) -> UnitResult:
-    """Tokenize one unit into partial datasets (one per key). Runs in a worker (or in-process)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+def _check_text(key: str, text: str, cfg: PreprocessConfig, report) -> bool:
+    if cfg.max_doc_chars and len(text) > cfg.max_doc_chars:
+        report(inp.TOO_LONG, f"{key!r} has {len(text):,} characters > --max-doc-chars={cfg.max_doc_chars:,}")
+        return False
+    if not text or text.isspace():  # (no stripped copy of a possibly huge text)
+        report(inp.EMPTY_DOCUMENT, f"{key!r} is empty or whitespace only")
+        return False
+    return True
 
-    cfg, tok, progress = _WORKER["cfg"], _WORKER["tokenizer"], _WORKER["progress"]
+
+def compare(enc: Encoder, path: str, line: int, key: str, text: str, fast: np.ndarray) -> Mismatch | None:
+    """The first difference between ``fast`` and the exact backend's ids of ``text`` (None if equal)."""
+    exact = enc.encode_exact(text)
+    if np.array_equal(exact, fast):
+        return None
+    n = min(len(exact), len(fast))
+    at = int(np.argmax(exact[:n] != fast[:n])) if (exact[:n] != fast[:n]).any() else n
+    return Mismatch(path, line, key, at, enc.pieces(fast[at:at + SHOWN_PIECES]),
+                    enc.pieces(exact[at:at + SHOWN_PIECES]))
+
+
+class _Verifier:
+    """Checks fast-backend ids against the exact backend: every document (``cfg.verify == -1``) or a
+    reservoir sample of ``quota`` documents of the unit (seeded by the unit's index: reproducible)."""
+
+    def __init__(self, enc: Encoder, cfg: PreprocessConfig, path: str, quota: int, seed: int):
+        self.enc, self.cfg, self.path = enc, cfg, path
+        self.all = cfg.verify == -1 and enc.backend == "fast"
+        self.quota = quota if enc.backend == "fast" and cfg.verify > 0 else 0
+        self.rng, self.seen, self.sample = random.Random(seed), 0, []
+        self.result = Verification()
+
+    def offer(self, line: int, key: str, text: str, ids: np.ndarray) -> None:
+        if self.all:
+            self._check(line, key, text, ids)
+        elif self.quota:
+            self.seen += 1
+            if len(self.sample) < self.quota:
+                self.sample.append((line, key, text, ids))
+            elif (j := self.rng.randrange(self.seen)) < self.quota:
+                self.sample[j] = (line, key, text, ids)
+
+    def _check(self, line: int, key: str, text: str, ids: np.ndarray) -> None:
+        self.result.documents += 1
+        mismatch = compare(self.enc, self.path, line, key, text, ids)
+        if mismatch is None:
+            return
+        if self.all:  # --verify all: any difference fails the run before this unit's output is kept
+            raise LrpathError(f"--verify all: the fast backend differs from the exact one at {mismatch}; "
+                              f"use --backend exact")
+        self.result.differing += 1
+        if len(self.result.examples) < self.cfg.max_listed:
+            self.result.examples.append(mismatch)
+
+    def finish(self) -> Verification:
+        for item in self.sample:
+            self._check(*item)
+        self.sample = []
+        return self.result
+
+
+def tokenize_unit(unit: inp.WorkUnit, write: Callable[[int, dict], None], skip_lines: int = 0) -> UnitResult:
+    """Encode the documents of ``unit`` in batches and pass each, in order, to ``write(line, {key: ids})``.
+
+    Lines up to ``skip_lines`` (already in complete shards) are read but not encoded. Problems carry lines
+    relative to the unit. Runs in a worker (or in-process) after :func:`_init_worker`.
+    """
+    cfg, enc, progress = _WORKER["cfg"], _WORKER["encoder"], _WORKER["progress"]
     plain = inp.is_plain_text(unit.path, cfg.input_format)
-    partials = {k: os.path.join(_WORKER["partial_dir"], f"u{unit.index:07d}_{k}") for k in cfg.json_keys}
-    builders = {k: IndexedDatasetBuilder(p + ".bin", dtype=_WORKER["dtype"]) for k, p in partials.items()}
-    problems, tokens, docs, line_no = [], Counter(), 0, 0
+    unit_bytes = (unit.end - unit.start) or unit.disk_bytes
+    quota = -(-cfg.verify * unit_bytes // max(1, _WORKER["total_bytes"])) if cfg.verify > 0 else 0
+    verifier = _Verifier(enc, cfg, unit.path, quota, unit.index)
+    problems, tokens, docs, line_no, pending, pending_chars = [], Counter(), 0, 0, [], 0
 
-    def report(kind: str, detail: str) -> None:
-        problems.append(inp.Problem(kind, unit.path, line_no, detail))
+    def report(kind: str, detail: str, line: int | None = None) -> None:
+        problems.append(inp.Problem(kind, unit.path, line_no if line is None else line, detail))
+
+    def flush() -> None:
+        nonlocal docs, pending_chars
+        encoded = {key: enc.encode_batch([fields[key] for _, fields in pending]) for key in cfg.json_keys}
+        for i, (line, fields) in enumerate(pending):
+            bad = next((k for k in cfg.json_keys if encoded[k][i] is None), None)
+            if bad is not None:
+                at = next((j for j, c in enumerate(fields[bad]) if "\ud800" <= c <= "\udfff"), -1)
+                report(inp.INVALID_UTF8, f"{bad!r} has an unpaired surrogate at character {at}, not encodable "
+                                         f"as UTF-8", line)
+                continue
+            out = {}
+            for key in cfg.json_keys:
+                ids = encoded[key][i]
+                verifier.offer(line, key, fields[key], ids)
+                out[key] = np.append(ids, enc.eod_id) if cfg.append_eod else ids
+                tokens[key] += out[key].size
+            write(line, out)
+            docs += 1
+            progress.add(docs=1, tokens=sum(ids.size for ids in out.values()))
+        pending.clear()
+        pending_chars = 0
 
     try:
-        for raw in inp.read_lines(unit, lambda n: progress.add(nbytes=n)):
+        # iter_records reports a record's problem before yielding it, i.e. before line_no counts it.
+        records = inp.iter_records(unit, cfg.json_keys, plain, lambda kind, detail: report(kind, detail, line_no + 1),
+                                   lambda n: progress.add(nbytes=n))
+        for fields in records:
             line_no += 1
-            fields = inp.parse_line(raw, cfg.json_keys, plain, report)
-            encoded = None if fields is None else _encode_fields(fields, cfg, tok, report)
-            if encoded is None:
+            if fields is None or not all(_check_text(k, t, cfg, report) for k, t in fields.items()):
                 if cfg.on_error == "fail":
                     break
                 continue
-            for key, ids in encoded.items():
-                builders[key].add_document(ids, [ids.size])
-                tokens[key] += ids.size
-            docs += 1
-            progress.add(docs=1, tokens=sum(ids.size for ids in encoded.values()))
+            if line_no <= skip_lines:
+                continue
+            pending.append((line_no, fields))
+            pending_chars += sum(map(len, fields.values()))
+            if pending_chars >= BATCH_CHARS:
+                flush()
+        flush()
     except OSError as exc:
         problems.append(inp.Problem(inp.UNREADABLE, unit.path, line_no + 1, str(exc)))
     if unit.error and not (problems and cfg.on_error == "fail"):
         problems.append(inp.Problem(inp.UNREADABLE, unit.path, line_no + 1, unit.error))
     if unit.start == 0 and line_no == 0 and not problems:
         problems.append(inp.Problem(inp.EMPTY_FILE, unit.path, 0, "the file has no lines"))
+    problems.sort(key=lambda p: p.line)  # invalid_utf8 is found at encode time, after later lines' problems
+    progress.flush()
+    return UnitResult(unit.index, unit.path, line_no, docs, dict(tokens), problems, {}, verifier.finish())
+
+
+def process_unit(unit: inp.WorkUnit) -> UnitResult:
+    """Tokenize one unit into partial datasets (one per key). Runs in a worker (or in-process)."""
+    partials = {k: os.path.join(_WORKER["partial_dir"], f"u{unit.index:07d}_{k}") for k in _WORKER["cfg"].json_keys}
+    builders = {k: DatasetWriter(p + ".bin", _WORKER["dtype"]) for k, p in partials.items()}
+
+    def write(_line: int, ids_by_key: dict) -> None:
+        for key, ids in ids_by_key.items():
+            builders[key].add_documents(ids, (ids.size,))
+
+    result = tokenize_unit(unit, write)
     for key, builder in builders.items():
         builder.finalize(partials[key] + ".idx")
-    progress.flush()
-    return UnitResult(unit.index, unit.path, line_no, docs, dict(tokens), problems, partials)
+    result.partials = partials
+    return result
 
 
-def _run_units(cfg: PreprocessConfig, units: Iterator[inp.WorkUnit], dtype: type, partial_dir: str,
-               sink: Callable[[tuple], None]) -> Iterator[UnitResult]:
-    """Results in unit order; a pool of forked workers when ``cfg.workers > 1``."""
+def run_tasks(cfg: PreprocessConfig, task: Callable, units: Iterator, setup: "Setup",
+              partial_dir: str) -> Iterator[UnitResult]:
+    """``task(unit)`` results in unit order; a pool of forked workers when ``cfg.workers > 1``."""
+    args = (cfg, setup.encoder, setup.dtype, partial_dir, setup.total_bytes)
     if cfg.workers == 1:
-        _init_worker(cfg, dtype, partial_dir, sink)
-        yield from map(process_unit, units)
+        _init_worker(*args, setup.on_progress)
+        yield from map(task, units)
         return
-    ctx = mp.get_context("fork")  # workers inherit the imported modules (megatron-core import is slow)
+    ctx = mp.get_context("fork")  # workers inherit the imported modules and the loaded configuration
     progress_q = ctx.Queue()
-    drainer = threading.Thread(target=_drain, args=(progress_q, sink), daemon=True)
+    drainer = threading.Thread(target=_drain, args=(progress_q, setup.on_progress), daemon=True)
     drainer.start()
     # The pool's feeder thread would otherwise read every unit ahead (decompressed .gz lines are held in
     # memory): allow a few units per worker in flight.
@@ -219,11 +375,11 @@ def _run_units(cfg: PreprocessConfig, units: Iterator[inp.WorkUnit], dtype: type
     # and pool.terminate() waits forever for a worker that never exits.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        pool = ctx.Pool(cfg.workers, _init_worker, (cfg, dtype, partial_dir, progress_q.put))
+        pool = ctx.Pool(cfg.workers, _init_worker, (*args, progress_q.put))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
-        for result in pool.imap(process_unit, feed()):
+        for result in pool.imap(task, feed()):
             slots.release()
             yield result
         pool.close()
@@ -234,6 +390,8 @@ def _run_units(cfg: PreprocessConfig, units: Iterator[inp.WorkUnit], dtype: type
         pool.join()
         progress_q.put(None)
         drainer.join()
+        progress_q.close()  # and its feeder thread: no thread of this run outlives it (a later fork)
+        progress_q.join_thread()
 
 
 def _drain(q: "mp.Queue", sink: Callable[[tuple], None]) -> None:
@@ -249,39 +407,32 @@ def _remove(paths: list) -> None:
             pass
 
 
-def preprocess(cfg: PreprocessConfig) -> Summary:
-    """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; see the module docstring."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+@dataclass
+class Setup:
+    """What the single-output and the sharded runs share: the tokenizer, inputs and the progress bar."""
 
-    cfg.validate()
-    outputs = {key: output_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
-    existing = [p + ext for p in outputs.values() for ext in (".bin", ".idx") if os.path.lexists(p + ext)]
-    if existing and not cfg.overwrite:
-        raise LrpathError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite "
-                          f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another --output-prefix")
+    encoder: Encoder
+    dtype: type
+    files: list
+    problems: list  # missing inputs
+    total_bytes: int
+    started: float
+    bar: tqdm
+    on_progress: Callable[[tuple], None]
+
+
+def prepare(cfg: PreprocessConfig) -> Setup:
     started = time.monotonic()
-    tok = Tokenizer(cfg.tokenizer_model)
-    if cfg.append_eod and tok.eod_id < 0:
-        raise LrpathError(f"{tok.path} has no eos piece to use as EOD; retrain it or pass --no-append-eod")
-    dtype = DType.optimal_dtype(tok.vocab_size)
+    enc = Encoder(cfg.tokenizer_model, cfg.backend, cfg.eod_token)
+    if cfg.append_eod and enc.eod_id < 0:
+        raise LrpathError(f"{enc.info.path} has no eos token to use as EOD; pass --eod-token TEXT (a Hugging Face "
+                          f"tokenizer's eos is read from the tokenizer_config.json next to it) or --no-append-eod")
     files, problems = inp.expand_inputs(cfg.inputs)
     if problems and cfg.on_error == "fail":
         raise LrpathError(f"{problems[0]}; nothing was written")
     if not files:
         raise LrpathError(f"no input files: {'; '.join(map(str, problems))}")
     total_bytes = sum(os.path.getsize(f) for f in files)
-    # Several units per worker keep all workers busy to the end; the output does not depend on the size.
-    units = inp.iter_units(files, min(cfg.chunk_bytes, max(1 << 20, total_bytes // (4 * cfg.workers))))
-
-    tmp = {key: f"{prefix}.tmp-{os.getpid()}" for key, prefix in outputs.items()}
-    parent = Path(cfg.output_prefix).parent
-    made = [d for d in (parent, *parent.parents) if not d.exists()]  # leaf first; removed again on failure
-    parent.mkdir(parents=True, exist_ok=True)
-    partial_dir = f"{cfg.output_prefix}.partials-{os.getpid()}"
-    os.makedirs(partial_dir, exist_ok=True)
-    builders = {key: IndexedDatasetBuilder(t + ".bin", dtype=dtype) for key, t in tmp.items()}
-    tmp_files = [t + ext for t in tmp.values() for ext in (".bin", ".idx")]
-
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True,
                desc="preprocess", disable=not cfg.progress, mininterval=0.5)
     counts = {"docs": 0, "tokens": 0}
@@ -294,15 +445,67 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         rate = counts["tokens"] / max(time.monotonic() - started, 1e-9)
         bar.set_postfix_str(f"{counts['docs']:,} docs, {rate:,.0f} tok/s", refresh=False)
 
-    documents, tokens, line_base, written = 0, Counter(), Counter(), False
-    results = _run_units(cfg, units, dtype, partial_dir, on_progress)
-    # add_index runs gc.collect() per unit; with torch and megatron-core loaded that scans millions of
-    # objects (~0.2 s). Freezing the objects that exist now makes each collection cheap.
-    gc.freeze()
+    return Setup(enc, optimal_dtype(enc.vocab_size), files, problems, total_bytes, started, bar, on_progress)
+
+
+def dataset_meta(setup: Setup, cfg: PreprocessConfig, documents: int, tokens: int) -> dict:
+    """The sidecar fields every dataset, shard and manifest shares (see corpus_meta)."""
+    return {"tokenizer": setup.encoder.info.to_json(), "backend": setup.encoder.backend,
+            "dtype": np.dtype(setup.dtype).name, "append_eod": cfg.append_eod,
+            "documents": documents, "tokens": tokens}
+
+
+def summarize(cfg: PreprocessConfig, setup: Setup, documents: int, tokens: Counter, problems: list,
+              outputs: dict, verification: Verification, shards: tuple = (0, 0)) -> Summary:
+    if cfg.verify == -1 and setup.encoder.backend == "fast" and verification.differing:
+        raise LrpathError(f"--verify all: {verification.differing} documents differ: {verification.examples[0]}")
+    skipped = Counter(p.kind for p in problems)
+    listed, per_kind = [], Counter()
+    for p in problems:
+        per_kind[p.kind] += 1
+        if per_kind[p.kind] <= cfg.max_listed:
+            listed.append(p)
+    return Summary(len(setup.files), documents, {k: tokens[k] for k in cfg.json_keys}, dict(skipped), listed,
+                   outputs, np.dtype(setup.dtype).name, time.monotonic() - setup.started, setup.encoder.backend,
+                   verification, shards)
+
+
+def preprocess(cfg: PreprocessConfig) -> Summary:
+    """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx`` (or shards of it, see
+    :mod:`lrpath_megatron.data_tools.shards`); see the module docstring."""
+    cfg.validate()
+    outputs = {key: output_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
+    if cfg.is_sharded:
+        from lrpath_megatron.data_tools.shards import preprocess_shards
+
+        return preprocess_shards(cfg, outputs)
+    existing = [p + ext for p in outputs.values() for ext in (".bin", ".idx") if os.path.lexists(p + ext)]
+    if existing and not cfg.overwrite:
+        raise LrpathError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite "
+                          f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another --output-prefix")
+    setup = prepare(cfg)
+    files, problems, dtype = setup.files, setup.problems, setup.dtype
+    # Several units per worker keep all workers busy to the end; the output does not depend on the size.
+    units = inp.iter_units(files, min(cfg.chunk_bytes, max(1 << 20, setup.total_bytes // (4 * cfg.workers))),
+                           cfg.json_keys)
+
+    tmp = {key: f"{prefix}.tmp-{os.getpid()}" for key, prefix in outputs.items()}
+    parent = Path(cfg.output_prefix).parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]  # leaf first; removed again on failure
+    parent.mkdir(parents=True, exist_ok=True)
+    partial_dir = f"{cfg.output_prefix}.partials-{os.getpid()}"
+    os.makedirs(partial_dir, exist_ok=True)
+    builders = {key: DatasetWriter(t + ".bin", dtype) for key, t in tmp.items()}
+    tmp_files = [t + ext for t in tmp.values() for ext in (".bin", ".idx")]
+
+    documents, tokens, line_base, written, verification = 0, Counter(), Counter(), False, Verification()
+    results = run_tasks(cfg, process_unit, units, setup, partial_dir)
     try:
         for result in results:
             for p in result.problems:  # unit-relative -> file line numbers
                 p.line += line_base[result.path] if p.line else 0
+            for m in result.verification.examples:
+                m.line += line_base[result.path]
             line_base[result.path] += result.lines
             problems += result.problems
             if cfg.on_error == "fail" and result.problems:
@@ -313,14 +516,18 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
                 _remove([result.partials[key] + ".bin", result.partials[key] + ".idx"])
             documents += result.documents
             tokens.update(result.tokens)
+            verification.merge(result.verification, cfg.max_listed)
         if documents == 0:
             raise LrpathError(f"no documents were written from {len(files)} file(s): "
                               f"{'; '.join(map(str, problems[:3]))}")
+        summary = summarize(cfg, setup, documents, tokens, problems, outputs, verification)
         for key, builder in builders.items():
             builder.finalize(tmp[key] + ".idx")
-            # .bin first: a reader never sees an .idx without its complete .bin.
+            # .bin first: a reader never sees an .idx without its complete .bin; the sidecar comes last.
             os.replace(tmp[key] + ".bin", outputs[key] + ".bin")
             os.replace(tmp[key] + ".idx", outputs[key] + ".idx")
+            write_meta(outputs[key], dataset_meta(setup, cfg, documents, tokens[key])
+                       | {"files": file_checksums(outputs[key])})
         written = True
     except BaseException:
         for builder in builders.values():
@@ -329,19 +536,10 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         raise
     finally:
         results.close()  # stops the workers before their partial files are removed
-        gc.unfreeze()
-        bar.close()
+        setup.bar.close()
         shutil.rmtree(partial_dir, ignore_errors=True)
         if not written:
             for directory in made:
                 with contextlib.suppress(OSError):  # not empty: someone else's files are in it
                     directory.rmdir()
-
-    skipped = Counter(p.kind for p in problems)
-    listed, per_kind = [], Counter()
-    for p in problems:
-        per_kind[p.kind] += 1
-        if per_kind[p.kind] <= cfg.max_listed:
-            listed.append(p)
-    return Summary(len(files), documents, {k: tokens[k] for k in cfg.json_keys}, dict(skipped), listed,
-                   outputs, np.dtype(dtype).name, time.monotonic() - started)
+    return summary

@@ -71,7 +71,7 @@ def import_hf(hf_dir: Path, out: Path, tensor_parallel: int = 1, pipeline_parall
         raise LrpathError(f"output {out} already exists; choose a new path or remove it")
     if not out.parent.is_dir():
         raise LrpathError(f"output directory {out.parent} does not exist; create it first")
-    raw = _read_config(hf_dir)
+    raw = read_hf_config(hf_dir)
     arch, model = model_from_hf(raw, str(hf_dir / "config.json"), seq_length)
     weights = HfWeights(hf_dir)
     _check_tensors(weights, model, hf_dir)
@@ -97,7 +97,7 @@ def import_hf(hf_dir: Path, out: Path, tensor_parallel: int = 1, pipeline_parall
     return ImportResult(out, arch, model, dtype, parameters, side_files)
 
 
-def _read_config(hf_dir: Path) -> dict:
+def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise LrpathError(f"{hf_dir} is not a directory; pass a Hugging Face model directory (config.json + "

@@ -16,8 +16,10 @@ from typing import Optional, Sequence
 
 from lrpath_megatron.config import ConfigError, TrainConfig
 from lrpath_megatron.launch.profile import ClusterProfile, parse_time
+from lrpath_megatron.layout_planner import describe, layout_of
+from lrpath_megatron.memory_model import GIB, peak_memory
 from lrpath_megatron.path import PathSpec
-from lrpath_megatron.plan import ReleaseInfo
+from lrpath_megatron.plan import ExportConfig, ReleaseInfo
 from lrpath_megatron.run_layout import RunLayout
 
 MAIN = "main"
@@ -33,6 +35,11 @@ class MergeSpec:
 
 
 @dataclass(frozen=True)
+class ExportSpec:
+    tokenizer: Optional[str]  # `lrpath hf export --tokenizer-model`; None = the imported model's own files
+
+
+@dataclass(frozen=True)
 class Job:
     key: str  # unique in the plan: "main@40" for a segment, else the path or version name
     path: str  # the path trained, or the version a merge releases (its directory under the run dir)
@@ -41,15 +48,23 @@ class Job:
     stop_at_step: Optional[int]  # passed as --stop-at-step (main-path segments); None = to the path's end
     after: Optional[str]  # key of the job this one waits for (afterok)
     merge: Optional[MergeSpec] = None  # set for a merge release: `lrpath merge`, no training
+    export: Optional[ExportSpec] = None  # set for a release's export: `lrpath hf export`, no training
 
     @property
     def kind(self) -> str:
-        return "merge" if self.merge else "train"
+        return "merge" if self.merge else "export" if self.export else "train"
+
+    @property
+    def script(self) -> str:
+        """Name of the job's script: the main path's segments share one; a release's export has its own."""
+        return f"{self.path}-hf" if self.export else self.path
 
 
-def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = ()) -> list[Job]:
+def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
+               export: Optional[ExportConfig] = None) -> list[Job]:
     """Jobs in submission order (every job after the one it depends on): main-path segments, branches,
-    then merge releases (``releases`` may hold every version's release; only merges make jobs)."""
+    then merge releases (``releases`` may hold every version's release; only merges make jobs), then, with
+    ``export.hf``, one Hugging Face export per release after the job that writes it."""
     by_name = {p.name: p for p in paths}
     if MAIN not in by_name:
         raise ConfigError(f"the plan has no '{MAIN}' path (paths: {', '.join(by_name) or 'none'})")
@@ -88,6 +103,10 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = ()) 
         steps = tuple(r.merge["save_steps"])
         jobs.append(Job(r.version, r.version, steps[0], r.step, None, segment_of[r.step],
                         MergeSpec(steps, str(r.merge["weights"]))))
+    if export is not None and export.hf:
+        released = {j.key: j for j in jobs if j.key in {r.version for r in releases}}
+        jobs += [Job(f"{key}-hf", key, job.end_step, job.end_step, None, key, export=ExportSpec(export.tokenizer))
+                 for key, job in released.items()]
     return jobs
 
 
@@ -98,6 +117,15 @@ def merge_args(run_dir: Path, job: Job) -> list[str]:
     ckpts = [str(layout.checkpoint(MAIN, s)) for s in job.merge.steps]
     out = layout.checkpoint(job.path, job.end_step)
     return ["merge", *ckpts, "--weights", job.merge.weights, "--out", str(out), "--skip-existing"]
+
+
+def export_args(run_dir: Path, job: Job) -> list[str]:
+    """``lrpath`` arguments of an export job: the release checkpoint -> ``RUN/<version>/hf``, replaced when
+    rerun (the export is written aside and renamed into place)."""
+    layout = RunLayout(Path(run_dir))
+    args = ["hf", "export", str(layout.checkpoint(job.path, job.end_step)), "--out", str(layout.path(job.path).hf),
+            "--overwrite", "--no-progress"]
+    return args + (["--tokenizer-model", job.export.tokenizer] if job.export.tokenizer else [])
 
 
 def merge_time(profile: ClusterProfile, version: str) -> str:
@@ -141,6 +169,8 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
     save_steps = {p.name: set(p.save_steps) for p in paths}
     interval = train.checkpoint.save_interval
     for job in jobs:
+        if job.kind == "export":  # one CPU task reading the release once
+            continue
         if job.kind == "merge":  # one CPU task: no GPUs to fit, no checkpoint interval to outlast
             own = profile.paths.get(job.path)
             if own and own.nodes not in (None, 1):
@@ -155,6 +185,7 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
             train.parallel.data_parallel(nodes * gpn)
         except ConfigError as exc:
             raise ConfigError(f"{where}: job {job.key} on {nodes} node(s) x {gpn} GPUs: {exc}") from None
+        check_memory(profile, where, job.key, nodes * gpn, train)
         limit = parse_time(time_text, f"{where}: time")
         gap = checkpoint_gap(job, interval, save_steps[job.path])
         need = profile.startup_seconds + gap * profile.seconds_per_step + profile.signal_grace
@@ -165,3 +196,23 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
                 f"{profile.seconds_per_step:g} + signal_grace {profile.signal_grace} = {need:g}s; raise the time "
                 "limit or lower checkpoint.save_interval"
             )
+
+
+def check_memory(profile: ClusterProfile, where: str, job: str, gpus: int, train: TrainConfig) -> None:
+    """Refuse a job whose predicted peak memory per GPU (the layout planner's model) exceeds the profile's
+    gpu_memory_gib less memory_headroom: it would wait in the queue only to run out of memory."""
+    if profile.gpu_memory_gib is None or not profile.memory_check:
+        return
+    layout = layout_of(train, gpus)
+    m = peak_memory(train.model, layout)
+    budget = profile.gpu_memory_gib * (1 - profile.memory_headroom)
+    if m.total / GIB > budget:
+        g = lambda b: f"{b / GIB:.1f}"  # noqa: E731
+        raise ConfigError(
+            f"{where}: job {job} ({describe(layout)}, recompute {layout.recompute}) is predicted to need "
+            f"{g(m.total)} GiB per GPU (weights {g(m.weights)}, gradients {g(m.gradients)}, optimizer "
+            f"{g(m.optimizer)}, activations {g(m.activations)} on pipeline stage {m.stage}), more than "
+            f"gpu_memory_gib {profile.gpu_memory_gib:g} less memory_headroom {profile.memory_headroom:g} = "
+            f"{budget:.1f} GiB; `lrpath plan PLAN --cluster PROFILE --layout` lists layouts that fit, or set "
+            f"memory_check: false (--cluster-set memory_check=false) to submit anyway"
+        )

@@ -1,4 +1,5 @@
-"""Run a plan on one machine: the main path, then each branch (torchrun), then each merge release."""
+"""Run a plan on one machine: the main path, then each branch (torchrun), then each merge release, then
+the Hugging Face exports (plan.export.hf)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,17 +10,19 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.launch.jobs import Job, build_jobs, merge_args
+from lrpath_megatron.launch.jobs import Job, build_jobs, export_args, merge_args
 
 
 def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
                    nproc_per_node: int) -> list[tuple[str, list[str]]]:
-    """(name, command) per path and merge release, in job order: one torchrun run per trained path (the
-    main path in one piece: it saves every fork and merge step), and `lrpath merge` after it."""
+    """(name, command) per path, merge release and export, in job order: one torchrun run per trained path
+    (the main path in one piece: it saves every fork and merge step), `lrpath merge` after it, then `lrpath
+    hf export` of each release."""
     commands = []
-    for job in {job.path: job for job in jobs}.values():
-        if job.kind == "merge":
-            commands.append((job.path, [sys.executable, "-m", "lrpath_megatron.cli", *merge_args(run_dir, job)]))
+    for job in {job.script: job for job in jobs}.values():
+        if job.kind != "train":
+            args = merge_args(run_dir, job) if job.kind == "merge" else export_args(run_dir, job)
+            commands.append((job.script, [sys.executable, "-m", "lrpath_megatron.cli", *args]))
             continue
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
                "-m", "lrpath_megatron.cli", "train", str(plan_file), "--path", job.path, "--run-dir", str(run_dir)]
@@ -40,6 +43,6 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
-    """Every job of a loaded plan (trained paths, then merge releases) as local commands, in order."""
-    jobs = build_jobs(plan.paths(), plan.releases())
+    """Every job of a loaded plan (trained paths, merge releases, exports) as local commands, in order."""
+    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export)
     return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

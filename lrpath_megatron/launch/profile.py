@@ -45,6 +45,11 @@ class ClusterProfile:
     exclusive: bool = False
     constraint: Optional[str] = None
     seconds_per_step: float = 0.0  # estimated wall time of one optimizer step (checks the time limit)
+    # Memory of one GPU; set, every training job's predicted peak memory per GPU (lrpath_megatron.memory_model)
+    # must fit in it less memory_headroom, unless memory_check is false. null = not checked.
+    gpu_memory_gib: Optional[float] = None
+    memory_headroom: float = 0.1  # fraction kept free: CUDA context, allocator fragmentation, NCCL buffers
+    memory_check: bool = True
     startup_seconds: float = 120.0  # imports, rendezvous, checkpoint load before the first step
     signal_grace: int = 300  # seconds: --signal=USR1@grace, time to finish a step and save
     lrpath: str = "lrpath"  # the command each rank runs (an absolute path when PATH differs on nodes)
@@ -78,6 +83,10 @@ class ClusterProfile:
                 f"{where}: seconds_per_step is not set; give the estimated wall seconds of one training step "
                 "(from a short run's log) so the time limit can be checked against the checkpoint interval"
             )
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ConfigError(f"{where}: gpu_memory_gib must be > 0 (or null: not checked), got {self.gpu_memory_gib}")
+        if not 0 <= self.memory_headroom < 1:
+            raise ConfigError(f"{where}: memory_headroom must be in [0, 1), got {self.memory_headroom}")
         for name in ("setup", "sbatch_extra", "srun_extra"):
             for i, item in enumerate(getattr(self, name)):
                 if not isinstance(item, str):

@@ -23,7 +23,7 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
 
     plan = load_plan(plan_file, list(overrides))
     paths = plan.paths()
-    jobs: list[Job] = build_jobs(paths, plan.releases())
+    jobs: list[Job] = build_jobs(paths, plan.releases(), plan.config.export)
     profile = load_profile(profile_file, list(profile_overrides))
     check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
     spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)

@@ -1,0 +1,268 @@
+"""The annealing-law fit on synthetic curves of known parameters, its refusals, and `lrpath forecast` /
+`lrpath report` on a run directory whose metrics the test writes from the law (no training)."""
+from __future__ import annotations
+
+import base64
+import shutil
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lrpath_megatron import schedules
+from lrpath_megatron.cli import main as lrpath
+from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, areas, fit_law
+from lrpath_megatron.plan import load_plan
+from lrpath_megatron.release_forecast import path_lrs
+from lrpath_megatron.status import run_status
+
+ETA_MAX, ETA_MIN = 3e-3, 3e-4
+TRUE = {"alpha": 0.5, "C": 2.0, "groups": {"v1": (3.0, 0.6), "v2": (2.6, 0.5), "v3": (2.4, 0.45)}}
+
+
+def law(lrs, origin: int, group: str, params: dict = TRUE) -> float:
+    s1, s2 = areas(np.asarray(lrs)[origin:])
+    L0, A = params["groups"][group]
+    return L0 + A * s1[-1] ** -params["alpha"] - params["C"] * s2[-1]
+
+
+def test_areas_by_hand():
+    # S1 sums the LRs; S2 sums the momentum of the drops (0.5 here), LR increases are no annealing.
+    s1, s2 = areas([1.0, 2.0, 1.0, 0.0], momentum=0.5)
+    assert s1.tolist() == [0.0, 1.0, 3.0, 4.0, 4.0]
+    # drops: 0, 0 (increase), 1, 1 -> m: 0, 0, 1, 1.5 -> S2: 0, 0, 0, 1, 2.5
+    assert s2.tolist() == [0.0, 0.0, 0.0, 1.0, 2.5]
+
+
+def synthetic_curves(noise: float, seed: int = 0) -> list[Curve]:
+    """One stretch of data: a constant-LR main path observed every 20 steps up to 400, and two decay
+    branches (from 200 and 300, linear over 100 steps) observed every 10 steps."""
+    rng = np.random.default_rng(seed)
+    main = schedules.WarmupConstant(ETA_MAX, 10)
+    n = 400
+    lrs = np.array([main(i) for i in range(n)])
+    steps = np.arange(20, n + 1, 20)
+    curves = [Curve("main", lrs, steps, [law(lrs[:s], 0, "v1") + rng.normal(0, noise) for s in steps], group="v1")]
+    for fork in (200, 300):
+        decay = schedules.BranchDecay(ETA_MAX, ETA_MIN, fork, fork + 100, "linear")
+        b = np.array([main(i) if i < fork else decay(i) for i in range(fork + 100)])
+        bsteps = np.arange(fork + 10, fork + 101, 10)
+        curves.append(Curve(f"b{fork}", b, bsteps, [law(b[:s], 0, "v1") + rng.normal(0, noise) for s in bsteps],
+                            group="v1"))
+    return curves
+
+
+def held_out_lrs() -> np.ndarray:
+    """A schedule the fit never saw: a cosine decay of 150 steps from step 350."""
+    main = schedules.WarmupConstant(ETA_MAX, 10)
+    decay = schedules.BranchDecay(ETA_MAX, ETA_MIN, 350, 500, "cosine")
+    return np.array([main(i) if i < 350 else decay(i) for i in range(500)])
+
+
+def test_fit_recovers_parameters_without_noise():
+    fit = fit_law(synthetic_curves(noise=0.0))
+    L0, A = fit.groups["v1"]
+    # alpha is found on a log grid of 100 points over [0.02, 2] (4.8% apart): within one grid step.
+    assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.05)
+    assert fit.C == pytest.approx(TRUE["C"], rel=0.05)
+    assert L0 == pytest.approx(3.0, rel=0.05) and A == pytest.approx(0.6, rel=0.1)
+    truth = law(held_out_lrs(), 0, "v1")
+    assert fit.predict(held_out_lrs(), 0, "v1")[0] == pytest.approx(truth, rel=0.002)
+
+
+def test_fit_with_noise_predicts_a_new_schedule_within_its_uncertainty():
+    noise = 0.01  # about 0.3% of the loss, the scatter of a few-batch evaluation
+    for seed in range(3):
+        fit = fit_law(synthetic_curves(noise, seed))
+        assert fit.rmse == pytest.approx(noise, rel=0.5)
+        assert fit.C == pytest.approx(TRUE["C"], rel=0.25)
+        truth = law(held_out_lrs(), 0, "v1")
+        pred, sd = fit.predict(held_out_lrs(), 0, "v1")
+        assert abs(pred - truth) < 3 * sd and abs(pred - truth) / truth < 0.01
+        # deterministic: the same observations give the same forecast and uncertainty
+        assert fit_law(synthetic_curves(noise, seed)).predict(held_out_lrs(), 0, "v1") == (pred, sd)
+
+
+def test_groups_share_alpha_and_c():
+    """Two stretches of data (a switch at step 200): each its own L0 and A, counted from its origin."""
+    main = schedules.WarmupConstant(ETA_MAX, 10)
+    lrs = np.array([main(i) for i in range(400)])
+    curves = [Curve("main", lrs, np.arange(20, 201, 20), [law(lrs[:s], 0, "v1") for s in range(20, 201, 20)],
+                    group="v1"),
+              Curve("main", lrs, np.arange(220, 401, 20), [law(lrs[:s], 200, "v2") for s in range(220, 401, 20)],
+                    origin=200, group="v2")]
+    decay = schedules.BranchDecay(ETA_MAX, ETA_MIN, 150, 200, "linear")
+    b = np.array([main(i) if i < 150 else decay(i) for i in range(200)])
+    curves.append(Curve("v1", b, [200], [law(b, 0, "v1")], group="v1"))
+    fit = fit_law(curves)
+    assert fit.alpha == pytest.approx(0.5, rel=0.05) and fit.C == pytest.approx(2.0, rel=0.05)
+    assert fit.groups["v2"][0] == pytest.approx(2.6, rel=0.05)
+    d2 = schedules.BranchDecay(ETA_MAX, ETA_MIN, 350, 400, "linear")
+    b2 = np.array([main(i) if i < 350 else d2(i) for i in range(400)])
+    assert fit.predict(b2, 200, "v2")[0] == pytest.approx(law(b2, 200, "v2"), rel=0.005)
+
+
+def test_refusals_say_what_is_missing():
+    main_only = synthetic_curves(0.0)[:1]
+    with pytest.raises(ForecastError, match="annealing term C"):
+        fit_law(main_only)
+    few = [Curve("main", main_only[0].lrs, [20, 40], [4.0, 3.9], group="v1")]
+    with pytest.raises(ForecastError, match=r"5 loss observations \(have 2\).*3 observations.*annealing term C"):
+        fit_law(few)
+    lone = synthetic_curves(0.0) + [Curve("main", main_only[0].lrs, [400], [3.0], origin=380, group="v2")]
+    with pytest.raises(ForecastError, match=r"2 observations at different steps before a decay in v2 \(have 1\)"):
+        fit_law(lone)
+    fit = fit_law(synthetic_curves(0.0))
+    with pytest.raises(ForecastError, match="no observations of v9"):
+        fit.predict(held_out_lrs(), 0, "v9")
+    with pytest.raises(ForecastError):
+        fit_law([], LawConfig())
+
+
+# ---------------------------------------------------------------------------------------- a plan's run
+CORPORA = ("docs", "code_a", "code_b")
+
+
+@pytest.fixture
+def law_run(tmp_path) -> tuple[Path, Path]:
+    """A 3-version plan (100 steps each, knee decays of 40 steps on the tail) with metrics written from the
+    law: the main path up to step 240 (evaluated every 10 steps) and v1's, v2's finished branches."""
+    plan = {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 512},
+        "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
+        "data": {"corpora": [{"name": n, "prefix": str(tmp_path / n)} for n in CORPORA]},
+        "plan": {"main": {"eta_max": ETA_MAX, "eta_min": ETA_MIN, "warmup_steps": 5, "replay": 0.2},
+                 "versions": [{"name": f"v{i + 1}", "corpora": [c], "steps": 100,
+                               "release": {"method": "decay", "shape": "knee", "decay_steps": 40}}
+                              for i, c in enumerate(CORPORA)]},
+    }
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(plan))
+    p, run = load_plan(plan_path), tmp_path / "run"
+
+    def write(name: str, steps: range, group_of) -> None:
+        d = run / name
+        d.mkdir(parents=True)
+        lines = []
+        for s in steps:
+            v = group_of(s)
+            loss = law(path_lrs(p, name, s), v.start_step, v.name)
+            lines.append(json.dumps({"step": s - 1, "path": name, "loss": loss, "val_loss": loss,
+                                     "val_loss_per_corpus": {c: loss for c in CORPORA}}))
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        ckpt = d / "checkpoints" / f"iter_{steps[-1]:07d}"  # what status reads of a checkpoint (no weights)
+        (ckpt / "optimizer").mkdir(parents=True)
+        (ckpt / "manifest.json").write_text(json.dumps({"step": steps[-1]}))
+
+    write("main", range(10, 241, 10), lambda s: p.versions[(s - 1) // 100])
+    for v in p.versions[:2]:
+        fork = p.path(v.name).fork_step
+        write(v.name, range(fork + 5, v.branch_end + 1, 5), lambda s, v=v: v)
+    return plan_path, run
+
+
+def test_forecast_command_predicts_the_pending_release(law_run, capsys, tmp_path):
+    plan_path, run = law_run
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--json", "--plot", str(tmp_path / "f.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["version"]: r for r in out["releases"]}
+    assert rows["v1"]["released"] and rows["v2"]["released"] and not rows["v3"]["released"]
+    p = load_plan(plan_path)
+    truth = law(path_lrs(p, "v3", p.versions[2].branch_end), 200, "v3")
+    blend = rows["v3"]["targets"]["blend"]
+    assert blend["loss"] == pytest.approx(truth, rel=0.005)
+    assert rows["v3"]["targets"]["docs"]["loss"] == pytest.approx(truth, rel=0.005)
+    cands = blend["candidates"]
+    marked = [c for c in cands if c["enough"]]
+    longest = max(cands, key=lambda c: c["decay_steps"])
+    assert len(marked) == 1 and marked[0]["loss"] <= longest["loss"] * 1.005
+    assert all(c["loss"] > longest["loss"] * 1.005 for c in cands if c["decay_steps"] < marked[0]["decay_steps"])
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_forecast_refuses_without_a_finished_decay(law_run, capsys):
+    plan_path, run = law_run
+    for name in ("v1", "v2"):
+        (run / name / "metrics.jsonl").unlink()
+        (run / name / "checkpoints").rename(run / name / "old")
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "v1: no forecast: too little data" in text and "annealing term C" in text
+
+
+def test_report_is_self_contained_and_names_every_release_and_corpus(law_run, tmp_path, capsys):
+    plan_path, run = law_run
+    out = tmp_path / "report.html"
+    assert lrpath(["report", str(plan_path), "--run-dir", str(run), "--out", str(out)]) == 0
+    html = out.read_text()
+    # nothing fetched from elsewhere: every image is inline and decodes as a PNG
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", html)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 3 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    for name in ("v1", "v2", "v3", *CORPORA):
+        assert re.search(rf"<t[dh][^>]*>{name}</t[dh]>", html), name
+    assert "PTFS" in html and "CPT" in html and "forecast" in html
+
+
+# ---------------------------------------------------------------------------------------- decay_steps: auto
+def auto_plan(plan_path: Path, **release) -> Path:
+    data = yaml.safe_load(plan_path.read_text())
+    data["plan"]["versions"][2]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto", **release}
+    out = plan_path.with_name("auto.yaml")
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_auto_decay_takes_the_forecasts_choice_and_records_it(law_run):
+    plan_path, run = law_run
+    fixed, plan = load_plan(plan_path), load_plan(auto_plan(plan_path))
+    assert plan.decay_candidates == {"v3": [10, 20, 30, 40, 50, 60, 80, 100]}
+    # The main path saves at every candidate's (effective) fork: half a knee decay after its nominal fork.
+    assert {300 - n // 2 for n in plan.decay_candidates["v3"]} <= plan.path("main").save_steps
+    assert fixed.plan_hash() != plan.plan_hash()
+
+    run_ = plan.run_for("v3", run)
+    choice = json.loads((run / "v3" / "decay_choice.json").read_text())
+    assert run_.lineage["decay_choice"] == choice and run_.lineage["plan_hash"] == plan.plan_hash()
+    n = choice["decay_steps"]
+    assert run_.path.fork_step == 300 - n // 2 and run_.path.end_step == 300
+    # The shortest candidate whose forecast is within 0.5% of the longest's; by the true law (the metrics are
+    # the law's, without noise) it is within 0.5% of the longest too, up to the fit's 0.1% error.
+    predicted = {c["decay_steps"]: c["loss"] for c in choice["candidates"]}
+    assert n == next(c for c in sorted(predicted) if predicted[c] <= predicted[100] * 1.005) and n < 100
+    truth = {c: law(path_lrs(plan.with_decay("v3", c), "v3", 300), 200, "v3") for c in plan.decay_candidates["v3"]}
+    assert all(predicted[c] == pytest.approx(truth[c], rel=0.001) for c in truth)
+    assert truth[n] <= truth[100] * 1.006
+    # Deterministic and kept: a resume reuses the record; the same metrics choose the same again.
+    assert plan.run_for("v3", run).lineage["decay_choice"] == choice
+    (run / "v3" / "decay_choice.json").unlink()
+    assert plan.run_for("v3", run).lineage["decay_choice"] == choice
+    assert plan.with_choices(run).versions[2].release.decay_steps == n
+    # `lrpath status` shows the branch where it forked as chosen
+    assert next(p for p in run_status(plan, run).paths if p.name == "v3").fork_step == 300 - n // 2
+
+
+def test_auto_decay_without_data_takes_the_longest_and_says_why(law_run):
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path, decay_bounds=[20, 60]))
+    assert plan.decay_candidates["v3"] == [20, 30, 40, 50, 60]
+    for name in ("v1", "v2"):  # no finished decay: C is not identifiable
+        shutil.rmtree(run / name)
+    choice = plan.run_for("v3", run).lineage["decay_choice"]
+    assert choice["decay_steps"] == 60 and "annealing term C" in choice["no_forecast"]
+
+
+@pytest.mark.parametrize("release, message", [
+    ({"decay_steps": 40, "decay_bounds": [10, 20]}, "decay_bounds applies to decay_steps: auto only"),
+    ({"decay_steps": "auto", "decay_bounds": [1, 20]}, "must be \\[min, max\\] steps"),
+    ({"decay_steps": "long"}, "must be a number of steps or auto"),
+])
+def test_auto_decay_refusals(law_run, release, message):
+    from lrpath_megatron.config import ConfigError
+
+    plan_path, _ = law_run
+    with pytest.raises(ConfigError, match=message):
+        load_plan(auto_plan(plan_path, **release))
