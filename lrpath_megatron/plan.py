@@ -131,7 +131,8 @@ class ExportConfig:
     """What is written beside each release as soon as it is released."""
 
     hf: bool = False  # a Hugging Face model directory, RUN/<version>/hf (``lrpath hf export``)
-    # The tokenizer the data was tokenized with, shipped with the model: a SentencePiece .model file. None:
+    # The tokenizer the data was tokenized with, shipped with the model: a SentencePiece .model or a Hugging
+    # Face tokenizer.json (or its directory). None:
     # an imported model's own tokenizer files (plan.main.init_from), else none.
     tokenizer: Optional[str] = None
 

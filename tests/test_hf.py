@@ -299,7 +299,13 @@ def test_import_records_the_model_and_the_tokenizer_goes_back_out(hf, tmp_path):
     out = tmp_path / "with_tokenizer"
     assert cli.main(["hf", "export", str(ckpt), "--out", str(out), "--no-progress"]) == 0
     assert AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == [1, 2]
-    # a real SentencePiece tokenizer goes out with a release in test_init_from; anything else is refused
+    # A Hugging Face tokenizer the data was tokenized with goes out as it is (given as its directory); a real
+    # SentencePiece tokenizer goes out with a release in test_init_from; anything else is refused.
+    out = tmp_path / "with_hf_tokenizer"
+    assert cli.main(["hf", "export", str(hf["llama_untied"].ckpt), "--out", str(out), "--no-progress",
+                     "--tokenizer-model", str(hf["llama_tied"].dir)]) == 0
+    assert AutoTokenizer.from_pretrained(out)("world hello")["input_ids"] == [2, 1]
+    assert (out / "tokenizer.json").read_bytes() == (hf["llama_tied"].dir / "tokenizer.json").read_bytes()
     spm = tmp_path / "sp.model"
     spm.write_bytes(b"not a sentencepiece model")
     out = tmp_path / "with_spm"

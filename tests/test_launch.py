@@ -197,7 +197,9 @@ def test_releases_export_to_hugging_face_after_their_jobs(merge_plan_file, tmp_p
     """plan.export.hf: one CPU job per release after the job that writes it (the branch, the merge),
     writing RUN/<version>/hf; locally, after the merges. The plan hash does not change."""
     plan = yaml.safe_load(merge_plan_file.read_text())
-    plan["plan"]["export"] = {"hf": True, "tokenizer": "tok/spm.model"}
+    tok = tmp_path / "spm.model"  # a path the launcher checks exists; the export jobs read it
+    tok.write_bytes(b"")
+    plan["plan"]["export"] = {"hf": True, "tokenizer": str(tok)}
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
     loaded = load_plan(plan_file)
@@ -221,7 +223,7 @@ def test_releases_export_to_hugging_face_after_their_jobs(merge_plan_file, tmp_p
     assert {"--job-name=lrpath-v1-hf", "--nodes=1", "--ntasks=1", f"--output={run}/v1/logs/slurm-%j.out"} <= opts
     assert not any(o.startswith(("--gpus", "--ntasks-per-node", "--exclusive")) for o in opts)
     assert (f"srun --ntasks=1 \\\n    lrpath hf export {run}/v1/checkpoints/iter_0000030 --out {run}/v1/hf "
-            f"--overwrite --no-progress --tokenizer-model tok/spm.model") in script
+            f"--overwrite --no-progress --tokenizer-model {tok}") in script
 
     capsys.readouterr()
     assert _launch(plan_file, "--local", "--run-dir", run, "--dry-run") == 0
@@ -229,14 +231,17 @@ def test_releases_export_to_hugging_face_after_their_jobs(merge_plan_file, tmp_p
     assert [line.split("lrpath_megatron.cli ")[1].split()[:2] for line in lines[2:]] == [
         ["merge", f"{run}/main/checkpoints/iter_0000020"], ["hf", "export"], ["hf", "export"]]
     assert lines[3].endswith(f"export {run}/v2/checkpoints/iter_{60 + DECAY_STEPS:07d} --out {run}/v2/hf "
-                             f"--overwrite --no-progress --tokenizer-model tok/spm.model")
+                             f"--overwrite --no-progress --tokenizer-model {tok}")
 
     from lrpath_megatron.config import ConfigError
     from lrpath_megatron.plan import Plan
 
-    plan["plan"]["export"] = {"tokenizer": "tok/spm.model"}
+    plan["plan"]["export"] = {"tokenizer": str(tok)}
     with pytest.raises(ConfigError, match="plan.export.tokenizer goes with the Hugging Face exports"):
         Plan.from_dict(plan)
+    plan["plan"]["export"] = {"hf": True, "tokenizer": str(tmp_path / "missing.model")}
+    with pytest.raises(ConfigError, match="plan.export.tokenizer .*missing.model does not exist"):
+        build_jobs(loaded.paths(), loaded.releases(), Plan.from_dict(plan).config.export)
 
 
 def test_rendered_scripts(plan_file, tmp_path):

@@ -41,9 +41,10 @@ def register(sub) -> None:
                      help="replace HF_DIR if it exists (once the new one is complete)")
     exp.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                      help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    exp.add_argument("--tokenizer-model", metavar="FILE.model",
-                     help="the SentencePiece model the data was tokenized with (`lrpath data train-tokenizer`), "
-                          "shipped as tokenizer.model + tokenizer_config.json")
+    exp.add_argument("--tokenizer-model", metavar="TOKENIZER",
+                     help="the tokenizer the data was tokenized with: a SentencePiece .model (shipped as "
+                          "tokenizer.model + tokenizer_config.json) or a Hugging Face tokenizer.json or a "
+                          "directory holding one (shipped with its tokenizer_config.json)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.set_defaults(func=run_export)
 
@@ -66,7 +67,7 @@ def run_export(args) -> int:
     result = export_hf(args.checkpoint, args.out, args.overwrite, parse_size(args.max_shard_size),
                        args.tokenizer_model, progress=not args.no_progress)
     tokenizer = (f"tokenizer ({', '.join(result.tokenizer_files)}) from {result.tokenizer_from}"
-                 if result.tokenizer_files else "no tokenizer known (pass --tokenizer-model for a SentencePiece one)")
+                 if result.tokenizer_files else "no tokenizer known (pass --tokenizer-model)")
     print(f"exported {args.checkpoint} as {result.architecture} to {result.output}: {len(result.files)} files, "
           f"{tokenizer}")
     return 0

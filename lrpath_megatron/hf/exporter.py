@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from lrpath_megatron.checkpoint_layout import MANIFEST
 from lrpath_megatron.config import ModelConfig
+from lrpath_megatron.data_tools.encoders import HF_FILE
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.export import read_checkpoint
 from lrpath_megatron.hf.adapter_merge import MergedAdapterReader, find_adapter
@@ -56,8 +57,9 @@ def export_hf(ckpt: Path, out: Path, overwrite: bool = False, max_shard_bytes: i
         raise LrpathError(f"output {out} already exists; choose a new path, or pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise LrpathError(f"output directory {out.parent} does not exist; create it first")
-    if tokenizer_model is not None and not Path(tokenizer_model).is_file():
-        raise LrpathError(f"tokenizer {tokenizer_model} does not exist; pass a SentencePiece .model file")
+    if tokenizer_model is not None and not Path(tokenizer_model).exists():
+        raise LrpathError(f"tokenizer {tokenizer_model} does not exist; pass a SentencePiece .model, a Hugging Face "
+                          f"{HF_FILE} or a directory holding one")
     model = cfg.model
     reader = DcpTensorReader(ckpt / MODEL_DIR)
     if adapter is not None:
@@ -116,14 +118,31 @@ def _adapter_base(adapter: Path) -> Path:
 
 def write_tokenizer(tokenizer: Path, out: Path) -> list[str]:
     """Tokenizer files for transformers in ``out`` from the tokenizer the data was tokenized with, by its
-    kind (file suffix); returns their names."""
-    writers = {".model": _write_sentencepiece}
-    if tokenizer.suffix not in writers:
-        raise LrpathError(f"tokenizer {tokenizer} is not one of {', '.join(writers)}: pass the SentencePiece "
-                          f".model the data was preprocessed with")
+    kind (a directory holding tokenizer.json, or the file's suffix); returns their names."""
+    if tokenizer.is_dir():
+        tokenizer = tokenizer / HF_FILE
+    writers = {".model": _write_sentencepiece, ".json": _write_hf_tokenizer}
+    if tokenizer.suffix not in writers or not tokenizer.is_file():
+        raise LrpathError(f"tokenizer {tokenizer} is not a SentencePiece .model or a Hugging Face "
+                          f"{HF_FILE}: pass the tokenizer the data was preprocessed with")
     before = set(os.listdir(out))
     writers[tokenizer.suffix](tokenizer, out)
     return sorted(set(os.listdir(out)) - before)
+
+
+def _write_hf_tokenizer(tokenizer: Path, out: Path) -> None:
+    """A Hugging Face tokenizer.json goes out as it is, with the settings files beside it (its special tokens,
+    eos included, are what `lrpath data preprocess` read there)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        HFTokenizer.from_file(str(tokenizer))
+    except Exception as exc:  # tokenizers raises its own Exception type for unreadable files
+        raise LrpathError(f"tokenizer {tokenizer} is not a Hugging Face {HF_FILE}: {exc}") from None
+    shutil.copyfile(tokenizer, out / HF_FILE)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer.parent / name).is_file():
+            shutil.copyfile(tokenizer.parent / name, out / name)
 
 
 def _write_sentencepiece(tokenizer: Path, out: Path) -> None:

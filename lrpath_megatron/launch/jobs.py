@@ -104,6 +104,10 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
         jobs.append(Job(r.version, r.version, steps[0], r.step, None, segment_of[r.step],
                         MergeSpec(steps, str(r.merge["weights"]))))
     if export is not None and export.hf:
+        if export.tokenizer is not None and not Path(export.tokenizer).exists():
+            # Checked at launch: the export jobs run only after their release has trained.
+            raise ConfigError(f"plan.export.tokenizer {export.tokenizer} does not exist; give the tokenizer the "
+                              f"data was preprocessed with (a SentencePiece .model, a tokenizer.json or its directory)")
         released = {j.key: j for j in jobs if j.key in {r.version for r in releases}}
         jobs += [Job(f"{key}-hf", key, job.end_step, job.end_step, None, key, export=ExportSpec(export.tokenizer))
                  for key, job in released.items()]
