@@ -24,6 +24,7 @@ from lrpath_megatron import checkpoint, checkpoint_layout, ranks
 from lrpath_megatron.checkpoint import StagedSave
 from lrpath_megatron.checkpoint_layout import iter_name
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mcore_patches import results_queue_dies_with_trainer
 
 _REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -35,6 +36,9 @@ class CheckpointWriter:
     def __init__(self, root: Path, background: bool, log: Callable[[str], None]):
         self.root, self.log = Path(root), log
         self._queue = AsyncCallsQueue() if background else None
+        # megatron-core's writers report through a queue served by a spawned process: start it with the run,
+        # not at the first save, where its seconds of start-up would stall training.
+        results_queue_dies_with_trainer()
         self._pending: tuple[StagedSave, Callable[[Path], None]] | None = None
         latest = checkpoint_layout.find_latest(self.root)
         self._last_size = _size(latest) if latest is not None else 0
