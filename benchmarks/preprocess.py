@@ -151,7 +151,7 @@ def verify_fast(inputs: list, prefix: Path, model: Path, env: dict) -> dict:
 
 
 def targets(runs: list, raw: dict) -> dict:
-    """The issue's targets, computed from this run's numbers."""
+    """The throughput targets (docs/data.md), computed from this run's numbers."""
     def run(tool: str, workers: int) -> dict:
         return next((r for r in runs if r["tool"].startswith(tool) and r["workers"] == workers), {})
 
