@@ -242,15 +242,26 @@ def results_queue_dies_with_trainer() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from lrpath_megatron.distributed import die_with_parent
-
     WRITE_RESULTS_QUEUE.check()
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=_results_server_init, initargs=(os.getpid(),))
     _results_manager.append(manager)
     filesystem_async._results_queue = manager.Queue()
+
+
+def _results_server_init(parent_pid: int) -> None:
+    """The result queue's server lives exactly as long as its trainer. SLURM signals every process of a job
+    step (USR1 before the time limit, TERM on preemption): the trainer answers with a save that needs this
+    server, so the server ignores them and goes when the trainer does."""
+    import signal
+
+    from lrpath_megatron.distributed import die_with_parent
+
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 # ------------------------------------------------------------------------------------------- performance levers
