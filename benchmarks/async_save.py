@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=8, help="tokens per step: short, so one save takes many steps")
     parser.add_argument("--steps", type=int, default=101)
     parser.add_argument("--interval", type=int, default=25)
     args = parser.parse_args()
@@ -64,14 +65,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lrpath_async_save_"))
     config = tiny_config(
         prepare_demo_data(work / "data"), work / "c.yaml",
-        model={"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": 8, "seq_length": 32},
+        model={"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": 8, "seq_length": args.seq},
         parallel={"micro_batch_size": 1, "global_batch_size": 1},
         schedule={"train_steps": args.steps, "warmup_steps": 2},
         checkpoint={"save_interval": args.interval, "keep_last": 1})
     result = {"conditions": {
         "cpu_cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
-        "note": "one process, gloo, OMP_NUM_THREADS=1; the cores are shared with other jobs running at the same time",
-        "model": {"layers": args.layers, "hidden": args.hidden, "seq_length": 32, "global_batch": 1},
+        "note": "one training process, gloo, OMP_NUM_THREADS=1; anything else running shows in the load averages",
+        "model": {"layers": args.layers, "hidden": args.hidden, "seq_length": args.seq, "global_batch": 1},
         "steps": args.steps, "save_interval": args.interval}}
     for mode, extra in (("sync", []), ("async", ["--set", "checkpoint.async_save=true"])):
         arrived, out = timed_steps(config, work / mode, extra)

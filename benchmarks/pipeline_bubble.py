@@ -23,7 +23,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_bubble.json"
 MODEL = dict(num_layers=8, hidden_size=256, num_attention_heads=4, seq_length=256, vocab_size=1000)
-MICRO_BATCH, STEPS = 2, 3
+MICRO_BATCH, STEPS = 2, 9
 WAITED = [0.0]  # seconds this rank spent in p2p waits
 
 

@@ -107,9 +107,8 @@ class StagedSave:
 def stage(root: Path, step: int, model, optimizer, trainer_state: dict, manifest: dict,
           save_optimizer: bool = True) -> StagedSave:
     """Collective. Everything of the checkpoint at ``step`` up to the tensor writes: the temporary directory,
-    megatron-core's save plans (whose write requests hold the state as it is now: a background write
-    forks a process that sees this moment's memory, a GPU's tensors are copied to host first), and the
-    small per-rank files."""
+    megatron-core's save plans (whose write requests refer to the live tensors: a background write copies
+    them when it is handed over, before training changes them), and the small per-rank files."""
     chunks = model_chunks(model)
     root = Path(root)
     tmp = root / f".tmp_{iter_name(step)}"
@@ -138,11 +137,11 @@ def stage(root: Path, step: int, model, optimizer, trainer_state: dict, manifest
 
 
 def _one_request(requests: list[AsyncRequest], digests: Path) -> AsyncRequest:
-    """The write requests of the parts (model, optimizer) as one, its tensors staged in host memory now
-    (megatron-core's preload: copies from a GPU; CPU tensors stay where they are, and a background write's
-    forked process sees them as they are at the fork). Every part's writers report through the one result
-    queue of the process, which each part's finalization reads in turn: the parts are written one after
-    the other in one process, in the order they are finalized. Then the same process writes the sha256 of
+    """The write requests of the parts (model, optimizer) as one, its tensors in host memory now
+    (megatron-core's preload: copies from a GPU; CPU tensors stay where they are: a background write
+    copies them into its staging buffers when it is handed over). Every part's writers report through the
+    one result queue of the process, which each part's finalization reads in turn: the parts are written
+    one after the other by one process, in the order they are finalized. Then the same process writes the sha256 of
     the files it wrote to ``digests``, for the manifest: hashing a large checkpoint would otherwise stall
     training in :func:`commit`."""
     parts = []
@@ -152,10 +151,10 @@ def _one_request(requests: list[AsyncRequest], digests: Path) -> AsyncRequest:
             args[1] = request.preload_fn()  # the write buckets, staged
         if request.async_fn is not None:  # None: nothing of this part to write on this rank
             parts.append((request.async_fn, args, request.async_fn_kwargs))
-    return AsyncRequest(_write_parts, (parts, digests), [fn for request in requests for fn in request.finalize_fns])
+    return AsyncRequest(write_parts, (parts, digests), [fn for request in requests for fn in request.finalize_fns])
 
 
-def _write_parts(parts: list, digests: Path) -> None:
+def write_parts(parts: list, digests: Path) -> None:
     for write, args, kwargs in parts:
         write(*args, **kwargs)
     written = [Path(bucket[0]) for _, args, _ in parts for bucket in args[1]]  # (file path, key, data)

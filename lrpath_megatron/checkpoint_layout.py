@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
@@ -59,16 +59,23 @@ def find_resumable(root: Path) -> Path | None:
     return next(_resumable(root), None)
 
 
-def prune(root: Path, keep_last: int, protected: set) -> list[Path]:
+def delete_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        shutil.rmtree(d)
+
+
+def prune(root: Path, keep_last: int, protected: set,
+          remove: Callable[[list[Path]], None] = delete_dirs) -> list[Path]:
     """Delete all but the ``keep_last`` newest resumable checkpoints, never a step in ``protected`` (fork
     points, merge inputs, the path's end) nor a weights-only one (always a merge input or a release).
     Each is renamed out of sight first, so a kill mid-delete leaves only a leftover that
-    :func:`remove_stale_temporaries` removes. Returns the deleted checkpoints."""
+    :func:`remove_stale_temporaries` removes; ``remove`` deletes the renamed directories (it may do so
+    later). Returns the deleted checkpoints."""
     doomed = [p for p in list(_resumable(root))[keep_last:] if read_manifest(p)["step"] not in protected]
-    for ckpt in doomed:
-        hidden = ckpt.with_name(f".del_{ckpt.name}")
-        os.rename(ckpt, hidden)
-        shutil.rmtree(hidden)
+    hidden = [ckpt.with_name(f".del_{ckpt.name}") for ckpt in doomed]
+    for ckpt, gone in zip(doomed, hidden):
+        os.rename(ckpt, gone)
+    remove(hidden)
     return doomed
 
 

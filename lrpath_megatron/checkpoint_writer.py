@@ -2,9 +2,10 @@
 failed write means to the user.
 
 A background write is megatron-core's asynchronous dist-checkpointing: :func:`checkpoint.stage` plans the
-write and captures the state, megatron-core's :class:`AsyncCallsQueue` forks a process per part that
-writes it while training goes on, and its finalization (collective) gathers every rank's result. Only
-then :func:`checkpoint.commit` makes the checkpoint visible. One write is in flight at a time.
+write, the rank's writer process (:mod:`checkpoint_process`, started with the run) gets a copy of the
+state and writes it with megatron-core's write function while training goes on, and megatron-core's
+finalization (collective) gathers every rank's result once every rank's process is done. Only then
+:func:`checkpoint.commit` makes the checkpoint visible. One write is in flight at a time.
 
 Collective: every rank calls every method at the same step.
 """
@@ -13,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lrpath_megatron import checkpoint, checkpoint_layout, ranks
 from lrpath_megatron.checkpoint import StagedSave
 from lrpath_megatron.checkpoint_layout import iter_name
+from lrpath_megatron.checkpoint_process import WriterProcess
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mcore_patches import results_queue_dies_with_trainer
 
@@ -35,11 +37,12 @@ MIB = 1 << 20
 class CheckpointWriter:
     def __init__(self, root: Path, background: bool, log: Callable[[str], None]):
         self.root, self.log = Path(root), log
-        self._queue = AsyncCallsQueue() if background else None
+        self._process = WriterProcess() if background else None
         # megatron-core's writers report through a queue served by a spawned process: start it with the run,
         # not at the first save, where its seconds of start-up would stall training.
         results_queue_dies_with_trainer()
         self._pending: tuple[StagedSave, Callable[[Path], None]] | None = None
+        self._deleting: threading.Thread | None = None
         latest = checkpoint_layout.find_latest(self.root)
         self._last_size = _size(latest) if latest is not None else 0
 
@@ -50,8 +53,8 @@ class CheckpointWriter:
         assert self._pending is None, "one checkpoint write at a time: wait() first"
         with self._explained(step):
             staged = stage()
-            if self._queue is not None:
-                self._queue.schedule_async_request(staged.request)
+            if self._process is not None:
+                self._process.submit(*staged.request.async_fn_args)
                 self._pending = (staged, on_commit)
                 return
             staged.request.execute_sync()
@@ -64,21 +67,42 @@ class CheckpointWriter:
             self._finish(blocking=False)
 
     def wait(self, why: str) -> None:
-        """Block until the write in flight is committed (or raise its failure); log how long that took."""
+        """Block until the write in flight is committed (or raise its failure); log how long that took.
+        Also waits for old checkpoints still being deleted."""
+        self._join_deletes()
         if self._pending is None:
             return
         name, start = self._pending[0].final.name, time.perf_counter()
         self._finish(blocking=True)
         self.log(f"waited {time.perf_counter() - start:.2f} s for the background write of {name} ({why})")
 
+    def close(self) -> None:
+        """At the end of the run, after :meth:`wait`: the writer process exits."""
+        self._join_deletes()
+        if self._process is not None:
+            self._process.close()
+
     def abort(self) -> None:
         """Local, on the way out after an error: kill the write in flight (its temporary directory is
         removed when the run starts again)."""
-        if self._queue is not None:
-            for active in self._queue.async_calls:
-                active.async_caller.close(abort=True)
-            self._queue.async_calls.clear()
+        if self._process is not None:
+            self._process.abort()
         self._pending = None
+
+    def delete(self, dirs: list[Path]) -> None:
+        """Rank 0: remove pruned checkpoints (already renamed out of sight). In the background with background
+        writes: freeing a large checkpoint's files takes the kernel a while, which would stall training."""
+        if self._process is None:
+            checkpoint_layout.delete_dirs(dirs)
+            return
+        self._join_deletes()
+        self._deleting = threading.Thread(target=checkpoint_layout.delete_dirs, args=(dirs,), daemon=True)
+        self._deleting.start()
+
+    def _join_deletes(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     def check_space(self, step: int) -> None:
         """Rank 0, before a save: warn when the checkpoint filesystem has less room than the last checkpoint took."""
@@ -91,10 +115,15 @@ class CheckpointWriter:
     def _finish(self, blocking: bool) -> None:
         staged, on_commit = self._pending
         with self._explained(staged.step):
-            self._queue.maybe_finalize_async_calls(blocking=blocking)
-            if self._queue.get_num_unfinalized_calls():
+            done, failure = self._process.finished(blocking)
+            busy, failed = ranks.on_any_rank(not done, failure is not None)
+            if failed:
+                raise RuntimeError(failure or "the checkpoint writer process of another rank failed")
+            if busy:
                 return
             self._pending = None
+            for finalize in staged.request.finalize_fns:  # megatron-core's: raises every rank's write errors
+                finalize()
             final = checkpoint.commit(staged)
         self._committed(final, on_commit)
 

@@ -238,6 +238,7 @@ class Checkpointer:
 
     def finish(self) -> None:
         self.writer.wait("the run ends")
+        self.writer.close()
 
     def abort(self) -> None:
         self.writer.abort()
@@ -255,4 +256,5 @@ class Checkpointer:
         if not keep:
             return []
         path = self.run.path
-        return checkpoint_layout.prune(self.root, keep, path.save_steps | path.weights_only_steps | {path.end_step})
+        return checkpoint_layout.prune(self.root, keep, path.save_steps | path.weights_only_steps | {path.end_step},
+                                       self.writer.delete)

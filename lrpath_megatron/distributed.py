@@ -53,7 +53,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
 
     env = read_env()
     parallel.data_parallel(env.world_size)  # raises ConfigError on a world that does not factor
-    _forks_die_with_this_process()
+    forks_die_with_this_process()
     cuda = use_cuda()
     if cuda:
         torch.cuda.set_device(env.local_rank)
@@ -83,7 +83,7 @@ _PR_SET_PDEATHSIG = 1
 _forking_pid: list[int] = []  # the pid of the process that forks, recorded just before each fork
 
 
-def _forks_die_with_this_process() -> None:
+def forks_die_with_this_process() -> None:
     """megatron-core writes each checkpoint through forked writer processes. A trainer killed with -9
     mid-save would leave them blocked forever on their result queue, and deaf to SIGTERM (they inherit
     the trainer's save-and-requeue handler, which must stay: a SLURM preemption signals them too while

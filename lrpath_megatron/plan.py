@@ -180,6 +180,33 @@ class ReleaseInfo:
 
 
 @dataclass(frozen=True)
+class AutoDecay:
+    """A decay_steps: auto release: the decay lengths it may take and, per length, where its branch forks
+    and ends; ``choice`` is the recorded choice (``RUN/<version>/decay_choice.json``) once its branch chose."""
+
+    candidates: tuple  # decay lengths in steps, shortest first
+    forks: dict  # decay length -> (fork step, branch end step)
+    nominal_forks: dict  # decay length -> the fork its settings give (before plan.fork: effective moves it)
+    choice: Optional[dict] = None
+
+    @property
+    def bounds(self) -> tuple:
+        return self.candidates[0], self.candidates[-1]
+
+    @property
+    def fork_span(self) -> tuple:
+        """The earliest and the latest main-path step the branch may fork at: it can start only once the main
+        path has saved the latest (for a tail branch forking where its decay fits, the shortest decay's)."""
+        forks = [f for f, _ in self.forks.values()]
+        return min(forks), max(forks)
+
+    def own_steps(self) -> tuple:
+        """The fewest and the most steps the branch trains beyond the main path, over the candidates."""
+        own = [end - fork for fork, end in self.forks.values()]
+        return min(own), max(own)
+
+
+@dataclass(frozen=True)
 class ResolvedVersion:
     index: int
     name: str
@@ -201,9 +228,11 @@ class ResolvedVersion:
 class Plan:
     """A validated plan; build with :func:`load_plan` or :meth:`Plan.from_dict`."""
 
-    def __init__(self, written: TrainConfig, config: PlanConfig, source: str = ""):
+    def __init__(self, written: TrainConfig, config: PlanConfig, source: str = "", decided: Optional[dict] = None):
         """``written``: the plan's training sections as written; optimizer.lr / min_lr stand in for an
-        unwritten plan.main.eta_max / eta_min."""
+        unwritten plan.main.eta_max / eta_min. ``decided``: version -> :class:`AutoDecay` of decay_steps: auto
+        releases this plan fixes at their choice (:meth:`with_decay`): the main path still reaches and saves
+        every candidate fork of theirs, as it did when it trained."""
         self.config = config
         self.source = source
         main = config.main
@@ -238,7 +267,14 @@ class Plan:
         self.versions: list[ResolvedVersion] = self._resolve_versions()
         if config.fork == "effective":
             self.versions = [self._fork_effectively(v, r) for v, r in zip(self.versions, self._releases)]
-        self.main_end = max(v.release.step for v in self.versions)
+        # Every decay_steps: auto release, undecided (its candidates) or fixed at its choice (``decided``).
+        self.auto_decays: dict[str, AutoDecay] = {
+            v.name: AutoDecay(tuple(self.decay_candidates[v.name]), *self._candidate_forks(v, r))
+            for v, r in zip(self.versions, self._releases) if v.name in self.decay_candidates}
+        self.auto_decays.update({k: d for k, d in (decided or {}).items() if k not in self.auto_decays})
+        # The main path trains to the last fork a release may take: an undecided branch chooses when it starts.
+        self.main_end = max([v.release.step for v in self.versions]
+                            + [f for d in self.auto_decays.values() for f, _ in d.forks.values()])
         self._validate_save_steps()
         self._paths = self._build_paths()
 
@@ -359,7 +395,7 @@ class Plan:
                 raise ConfigError(f"{where}.decay_fraction={value} must be in (0, 1] (of the version's steps)")
             if value == "auto":
                 # Resolved at the shortest candidate until a branch records its choice (Plan.with_decay):
-                # the main path then trains to the latest candidate fork, saving at every earlier one.
+                # the main path trains to the latest candidate fork (Plan.auto_decays), saving at every one.
                 self.decay_candidates[name] = self._auto_candidates(r, seg_steps, where)
                 value = self.decay_candidates[name][0]
             elif r.decay_bounds is not None:
@@ -405,6 +441,18 @@ class Plan:
             raise ConfigError(
                 f"{shown} is inside the main path's warmup (steps 0..{self.warmup_steps}); fork after warmup"
             )
+        if name in self.decay_candidates and fork is not None and r.data == "tail" \
+                and fork_step + self.decay_candidates[name][-1] > end:
+            # A fixed fork leaves a tail branch end - fork steps of the version's data: the default bounds stop
+            # there; written bounds that run past it are refused like a fixed decay that does.
+            room = end - fork_step
+            if r.decay_bounds is not None:
+                raise ConfigError(
+                    f"{where}: decay_bounds up to {self.decay_candidates[name][-1]} steps from fork step {fork_step} "
+                    f"run past the end of {name}'s data at step {end} (data: tail trains only the rest of the "
+                    f"version's segment, {room} steps); lower decay_bounds to at most {room}, fork earlier, or "
+                    "use data: replay")
+            self.decay_candidates[name] = sorted({n for n in self.decay_candidates[name] if n <= room} | {room})
         if r.method == "decay":
             if r.data == "tail" and fork_step + decay > end:
                 raise ConfigError(
@@ -436,23 +484,33 @@ class Plan:
             raise ConfigError(f"{where}.decay_bounds={r.decay_bounds!r} must be [min, max] steps with 2 <= min <= max")
         return sorted({lo, hi} | {round(f * seg_steps) for f in AUTO_DECAY_FRACTIONS if lo <= round(f * seg_steps) <= hi})
 
-    def _candidate_forks(self, v: ResolvedVersion, r: ReleaseConfig) -> set:
-        """The main-path steps the branch of a decay_steps: auto version may fork at, one per candidate."""
-        forks = set()
+    def _candidate_forks(self, v: ResolvedVersion, r: ReleaseConfig) -> dict:
+        """Per decay length a decay_steps: auto version may take, the main-path step its branch forks at (after
+        the plan's fork rule) and the step it ends at. A tail branch without a fixed fork forks where its decay
+        ends the version's data, so the shortest decay forks last; with a fixed fork, the stable part of a knee
+        (or stable_fraction) moves the effective fork later for longer decays; replay and mixed branches keep
+        their fork. Returns ({length: (fork, end)}, {length: nominal fork})."""
+        forks, nominal_forks = {}, {}
         moves = r.data == "tail" and all(getattr(r, k) is None for k in ("fork_step", "fork_tokens", "fork_fraction"))
         for n in self.decay_candidates[v.name]:
             nominal = v.end_step - n if moves else v.release.nominal_step
             alt = dataclasses.replace(v, release=dataclasses.replace(v.release, step=nominal, nominal_step=nominal,
                                                                      decay_steps=n), branch_end=nominal + n)
-            forks.add((self._fork_effectively(alt, r) if self.config.fork == "effective" else alt).release.step)
-        return forks
+            alt = self._fork_effectively(alt, r) if self.config.fork == "effective" else alt
+            forks[n], nominal_forks[n] = (alt.release.step, alt.branch_end), nominal
+        return forks, nominal_forks
 
-    def with_decay(self, name: str, decay_steps: int) -> "Plan":
-        """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto choice)."""
+    def with_decay(self, name: str, decay_steps: int, choice: Optional[dict] = None) -> "Plan":
+        """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto choice, recorded as
+        ``choice`` when it was made). The main path keeps reaching and saving every candidate fork of the
+        auto releases (it trains them before their branches choose)."""
         versions = [dataclasses.replace(v, release=dataclasses.replace(
             v.release, decay_steps=decay_steps, decay_tokens=None, decay_fraction=None, decay_bounds=None))
                     if v.name == name else v for v in self.config.versions]
-        return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source)
+        decided = {k: d for k, d in self.auto_decays.items() if k not in self.decay_candidates}
+        if name in self.decay_candidates:
+            decided[name] = dataclasses.replace(self.auto_decays[name], choice=choice or {"decay_steps": decay_steps})
+        return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source, decided)
 
     def with_choices(self, run_dir: Path) -> "Plan":
         """This plan with the decay lengths its decay_steps: auto branches chose in ``run_dir`` (the releases
@@ -461,7 +519,8 @@ class Plan:
         for name in self.decay_candidates:
             record = RunLayout(Path(run_dir)).path(name).decay_choice
             if record.is_file():
-                plan = plan.with_decay(name, json.loads(record.read_text())["decay_steps"])
+                choice = json.loads(record.read_text())
+                plan = plan.with_decay(name, choice["decay_steps"], choice)
         return plan
 
     # ---------------------------------------------------------------- paths
@@ -491,9 +550,8 @@ class Plan:
     def _build_paths(self) -> dict[str, PathSpec]:
         # A release's own step is a full checkpoint: branches fork there and launch ends a main segment there.
         save = set(self.config.main.save_steps) | {v.release.step for v in self.versions}
-        for v, r in zip(self.versions, self._releases):
-            if v.name in self.decay_candidates:
-                save |= self._candidate_forks(v, r)
+        for d in self.auto_decays.values():
+            save |= {f for f, _ in d.forks.values()}
         weights_only = set(self.config.main.weights_only_steps)
         for v in self.versions:
             weights_only |= v.merge_input_steps()
@@ -632,18 +690,30 @@ class Plan:
     def costs(self) -> dict:
         """Tokens and FLOPs of the main path, each branch and the total, beside PTFS and CPT for the
         same versions (PTFS: version v trains D_1..D_v from scratch; CPT: version v trains D_v from the
-        previous release). This is what ``lrpath plan --json`` prints."""
+        previous release). This is what ``lrpath plan --json`` prints.
+
+        A decay_steps: auto release that has not chosen yet (``undecided``) costs between its shortest and its
+        longest candidate: its row and the totals then carry ``*_range`` [fewest, most] beside the single
+        numbers, which are the fewest (every undecided release at its shortest decay). The main path counts
+        to the latest fork any auto release may take, chosen or not: it trains there before they choose."""
         tps, fpt = self.tokens_per_step, self.flops_per_token()
         rows, ptfs, cpt, branches, main_steps = [], 0, 0, 0, 0
+        most = 0  # branch steps with every undecided release at its longest decay
+        undecided = [v.name for v in self.versions if v.name in self.decay_candidates]
         nominal_main = nominal_branches = 0  # the same releases with every branch at its nominal fork
         for v in self.versions:
             ptfs += v.end_step  # D_1..D_v
             cpt += v.steps
             own = v.branch_end - v.release.step  # the steps only the branch trains (0 for a merge)
+            auto = self.auto_decays.get(v.name)
+            own_range = auto.own_steps() if v.name in undecided else (own, own)
+            own = own_range[0]
             branches += own
-            main_steps = max(main_steps, v.release.step)
+            most += own_range[1]
+            main_steps = max(main_steps, v.release.step, auto.fork_span[1] if auto else 0)
             nominal = v.release.nominal_step if v.release.nominal_step is not None else v.release.step
-            nominal_main, nominal_branches = max(nominal_main, nominal), nominal_branches + v.branch_end - nominal
+            nominal_main = max(nominal_main, nominal, max(auto.nominal_forks.values()) if auto else 0)
+            nominal_branches += v.branch_end - nominal
             spent = main_steps + branches
             path = self._paths.get(v.name)
             rows.append({
@@ -674,7 +744,19 @@ class Plan:
                 "cpt_cumulative_tokens": cpt * tps,
                 "cumulative_ratio_vs_ptfs": spent / ptfs,
                 "cumulative_ratio_vs_cpt": spent / cpt,
+                # decay_steps: auto: the bounds, the forks the candidates take, and the choice once recorded
+                "decay_auto": None if auto is None else {
+                    "bounds": list(auto.bounds), "candidates": list(auto.candidates),
+                    "fork_steps": list(auto.fork_span), "chosen": None if v.name in undecided else v.release.decay_steps,
+                    "choice": auto.choice},
             })
+            if undecided:
+                spent_most = main_steps + most
+                rows[-1].update({
+                    "branch_steps_range": list(own_range), "tokens_range": [own_range[0] * tps, own_range[1] * tps],
+                    "cumulative_tokens_range": [spent * tps, spent_most * tps],
+                    "cumulative_ratio_vs_ptfs_range": [spent / ptfs, spent_most / ptfs],
+                    "cumulative_ratio_vs_cpt_range": [spent / cpt, spent_most / cpt]})
         total = self.main_end + branches
         return {
             "fork_rule": self.config.fork,
@@ -700,6 +782,13 @@ class Plan:
             "cpt_flops": cpt * tps * fpt,
             "cost_ratio_vs_ptfs": total / ptfs,
             "cost_ratio_vs_cpt": total / cpt,
+            "undecided": undecided,
+            **({} if not undecided else {
+                "branch_tokens_range": [branches * tps, most * tps],
+                "total_tokens_range": [total * tps, (self.main_end + most) * tps],
+                "total_flops_range": [total * tps * fpt, (self.main_end + most) * tps * fpt],
+                "cost_ratio_vs_ptfs_range": [total / ptfs, (self.main_end + most) / ptfs],
+                "cost_ratio_vs_cpt_range": [total / cpt, (self.main_end + most) / cpt]}),
         }
 
     def resolved(self) -> dict:

@@ -27,3 +27,13 @@ def gather(obj: Any) -> list:
     gathered: list[Any] = [None] * world()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def on_any_rank(*flags: bool) -> list[bool]:
+    """Collective: each flag, true when it is true on any rank."""
+    agreed = torch.tensor([int(f) for f in flags])
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            agreed = agreed.cuda()
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+    return [bool(f) for f in agreed.tolist()]

@@ -14,7 +14,7 @@ import time
 import torch
 from megatron.core import parallel_state
 
-from lrpath_megatron import distributed, forward
+from lrpath_megatron import distributed, forward, ranks
 from lrpath_megatron.checkpointer import Checkpointer
 from lrpath_megatron.config import TrainConfig
 from lrpath_megatron.data import TrainData, ValidData
@@ -105,11 +105,14 @@ class Trainer:
                     record.update(samples_per_corpus=stats["samples"], mix_fractions=stats["fractions"],
                                   stage=stats["stage"], events=stats["events"])
                     self.logger.log(record)
-                signalled, time_due = self._agreed(self._signal is not None, self.checkpointer.time_due())
+                # One rank's signal (SLURM signals ranks at slightly different times) or wall clock saying
+                # "save" means every rank saves.
+                signalled, time_due = ranks.on_any_rank(self._signal is not None, self.checkpointer.time_due())
                 if signalled or time_due or self.checkpointer.should_save(self.step):
                     self.save(for_resume=signalled)
                     last_saved = self.step
                 if signalled:
+                    self.checkpointer.finish()
                     self._print(f"[{self.run.name}] signal received: saved at step {self.step}, exiting for requeue")
                     return EXIT_REQUEUE
             if last_saved != self.step:
@@ -188,15 +191,6 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
-
-    def _agreed(self, *flags: bool) -> list[bool]:
-        """All ranks agree on each flag: one rank's signal (SLURM signals ranks at slightly different times)
-        or wall clock saying "save" means everyone saves."""
-        agreed = torch.tensor([int(f) for f in flags])
-        if distributed.use_cuda():
-            agreed = agreed.cuda()
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        return [bool(f) for f in agreed.tolist()]
 
     def _print(self, msg: str) -> None:
         if self.is_rank0:

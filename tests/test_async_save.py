@@ -123,3 +123,19 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_once_space_is_free
     assert "resumed at step 2" in out
     assert sorted(losses(run_dir)) == list(range(6)) and not list(ckpts.glob(".tmp_iter_*"))
     assert sorted(_checkpoints(run_dir)) == [2, 3, 4, 5, 6]
+
+
+def test_staging_that_does_not_fit_in_shared_memory_is_refused_with_its_size(tmp_path, monkeypatch):
+    """A background write stages its tensors in /dev/shm: one that cannot hold them (a container's 64 MiB
+    default) is refused before anything is allocated, naming what it needs and the two ways out."""
+    from lrpath_megatron import checkpoint_process
+    from lrpath_megatron.errors import LrpathError
+
+    monkeypatch.setattr(checkpoint_process, "SHARED_MEMORY", tmp_path)
+    huge = torch.empty(1 << 50, dtype=torch.float32, device="meta")  # 4 PiB, no memory behind it
+    with pytest.raises(LrpathError, match=r"shared memory .* 4294967296\.0 MiB: enlarge it .*--shm-size.* "
+                                          r"checkpoint.async_save: false"):
+        checkpoint_process.WriterProcess._allocate({(0, 0, 0): huge})
+    small = torch.arange(6.0)
+    staged = checkpoint_process.WriterProcess._allocate({(0, 0, 0): small})[(0, 0, 0)]
+    assert staged.is_shared() and staged.shape == small.shape and staged.dtype == small.dtype

@@ -6,6 +6,7 @@ and a USR1-triggered requeue of a running main-path job.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -20,8 +21,8 @@ import pytest
 import yaml
 
 from lrpath_megatron.cli import main as lrpath_main
-from lrpath_megatron.launch.jobs import Job, MergeSpec, build_jobs, merge_args
-from lrpath_megatron.plan import load_plan
+from lrpath_megatron.launch.jobs import AutoSpec, Job, MergeSpec, build_jobs, merge_args
+from lrpath_megatron.plan import Plan, load_plan
 from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -468,3 +469,43 @@ def _run_scripts_without_slurm(plan_file: Path, run: Path, out: Path, bin_dir: P
             assert proc.wait(timeout=300) == 0, _logs(run)
     _check_requeued_segment((run / "main" / "logs" / "slurm-1.out").read_text())
     _check_paths_trained(run)
+
+
+def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_file, tmp_path, capsys):
+    """decay_steps: auto knee branches: v1 forks where its decay ends D_1 (the shortest forks last), v2 from a
+    fixed step 36 (the stable half moves longer decays' forks later); a replay branch keeps its one fork."""
+    plan = yaml.safe_load(plan_file.read_text())
+    plan["plan"]["versions"][0]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto",
+                                              "decay_bounds": [6, 20], "data": "tail"}
+    plan["plan"]["versions"][1]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto",
+                                              "decay_bounds": [4, 20], "data": "tail", "fork_step": 36}
+    path, run, out = tmp_path / "auto.yaml", tmp_path / "run", tmp_path / "out"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    loaded = load_plan(path)
+    jobs = build_jobs(loaded.paths(), loaded.releases(), auto=loaded.auto_decays)
+    assert jobs == [
+        Job("main@27", "main", 0, 27, 27, None),
+        Job("main", "main", 27, 46, None, "main@27"),  # the main path reaches v2's latest candidate fork
+        Job("v1", "v1", 20, 30, None, "main@27", auto=AutoSpec((6, 20), (20, 27))),
+        Job("v2", "v2", 38, 56, None, "main", auto=AutoSpec((4, 20), (38, 46))),
+    ]
+    main = loaded.path("main")
+    for job in jobs[2:]:  # every candidate fork is saved before the segment the branch waits for ends
+        forks = {f for f, _ in loaded.auto_decays[job.key].forks.values()}
+        ends = next(j.end_step for j in jobs if j.key == job.after)
+        assert forks <= main.save_steps and max(forks) == ends
+    replay = copy.deepcopy(plan)
+    replay["plan"]["versions"][1]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto",
+                                                "decay_bounds": [4, 20], "data": "replay"}
+    assert Plan.from_dict(replay).auto_decays["v2"].fork_span == (60, 60)
+    # Before the choice: the launch says what is unknown, submit.sh waits for the latest fork.
+    assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "job v2: path v2 decay auto in [4, 20] steps (forks between step 38 and 46, chosen when it starts) " \
+           "after main" in printed
+    assert "--dependency=afterok:$job_main_27 v1.sbatch" in (out / "submit.sh").read_text()
+    # Once v1 chose (a resubmission), it waits for its own fork only.
+    (run / "v1" / "decay_choice.json").write_text(json.dumps({"decay_steps": 12, "no_forecast": "x"}))
+    assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
+    assert "job v1: path v1 steps 24..30 after main@24" in capsys.readouterr().out
+    assert "--dependency=afterok:$job_main_24 v1.sbatch" in (out / "submit.sh").read_text()

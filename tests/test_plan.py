@@ -458,3 +458,50 @@ def test_a_merge_window_reaching_into_the_warmup_is_refused():
     with pytest.raises(ConfigError, match=r"plan.versions\[0\].release.merge: merge window of 93 steps starts at "
                                           r"step 7, inside the warmup \(steps 0..9\).*at most 90 steps"):
         Plan.from_dict(data)
+
+
+def auto_tiny() -> dict:
+    """v1, v2: knee decays of auto length forking where they end their version's data; v3 from step 220."""
+    data = tiny(shape="knee", decay_steps="auto", decay_bounds=[20, 60])
+    data["plan"]["versions"][2]["release"]["fork_step"] = 220
+    return data
+
+
+def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, capsys):
+    plan = Plan.from_dict(auto_tiny())
+    assert plan.decay_candidates["v1"] == [20, 30, 40, 50, 60]
+    # Tail branches fork half a knee before their version's end: the shortest decay forks last. From a fixed fork
+    # the stable half moves the fork later for longer decays: the main path reaches the longest's fork (250).
+    assert plan.auto_decays["v1"].fork_span == (70, 90) and plan.auto_decays["v3"].fork_span == (230, 250)
+    assert plan.main_end == 250 and {230, 235, 240, 245, 250} <= plan.path("main").save_steps
+    costs = plan.costs()
+    assert costs["undecided"] == ["v1", "v2", "v3"]
+    assert costs["versions"][0]["tokens_range"] == [10 * TPS, 30 * TPS]
+    assert costs["total_tokens_range"] == [(250 + 30) * TPS, (250 + 90) * TPS]
+    assert costs["versions"][2]["decay_auto"] == {"bounds": [20, 60], "candidates": [20, 30, 40, 50, 60],
+                                                  "fork_steps": [230, 250], "chosen": None, "choice": None}
+    # A fixed fork leaves 80 steps of tail data: default bounds stop there, written ones past it are refused.
+    data = auto_tiny()
+    del data["plan"]["versions"][2]["release"]["decay_bounds"]
+    assert Plan.from_dict(data).decay_candidates["v3"] == [10, 20, 30, 40, 50, 60, 80]
+    data["plan"]["versions"][2]["release"]["decay_bounds"] = [20, 90]
+    with pytest.raises(ConfigError, match="decay_bounds up to 90 steps from fork step 220 run past the end"):
+        Plan.from_dict(data)
+
+    path, run = tmp_path / "auto.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(auto_tiny()))
+    assert cli.main(["plan", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "v3: decay auto in [20, 60] steps (forks between step 230 and 250)" in table
+    assert "auto 230..250" in table and "ratio 0.467..0.567" in table
+    (run / "v3").mkdir(parents=True)
+    (run / "v3" / "decay_choice.json").write_text(json.dumps(
+        {"decay_steps": 40, "predicted_loss": 3.25, "predicted_sd": 0.01}))
+    assert cli.main(["plan", str(path), "--run-dir", str(run), "--json"]) == 0
+    costs = json.loads(capsys.readouterr().out)
+    v3 = costs["versions"][2]
+    assert costs["undecided"] == ["v1", "v2"] and costs["plan_hash"] == plan.plan_hash()
+    assert v3["decay_steps"] == 40 and v3["fork_step"] == 240 and v3["decay_auto"]["chosen"] == 40
+    assert "tokens_range" in costs["versions"][0] and costs["main"]["steps"] == 250  # trained before v3 chose
+    assert cli.main(["plan", str(path), "--run-dir", str(run)]) == 0
+    assert "v3: decay auto in [20, 60] steps chose 40: forecast 3.2500 ± 0.0100" in capsys.readouterr().out

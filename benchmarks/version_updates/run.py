@@ -282,6 +282,15 @@ class Benchmark:
         names = [v.name for v in self.loaded["baselines"].versions]
         return {m: dict(zip(names, (done[c] for c in ckpts))) for m, ckpts in wanted.items()}
 
+    def decay_choice(self, m: Method, version: str) -> Optional[dict]:
+        """What a decay_steps: auto release chose when its branch started (RUN/vN/decay_choice.json)."""
+        from lrpath_megatron.run_layout import RunLayout
+
+        if m.kind != "switch" or m.release.get("decay_steps") != "auto":
+            return None
+        record = RunLayout(self.run / "switch" / m.slug).path(version).decay_choice
+        return json.loads(record.read_text()) if record.is_file() else None
+
     def costs(self, m: Method) -> tuple[list[int], int]:
         """Cumulative tokens trained when each version is released, and the PTFS total."""
         base = self.loaded["baselines"].costs()
@@ -314,6 +323,9 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
                 "cumulative_tokens": cumulative[i],
                 "cumulative_cost_vs_ptfs_total": cumulative[i] / ptfs_total,
             }
+            choice = bench.decay_choice(m, name)
+            if choice is not None:
+                versions[name]["decay_choice"] = choice_summary(choice, versions[name]["val_loss_seen"])
         methods[m.name] = {"kind": m.kind, "main": m.main, "release": m.release,
                            "tokens": cumulative[-1], "cost_ratio_vs_ptfs": cumulative[-1] / ptfs_total,
                            "versions": versions}
@@ -345,6 +357,17 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
         "recommended": _recommend(methods),
         "seconds_this_invocation": round(elapsed, 1),  # a rerun reuses finished runs
     }
+
+
+def choice_summary(choice: dict, measured: float) -> dict:
+    """A forecast's choice beside the release's measured loss (the seen-data mean of `lrpath eval`)."""
+    out = {"decay_steps": choice["decay_steps"]}
+    if "predicted_loss" in choice:
+        out.update(predicted_loss=choice["predicted_loss"], predicted_sd=choice["predicted_sd"],
+                   measured_loss=measured, relative_error=(choice["predicted_loss"] - measured) / measured)
+    else:
+        out["no_forecast"] = choice["no_forecast"]
+    return out
 
 
 def _paper_setting(methods: dict) -> Optional[dict]:
@@ -412,6 +435,14 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {row['tokens']:,} | {row['cost_ratio_vs_ptfs']:.3f} | "
                      f"{row['mean_relative_gap_vs_ptfs']:+.2%} | {row['max_relative_gap_vs_ptfs']:+.2%} | "
                      f"{'yes' if row['comparable_to_ptfs'] else 'no'} |")
+    chosen = [(name, vname, v["decay_choice"]) for name, row in result["methods"].items()
+              for vname, v in row["versions"].items() if "decay_choice" in v]
+    if chosen:
+        lines += ["", "| method | version | decay steps chosen | forecast | measured | error |", "|---|---|---|---|---|---|"]
+        for name, vname, c in chosen:
+            told = (f"{c['predicted_loss']:.3f} ± {c['predicted_sd']:.3f} | {c['measured_loss']:.3f} | "
+                    f"{c['relative_error']:+.2%}" if "predicted_loss" in c else "none (too little data) | | ")
+            lines.append(f"| {name} | {vname} | {c['decay_steps']} | {told} |")
     return "\n".join(lines)
 
 

@@ -72,10 +72,7 @@ def run(args) -> int:
         print(f"wrote {f}")
     for job in rendered.jobs:
         after = f" after {job.after}" if job.after else ""
-        what = f"merge of main steps {', '.join(map(str, job.merge.steps))}" if job.merge else \
-            f"Hugging Face export of release {job.path}" if job.export else \
-            f"path {job.path} steps {job.start_step}..{job.end_step}"
-        print(f"  job {job.key}: {what}{after}")
+        print(f"  job {job.key}: {job.describe()}{after}")
     if not args.submit:
         print(f"submit with: bash {out / 'submit.sh'}   (or rerun with --submit)")
         return 0

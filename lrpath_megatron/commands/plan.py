@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set plan.main.eta_max=1e-3 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the costs as JSON instead of a table")
+    p.add_argument("--run-dir", help="a run of the plan: decay_steps: auto releases at the lengths their branches "
+                                     "chose there (RUN/<version>/decay_choice.json), the others as bounds")
     p.add_argument("--plot", metavar="OUT.png", help="draw the LR of every path against tokens")
     p.add_argument("--check-data", action="store_true", help="also check every corpus the plan uses: .bin/.idx exist and belong together, token ids < model.vocab_size")
     p.add_argument("--layout", action="store_true",
@@ -33,12 +35,16 @@ def run(args: argparse.Namespace) -> int:
     if args.layout and not args.cluster:
         raise SystemExit("lrpath plan: --layout needs --cluster PROFILE (the nodes and GPUs to fit)")
     plan = load_plan(args.plan, args.overrides)
+    plan_hash = plan.plan_hash()  # of the plan as written, also when shown with the choices of a run
+    if args.run_dir:
+        plan = plan.with_choices(args.run_dir)
     if args.layout:
         print(layout_report(plan.train_config, args.cluster, args.cluster_overrides, args.top))
         return 0
     if args.check_data:
         plan.check_data()
     costs = plan.costs()
+    costs["plan_hash"] = plan_hash
     if args.plot:
         from lrpath_megatron.plan_plot import draw_plan
 
@@ -88,27 +94,59 @@ def human(tokens: float) -> str:
     return f"{tokens:g}"
 
 
+def span(values: list, fmt=human) -> str:
+    """``a..b`` for a range of two different values, else the one value."""
+    return fmt(values[0]) if values[0] == values[-1] else f"{fmt(values[0])}..{fmt(values[-1])}"
+
+
+def auto_note(name: str, auto: dict) -> str:
+    """One line on a decay_steps: auto release: undecided (its bounds and fork steps) or its choice."""
+    lo, hi = auto["bounds"]
+    first, last = auto["fork_steps"]
+    choice = auto["choice"]
+    if choice is None:
+        return (f"{name}: decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}); chosen by the "
+                f"release forecast when its branch starts, so its costs are ranges (shortest..longest decay)")
+    told = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}" if "predicted_loss" in choice
+            else choice.get("no_forecast", "recorded"))
+    return f"{name}: decay auto in [{lo}, {hi}] steps chose {choice['decay_steps']}: {told}"
+
+
 def format_table(costs: dict) -> str:
     tps = costs["tokens_per_step"]
     header = ["version", "release", "fork step (tokens)", "decay steps (tokens)", "data", "+tokens",
               "cum. tokens", "vs PTFS", "vs CPT"]
-    rows = []
+    rows, notes = [], []
+    ratio = lambda x: f"{x:.3f}"  # noqa: E731
     for v in costs["versions"]:
         decay = f"{v['decay_steps']} ({human(v['decay_tokens'])})" if v["method"] == "decay" else "-"
-        if v.get("decay_candidates"):  # chosen by the release forecast when the branch starts
-            decay = f"auto {v['decay_candidates'][0]}..{v['decay_candidates'][-1]}, now {decay}"
         release = f"{v['method']}:{v['shape']}" if v["method"] == "decay" else v["method"]
         data = "+".join(v["corpora"]) + (f" [{v['branch_data']}]" if v["branch_data"] else "")
         fork = f"{v['fork_step']} ({human(v['fork_tokens'])})"
         if v["shared_steps"]:
             fork += f", nominal {v['nominal_fork_step']}"
+        auto = v.get("decay_auto")
+        if auto and auto["chosen"] is None:  # chosen by the release forecast when the branch starts
+            first, last = auto["fork_steps"]
+            fork = f"auto {first}..{last} ({human(first * tps)}..{human(last * tps)})"
+            decay = f"auto {auto['bounds'][0]}..{auto['bounds'][1]}"
+        elif auto:
+            decay += ", auto"
+        if auto:
+            notes.append(auto_note(v["name"], auto))
         rows.append([v["name"], release, fork, decay, data,
-                     human(v["tokens"]), human(v["cumulative_tokens"]),
-                     f"{v['cumulative_ratio_vs_ptfs']:.3f}", f"{v['cumulative_ratio_vs_cpt']:.3f}"])
+                     span(v.get("tokens_range", [v["tokens"]])),
+                     span(v.get("cumulative_tokens_range", [v["cumulative_tokens"]])),
+                     span(v.get("cumulative_ratio_vs_ptfs_range", [v["cumulative_ratio_vs_ptfs"]]), ratio),
+                     span(v.get("cumulative_ratio_vs_cpt_range", [v["cumulative_ratio_vs_cpt"]]), ratio)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    if notes:
+        out += ["", *notes]
     main = costs["main"]
+    flops = lambda x: f"{x:.3e}"  # noqa: E731
+    saved = costs["tokens_saved_by_effective_forks"]
     out += [
         "",
         f"tokens per step {tps:,}; warmup {costs['warmup_steps']} steps; eta_max {costs['eta_max']:g}, "
@@ -116,14 +154,16 @@ def format_table(costs: dict) -> str:
         f"main path   {main['steps']} steps, {human(main['tokens'])} tokens; checkpoints at steps "
         f"{', '.join(map(str, main['save_steps']))}"
         + (f"; weights only at {', '.join(map(str, main['weights_only_steps']))}" if main["weights_only_steps"] else ""),
-        f"branches    {human(costs['branch_tokens'])} tokens"
-        + (f"; forked where they first differ from the main path, {human(costs['tokens_saved_by_effective_forks'])} "
-           f"tokens fewer than from their nominal forks" if costs["tokens_saved_by_effective_forks"] else ""),
-        f"total       {human(costs['total_tokens'])} tokens, {costs['total_flops']:.3e} FLOPs",
+        f"branches    {span(costs.get('branch_tokens_range', [costs['branch_tokens']]))} tokens"
+        + (f"; forked where they first differ from the main path, {human(abs(saved))} tokens "
+           f"{'fewer' if saved > 0 else 'more'} than from their nominal forks" if saved else ""),
+        f"total       {span(costs.get('total_tokens_range', [costs['total_tokens']]))} tokens, "
+        f"{span(costs.get('total_flops_range', [costs['total_flops']]), flops)} FLOPs"
+        + (f" (decay_steps: auto undecided: {', '.join(costs['undecided'])})" if costs.get("undecided") else ""),
         f"PTFS        {human(costs['ptfs_tokens'])} tokens, {costs['ptfs_flops']:.3e} FLOPs   "
-        f"-> ratio {costs['cost_ratio_vs_ptfs']:.3f}",
+        f"-> ratio {span(costs.get('cost_ratio_vs_ptfs_range', [costs['cost_ratio_vs_ptfs']]), ratio)}",
         f"CPT         {human(costs['cpt_tokens'])} tokens, {costs['cpt_flops']:.3e} FLOPs   "
-        f"-> ratio {costs['cost_ratio_vs_cpt']:.3f}",
+        f"-> ratio {span(costs.get('cost_ratio_vs_cpt_range', [costs['cost_ratio_vs_cpt']]), ratio)}",
     ]
     if "plot" in costs:
         out.append(f"plot        {costs['plot']}")

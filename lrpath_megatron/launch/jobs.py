@@ -7,19 +7,24 @@ the branches' fork steps and the merge releases' release steps. A branch forking
 no polling job, no helper process. A merge release (WSM) is a CPU job after the segment that ends at its
 release step: by then every main-path checkpoint it merges exists. Every segment resumes from the main
 path's latest checkpoint, so the chain is exactly one main-path run cut at those steps.
+
+A decay_steps: auto release chooses its decay length, and so its fork, only when its branch starts. Its
+branch waits for the segment that ends at the latest fork any of its candidates takes; the main path has
+saved every earlier candidate fork by then (the plan saves them all), so whichever length the branch
+chooses, its fork checkpoint exists.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from lrpath_megatron.config import ConfigError, TrainConfig
 from lrpath_megatron.launch.profile import ClusterProfile, parse_time
 from lrpath_megatron.layout_planner import describe, layout_of
 from lrpath_megatron.memory_model import GIB, peak_memory
 from lrpath_megatron.path import PathSpec
-from lrpath_megatron.plan import ExportConfig, ReleaseInfo
+from lrpath_megatron.plan import AutoDecay, ExportConfig, ReleaseInfo
 from lrpath_megatron.run_layout import RunLayout
 
 MAIN = "main"
@@ -40,6 +45,14 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class AutoSpec:
+    """The branch of a decay_steps: auto release that has not chosen its decay length yet."""
+
+    bounds: tuple  # (shortest, longest) decay steps it may take
+    forks: tuple  # (earliest, latest) main-path step it may fork at; the job waits for the latest
+
+
+@dataclass(frozen=True)
 class Job:
     key: str  # unique in the plan: "main@40" for a segment, else the path or version name
     path: str  # the path trained, or the version a merge releases (its directory under the run dir)
@@ -49,6 +62,8 @@ class Job:
     after: Optional[str]  # key of the job this one waits for (afterok)
     merge: Optional[MergeSpec] = None  # set for a merge release: `lrpath merge`, no training
     export: Optional[ExportSpec] = None  # set for a release's export: `lrpath hf export`, no training
+    # set for an undecided decay_steps: auto branch: start_step..end_step then span every candidate's steps
+    auto: Optional[AutoSpec] = None
 
     @property
     def kind(self) -> str:
@@ -59,21 +74,39 @@ class Job:
         """Name of the job's script: the main path's segments share one; a release's export has its own."""
         return f"{self.path}-hf" if self.export else self.path
 
+    def describe(self) -> str:
+        """What the job does, in words (``lrpath launch`` prints it; ``submit.sh`` has it as a comment)."""
+        if self.merge:
+            return f"merge of main steps {', '.join(map(str, self.merge.steps))}"
+        if self.export:
+            return f"Hugging Face export of release {self.path}"
+        if self.auto:
+            (lo, hi), (first, last) = self.auto.bounds, self.auto.forks
+            return (f"path {self.path} decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}, "
+                    f"chosen when it starts)")
+        return f"path {self.path} steps {self.start_step}..{self.end_step}"
+
 
 def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
-               export: Optional[ExportConfig] = None) -> list[Job]:
+               export: Optional[ExportConfig] = None, auto: Optional[Mapping[str, AutoDecay]] = None) -> list[Job]:
     """Jobs in submission order (every job after the one it depends on): main-path segments, branches,
     then merge releases (``releases`` may hold every version's release; only merges make jobs), then, with
-    ``export.hf``, one Hugging Face export per release after the job that writes it."""
+    ``export.hf``, one Hugging Face export per release after the job that writes it. ``auto``: the plan's
+    decay_steps: auto releases (``Plan.auto_decays``); a branch that has not chosen waits for the segment
+    that ends at its latest candidate fork."""
+    undecided = {name: d for name, d in (auto or {}).items() if d.choice is None}
     by_name = {p.name: p for p in paths}
     if MAIN not in by_name:
         raise ConfigError(f"the plan has no '{MAIN}' path (paths: {', '.join(by_name) or 'none'})")
     main = by_name[MAIN]
     branches = [p for p in paths if p.name != MAIN]
+    waits = {b.name: undecided[b.name].fork_span[1] if b.name in undecided else b.fork_step for b in branches}
     for b in branches:
         if b.parent != MAIN:
             raise ConfigError(f"path {b.name!r} has parent {b.parent!r}; only branches of '{MAIN}' can be launched")
-        if not main.fork_step < b.fork_step <= main.end_step:
+        if b.name in undecided:
+            _check_candidate_forks(b.name, undecided[b.name], main)
+        elif not main.fork_step < b.fork_step <= main.end_step:
             raise ConfigError(
                 f"path {b.name!r} forks at step {b.fork_step}, outside the main path's steps "
                 f"({main.fork_step}, {main.end_step}]; move the fork point inside the main path"
@@ -89,7 +122,7 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
     jobs: list[Job] = []
     segment_of: dict[int, str] = {}
     start, prev = main.fork_step, None
-    cuts = {b.fork_step for b in branches} | {r.step for r in merges}
+    cuts = set(waits.values()) | {r.step for r in merges}
     for stop in sorted(cuts - {main.end_step}):
         key = f"{MAIN}@{stop}"
         jobs.append(Job(key, MAIN, start, stop, stop, prev))
@@ -98,7 +131,12 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
     jobs.append(Job(MAIN, MAIN, start, main.end_step, None, prev))
     segment_of[main.end_step] = MAIN
     for b in branches:
-        jobs.append(Job(b.name, b.name, b.fork_step, b.end_step, None, segment_of[b.fork_step]))
+        if b.name in undecided:  # spans every candidate: the time check then holds whichever it chooses
+            d = undecided[b.name]
+            jobs.append(Job(b.name, b.name, d.fork_span[0], max(end for _, end in d.forks.values()), None,
+                            segment_of[waits[b.name]], auto=AutoSpec(d.bounds, d.fork_span)))
+        else:
+            jobs.append(Job(b.name, b.name, b.fork_step, b.end_step, None, segment_of[b.fork_step]))
     for r in merges:
         steps = tuple(r.merge["save_steps"])
         jobs.append(Job(r.version, r.version, steps[0], r.step, None, segment_of[r.step],
@@ -112,6 +150,21 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
         jobs += [Job(f"{key}-hf", key, job.end_step, job.end_step, None, key, export=ExportSpec(export.tokenizer))
                  for key, job in released.items()]
     return jobs
+
+
+def _check_candidate_forks(name: str, auto: AutoDecay, main: PathSpec) -> None:
+    """Every fork an undecided auto branch may choose lies inside the main path and has a full checkpoint by
+    the time the branch starts (a scheduled save, or the main path's end)."""
+    first, last = auto.fork_span
+    if not (main.fork_step < first and last <= main.end_step):
+        raise ConfigError(
+            f"path {name!r} (decay_steps: auto) may fork between steps {first} and {last}, outside the main path's "
+            f"steps ({main.fork_step}, {main.end_step}]; narrow its decay_bounds or move its fork inside the main path")
+    unsaved = sorted(f for f, _ in auto.forks.values() if f not in main.save_steps and f != main.end_step)
+    if unsaved:
+        raise ConfigError(
+            f"path {name!r} (decay_steps: auto) may fork at main-path step(s) {', '.join(map(str, unsaved))}, where "
+            f"the main path saves no full checkpoint; add them to plan.main.save_steps")
 
 
 def merge_args(run_dir: Path, job: Job) -> list[str]:

@@ -44,5 +44,5 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Every job of a loaded plan (trained paths, merge releases, exports) as local commands, in order."""
-    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export)
+    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays)
     return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

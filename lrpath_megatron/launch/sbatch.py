@@ -217,7 +217,7 @@ def render_submit(jobs: Sequence[Job]) -> str:
         args.append(script_name(job.script))
         if job.stop_at_step is not None:
             args.append(str(job.stop_at_step))
-        comment = f"# {job.key}: steps {job.start_step}..{job.end_step}"
+        comment = f"# {job.key}: " + (job.describe() if job.auto else f"steps {job.start_step}..{job.end_step}")
         comment += f", after {job.after}" if job.after else ""
         var = _var(job.key)
         lines += [
