@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -48,20 +49,19 @@ class WriterProcess:
         """Copy every tensor of the write requests ``parts`` (megatron-core's write function, its arguments
         with the write buckets second, its keyword arguments) into its shared buffer and queue the write.
         A buffer crosses to the process once; later saves send its key."""
-        tensors = {(p, b, t): tensor for p, (_, args, _) in enumerate(parts)
-                   for b, (_, _, (_, tensor_items)) in enumerate(args[1])
-                   for t, (_, tensor) in enumerate(tensor_items)}
+        tensors: dict[tuple, torch.Tensor] = {}
+
+        def to_key(key: tuple, tensor: torch.Tensor) -> tuple:
+            tensors[key] = tensor
+            return key
+
+        keyed_parts = _replace_tensors(parts, to_key)
         new = self._allocate({key: tensor for key, tensor in tensors.items()
                               if key not in self._buffers or self._buffers[key].shape != tensor.shape
                               or self._buffers[key].dtype != tensor.dtype})
         self._buffers.update(new)
         for key, tensor in tensors.items():
             self._buffers[key].copy_(tensor)
-        keyed_parts = [(write, [args[0], [(file_name, storage_key, (byte_items, [(item, (p, b, t)) for t, (item, _)
-                                                                                 in enumerate(tensor_items)]))
-                                          for b, (file_name, storage_key, (byte_items, tensor_items))
-                                          in enumerate(args[1])], *args[2:]], kwargs)
-                       for p, (write, args, kwargs) in enumerate(parts)]
         self._outcome = (False, None)
         self._todo.put((new, keyed_parts, str(digests)))
 
@@ -100,6 +100,19 @@ class WriterProcess:
             self._proc.join()
 
 
+def _replace_tensors(parts: list, replace: Callable[[tuple, Any], Any]) -> list:
+    """The write requests ``parts`` (write function, arguments with the write buckets second, keyword
+    arguments) with each tensor of their buckets replaced by ``replace(key, tensor)``; key = (part, bucket,
+    item), the same for the same state at every save."""
+    def bucket(p: int, b: int, file_name, storage_key, byte_items, items) -> tuple:
+        return file_name, storage_key, (byte_items, [(item, replace((p, b, t), tensor))
+                                                     for t, (item, tensor) in enumerate(items)])
+
+    return [(write, [args[0], [bucket(p, b, f, key, byte_items, items)
+                               for b, (f, key, (byte_items, items)) in enumerate(args[1])], *args[2:]], kwargs)
+            for p, (write, args, kwargs) in enumerate(parts)]
+
+
 def _serve(todo, done, parent_pid: int) -> None:
     """The writer process: one write at a time, each reported as None (written) or its failure."""
     from lrpath_megatron.checkpoint import write_parts
@@ -117,9 +130,7 @@ def _serve(todo, done, parent_pid: int) -> None:
         buffers.update(new)
         start = time.perf_counter()
         try:
-            write_parts([(write, [args[0], [(f, key, (byte_items, [(item, buffers[k]) for item, k in keyed]))
-                                            for f, key, (byte_items, keyed) in args[1]], *args[2:]], kwargs)
-                         for write, args, kwargs in parts], Path(digests))
+            write_parts(_replace_tensors(parts, lambda _, key: buffers[key]), Path(digests))
             done.put(None)
         except Exception as exc:  # reported to the trainer, which stops the run with it
             done.put(f"{type(exc).__name__}: {exc} (after {time.perf_counter() - start:.1f} s)")
