@@ -30,7 +30,7 @@ class Checkpointer:
                  log: Callable[[str], None] = print):
         self.cfg, self.run, self.log = cfg, run, log
         self.root = run.dirs.checkpoints
-        self.end = run.path.end_step if stop_at_step is None else min(run.path.end_step, stop_at_step)
+        self.end = min(s for s in (run.path.end_step, stop_at_step, run.pause and run.pause[0]) if s is not None)
         self.digest = None  # running hash of the trained steps' schedule (see _schedule_digest)
         self.writer: CheckpointWriter | None = None  # from prepare() on
         self._last_save = time.monotonic()  # for checkpoint.save_interval_minutes

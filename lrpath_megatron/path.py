@@ -96,6 +96,9 @@ class PathRun:
     model_transform: Optional[Callable] = None
     lineage: dict = field(default_factory=dict)  # extra manifest fields (plan hash, parent, release)
     source: str = "config"  # what the user edits to change this path: "config" (stand-alone) or "plan"
+    # (step, why): the path stops there with a checkpoint, as with --stop-at-step, until what it waits for
+    # has happened (a plan's main path waiting for a decay_steps: auto choice, plan.MainPause)
+    pause: Optional[tuple] = None
 
     @property
     def name(self) -> str:

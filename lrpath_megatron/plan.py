@@ -86,7 +86,7 @@ class ReleaseConfig:
     fork_tokens: Optional[int] = None  # global main-path token position
     fork_fraction: Optional[float] = None  # position inside the version's own main-path segment, 0..1
     # How long the branch decays (exactly one for method=decay). decay_steps: auto takes the length the release
-    # forecast chooses when the branch starts (lrpath_megatron.release_forecast.choose_decay), within
+    # forecast chooses from what is known at its earliest candidate fork (release_forecast.choose_decay), within
     # decay_bounds: [min, max] steps (default: 10% .. 100% of the version's steps).
     decay_steps: Any = None  # steps, or "auto"
     decay_bounds: Optional[list] = None
@@ -104,7 +104,7 @@ RELEASE_DEFAULTS = {"shape": "cosine", "data": "tail", "drop_points": list(sched
 DECAY_SETTINGS = ("shape", "stable_fraction", "drop_points", "drop_factors", "decay_steps", "decay_tokens",
                   "decay_fraction", "decay_bounds", "data", "mix")
 # The decay lengths decay_steps: auto chooses among, as fractions of the version's steps (with its bounds):
-# the main path saves at each one's fork, so the choice can be made when the branch starts.
+# the main path saves at each one's fork, so whichever the forecast chooses, its fork checkpoint exists.
 AUTO_DECAY_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
@@ -207,6 +207,23 @@ class AutoDecay:
 
 
 @dataclass(frozen=True)
+class MainPause:
+    """Where the main path waits for a decay_steps: auto release to choose: at its earliest candidate fork,
+    when that release alone decides how far the main path trains (its latest candidate fork lies past every
+    other release's). Choosing there, from what its choice reads (the main path up to that step and the
+    branches ``needs``, which end by then), the main path stops at the chosen fork instead of the latest."""
+
+    version: str
+    step: int
+    needs: tuple  # branches whose finished curves the choice reads
+
+    def describe(self) -> str:
+        after = f" and branches {', '.join(self.needs)} have finished" if self.needs else ""
+        return (f"the main path stops at step {self.step} until version {self.version} chooses its decay length "
+                f"(decay_steps: auto), after this step{after}")
+
+
+@dataclass(frozen=True)
 class ResolvedVersion:
     index: int
     name: str
@@ -231,8 +248,8 @@ class Plan:
     def __init__(self, written: TrainConfig, config: PlanConfig, source: str = "", decided: Optional[dict] = None):
         """``written``: the plan's training sections as written; optimizer.lr / min_lr stand in for an
         unwritten plan.main.eta_max / eta_min. ``decided``: version -> :class:`AutoDecay` of decay_steps: auto
-        releases this plan fixes at their choice (:meth:`with_decay`): the main path still reaches and saves
-        every candidate fork of theirs, as it did when it trained."""
+        releases this plan fixes at their choice (:meth:`with_decay`): the main path saves every candidate
+        fork of theirs up to where it ends (a choice may end it earlier: MainPause)."""
         self.config = config
         self.source = source
         main = config.main
@@ -272,11 +289,29 @@ class Plan:
             v.name: AutoDecay(tuple(self.decay_candidates[v.name]), *self._candidate_forks(v, r))
             for v, r in zip(self.versions, self._releases) if v.name in self.decay_candidates}
         self.auto_decays.update({k: d for k, d in (decided or {}).items() if k not in self.auto_decays})
-        # The main path trains to the last fork a release may take: an undecided branch chooses when it starts.
-        self.main_end = max([v.release.step for v in self.versions]
-                            + [f for d in self.auto_decays.values() for f, _ in d.forks.values()])
+        undecided = [v.name for v in self.versions if v.name in self.decay_candidates]
+        # The main path trains to the last fork a release may take; a chosen decay forks at its choice.
+        self.main_end = max([v.release.step for v in self.versions if v.name not in undecided]
+                            + [self.auto_decays[n].fork_span[1] for n in undecided])
+        # What a written save step may name: every fork a release may take, chosen or not.
+        self._reach = max([self.main_end] + [f for d in self.auto_decays.values() for f, _ in d.forks.values()])
         self._validate_save_steps()
         self._paths = self._build_paths()
+        self.main_pause = self._main_pause(undecided)
+
+    def _main_pause(self, undecided: list) -> Optional[MainPause]:
+        ends = [(v.release.step, v.name) for v in self.versions if v.name not in undecided]
+        ends += [(self.auto_decays[n].fork_span[1], n) for n in undecided]
+        ends.sort()
+        if not undecided or ends[-1][1] not in undecided or (len(ends) > 1 and ends[-2][0] == ends[-1][0]):
+            return None
+        name = ends[-1][1]
+        first, last = self.auto_decays[name].fork_span
+        if first == last:
+            return None
+        branch_ends = {p.name: max(e for _, e in self.auto_decays[p.name].forks.values()) if p.name in undecided
+                       else p.end_step for p in self._paths.values() if p.name not in ("main", name)}
+        return MainPause(name, first, tuple(n for n, end in branch_ends.items() if end <= first))
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -337,9 +372,9 @@ class Plan:
             steps = getattr(self.config.main, key)
             if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
                 raise ConfigError(f"plan.main.{key}={steps!r} must be a list of main-path steps (integers)")
-            outside = [x for x in steps if not 0 < x <= self.main_end]
+            outside = [x for x in steps if not 0 < x <= self._reach]
             if outside:
-                raise ConfigError(f"plan.main.{key}: {outside} outside the main path's steps 1..{self.main_end}; "
+                raise ConfigError(f"plan.main.{key}: {outside} outside the main path's steps 1..{self._reach}; "
                                   f"the main path trains up to its last release")
 
     def _resolve_versions(self) -> list[ResolvedVersion]:
@@ -394,8 +429,9 @@ class Plan:
             if kind == "decay_fraction" and not 0 < value <= 1:
                 raise ConfigError(f"{where}.decay_fraction={value} must be in (0, 1] (of the version's steps)")
             if value == "auto":
-                # Resolved at the shortest candidate until a branch records its choice (Plan.with_decay):
-                # the main path trains to the latest candidate fork (Plan.auto_decays), saving at every one.
+                # Resolved at the shortest candidate until the choice is recorded (Plan.with_decay): the main
+                # path saves at every candidate fork (Plan.auto_decays) and trains to the latest, or stops
+                # for the choice (MainPause).
                 self.decay_candidates[name] = self._auto_candidates(r, seg_steps, where)
                 value = self.decay_candidates[name][0]
             elif r.decay_bounds is not None:
@@ -502,8 +538,8 @@ class Plan:
 
     def with_decay(self, name: str, decay_steps: int, choice: Optional[dict] = None) -> "Plan":
         """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto choice, recorded as
-        ``choice`` when it was made). The main path keeps reaching and saving every candidate fork of the
-        auto releases (it trains them before their branches choose)."""
+        ``choice`` when it was made). The main path keeps saving every candidate fork of the auto releases
+        up to where it ends, which a chosen decay may move earlier."""
         versions = [dataclasses.replace(v, release=dataclasses.replace(
             v.release, decay_steps=decay_steps, decay_tokens=None, decay_fraction=None, decay_bounds=None))
                     if v.name == name else v for v in self.config.versions]
@@ -555,6 +591,8 @@ class Plan:
         weights_only = set(self.config.main.weights_only_steps)
         for v in self.versions:
             weights_only |= v.merge_input_steps()
+        # Past a chosen decay's fork the main path no longer trains (with_decay shortened it).
+        save, weights_only = {s for s in save if s <= self.main_end}, {s for s in weights_only if s <= self.main_end}
         paths = {"main": PathSpec("main", self.main_end, self.main_lr, self.main_weights, save_steps=frozenset(save),
                                   weights_only_steps=frozenset(weights_only - save),
                                   tokens_per_step=self.tokens_per_step)}
@@ -673,6 +711,11 @@ class Plan:
             choice = choose_decay(self, name, Path(run_dir))
             run = self.with_decay(name, choice["decay_steps"]).run_for(name, run_dir)
             return dataclasses.replace(run, lineage={**run.lineage, "plan_hash": self.plan_hash(), "decay_choice": choice})
+        if name == "main" and self.decay_candidates:
+            return self._main_run(Path(run_dir))
+        return self._path_run(name, run_dir)
+
+    def _path_run(self, name: str, run_dir: Path) -> PathRun:
         spec, layout = self.path(name), RunLayout(Path(run_dir))
         origin = Start()
         if spec.parent is not None:
@@ -682,6 +725,31 @@ class Plan:
         lineage = {"plan_hash": self.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
                    "release": dataclasses.asdict(spec.release) if spec.release else None}
         return PathRun(spec, layout.path(name), origin, lineage=lineage, source="plan")
+
+    def _main_run(self, run_dir: Path) -> PathRun:
+        """The main path of a plan with undecided decay_steps: auto releases: it trains to the forks they
+        chose; before the choice that ends it (:class:`MainPause`) it stops at that release's earliest
+        candidate fork, and past it the choice is made here."""
+        from lrpath_megatron.checkpoint_layout import checkpoint_at, find_latest, read_manifest
+        from lrpath_megatron.release_forecast import choose_decay
+
+        plan, layout = self.with_choices(run_dir), RunLayout(run_dir)
+        pause = plan.main_pause
+        latest = find_latest(layout.path("main").checkpoints) if pause else None
+        if pause and latest is not None and read_manifest(latest)["step"] >= pause.step:
+            missing = [n for n in pause.needs
+                       if checkpoint_at(layout.path(n).checkpoints, plan.path(n).end_step) is None]
+            if missing:
+                raise LrpathError(
+                    f"the main path is at step {pause.step}, where version {pause.version} chooses its decay length "
+                    f"(decay_steps: auto) from the finished branches {', '.join(pause.needs)}; "
+                    f"{', '.join(missing)} have not finished in {run_dir}: train them first "
+                    f"(`lrpath train PLAN --path NAME`), then the main path again")
+            choose_decay(self, pause.version, run_dir)
+            plan, pause = self.with_choices(run_dir), None
+        run = plan._path_run("main", run_dir)
+        return dataclasses.replace(run, lineage={**run.lineage, "plan_hash": self.plan_hash()},
+                                   pause=(pause.step, pause.describe()) if pause else None)
 
     # ---------------------------------------------------------------- costs, identity, data
     def flops_per_token(self) -> float:
@@ -695,7 +763,9 @@ class Plan:
         A decay_steps: auto release that has not chosen yet (``undecided``) costs between its shortest and its
         longest candidate: its row and the totals then carry ``*_range`` [fewest, most] beside the single
         numbers, which are the fewest (every undecided release at its shortest decay). The main path counts
-        to the latest fork any auto release may take, chosen or not: it trains there before they choose."""
+        to the latest fork an auto release may take (its branch waits for it), but not past the main path's
+        end: the release that ends the main path chooses where the main path waits for it (MainPause), and the
+        main path then ends at the chosen fork."""
         tps, fpt = self.tokens_per_step, self.flops_per_token()
         rows, ptfs, cpt, branches, main_steps = [], 0, 0, 0, 0
         most = 0  # branch steps with every undecided release at its longest decay
@@ -710,9 +780,12 @@ class Plan:
             own = own_range[0]
             branches += own
             most += own_range[1]
-            main_steps = max(main_steps, v.release.step, auto.fork_span[1] if auto else 0)
+            # An auto branch waits for the main path's latest candidate fork, unless the main path ends before
+            # it (it stopped at that release's choice: MainPause).
+            main_steps = max(main_steps, v.release.step, min(auto.fork_span[1], self.main_end) if auto else 0)
             nominal = v.release.nominal_step if v.release.nominal_step is not None else v.release.step
-            nominal_main = max(nominal_main, nominal, max(auto.nominal_forks.values()) if auto else 0)
+            nominal_main = max(nominal_main, nominal,
+                               min(max(auto.nominal_forks.values()), self.main_end) if auto else 0)
             nominal_branches += v.branch_end - nominal
             spent = main_steps + branches
             path = self._paths.get(v.name)
@@ -757,7 +830,26 @@ class Plan:
                     "cumulative_tokens_range": [spent * tps, spent_most * tps],
                     "cumulative_ratio_vs_ptfs_range": [spent / ptfs, spent_most / ptfs],
                     "cumulative_ratio_vs_cpt_range": [spent / cpt, spent_most / cpt]})
-        total = self.main_end + branches
+        # The release the main path waits for (MainPause) ends it at its chosen fork: its candidates cost the
+        # main path to there plus their own steps, not the main path to the latest fork plus their own steps.
+        pause, delta = self.main_pause, (0, 0)
+        if pause:
+            index = next(i for i, r in enumerate(rows) if r["name"] == pause.version)
+            auto = self.auto_decays[pause.version]
+            before = max([v.release.step for v in self.versions if v.name not in undecided]
+                         + [self.auto_decays[n].fork_span[1] for n in undecided if n != pause.version])
+            costs = [max(before, fork) + end - fork for fork, end in auto.forks.values()]
+            fewest, most_ = (self.main_end + o for o in auto.own_steps())
+            delta = (min(costs) - fewest, max(costs) - most_)
+            for r in rows[index:]:
+                r["cumulative_tokens"] += delta[0] * tps
+                r["cumulative_ratio_vs_ptfs"] += delta[0] / (r["ptfs_cumulative_tokens"] / tps)
+                r["cumulative_ratio_vs_cpt"] += delta[0] / (r["cpt_cumulative_tokens"] / tps)
+                for key, base in (("cumulative_tokens_range", tps), ("cumulative_ratio_vs_ptfs_range",
+                                  tps / r["ptfs_cumulative_tokens"]), ("cumulative_ratio_vs_cpt_range",
+                                                                       tps / r["cpt_cumulative_tokens"])):
+                    r[key] = [r[key][0] + delta[0] * base, r[key][1] + delta[1] * base]
+        total, total_most = self.main_end + branches + delta[0], self.main_end + most + delta[1]
         return {
             "fork_rule": self.config.fork,
             "tokens_saved_by_effective_forks": (nominal_main + nominal_branches - total) * tps,
@@ -785,10 +877,12 @@ class Plan:
             "undecided": undecided,
             **({} if not undecided else {
                 "branch_tokens_range": [branches * tps, most * tps],
-                "total_tokens_range": [total * tps, (self.main_end + most) * tps],
-                "total_flops_range": [total * tps * fpt, (self.main_end + most) * tps * fpt],
-                "cost_ratio_vs_ptfs_range": [total / ptfs, (self.main_end + most) / ptfs],
-                "cost_ratio_vs_cpt_range": [total / cpt, (self.main_end + most) / cpt]}),
+                "total_tokens_range": [total * tps, total_most * tps],
+                "total_flops_range": [total * tps * fpt, total_most * tps * fpt],
+                "cost_ratio_vs_ptfs_range": [total / ptfs, total_most / ptfs],
+                "cost_ratio_vs_cpt_range": [total / cpt, total_most / cpt]}),
+            # the main path stops there until that release chose; it then ends at the chosen fork
+            "main_pause": dataclasses.asdict(pause) if pause else None,
         }
 
     def resolved(self) -> dict:

@@ -83,6 +83,8 @@ class Trainer:
     def train(self) -> int:
         """Runs to the end of the path (or the stop step). Returns 0, or EXIT_REQUEUE after a signal."""
         end = self.end
+        if self.run.pause and end == self.run.pause[0]:
+            self._print(f"[{self.run.name}] {self.run.pause[1]}")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             if self.step >= end:

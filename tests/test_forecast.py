@@ -15,7 +15,9 @@ import yaml
 from lrpath_megatron import schedules
 from lrpath_megatron.cli import main as lrpath
 from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, areas, fit_law
-from lrpath_megatron.plan import load_plan
+from lrpath_megatron.checkpointer import Checkpointer
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.plan import MainPause, load_plan
 from lrpath_megatron.release_forecast import path_lrs
 from lrpath_megatron.status import run_status
 
@@ -245,6 +247,38 @@ def test_auto_decay_takes_the_forecasts_choice_and_records_it(law_run):
     assert next(p for p in run_status(plan, run).paths if p.name == "v3").fork_step == 300 - n // 2
 
 
+def test_the_main_path_waits_for_the_choice_that_ends_it(law_run):
+    """v3's candidate forks (250..295) lie past every other release's: the main path stops at 250 until v3
+    chooses, from v1's and v2's finished branches, then trains only to the chosen fork."""
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path))
+    assert plan.main_pause == MainPause("v3", 250, ("v1", "v2"))
+    before = plan.run_for("main", run)  # the main path is at step 240
+    assert before.pause[0] == 250 and before.path.end_step == 295
+    assert Checkpointer(plan.train_config, before).end == 250
+    assert "stops at step 250 until version v3 chooses" in before.pause[1]
+    assert not (run / "v3" / "decay_choice.json").exists()
+    at_pause = run / "main" / "checkpoints" / "iter_0000250"
+    at_pause.mkdir()
+    (at_pause / "manifest.json").write_text(json.dumps({"step": 250}))
+    (run / "v2" / "checkpoints").rename(run / "v2" / "aside")
+    with pytest.raises(LrpathError, match="v2 have not finished"):
+        plan.run_for("main", run)
+    (run / "v2" / "aside").rename(run / "v2" / "checkpoints")
+    after = plan.run_for("main", run)
+    choice = json.loads((run / "v3" / "decay_choice.json").read_text())
+    assert after.pause is None and after.lineage["plan_hash"] == plan.plan_hash()
+    assert after.path.end_step == 300 - choice["decay_steps"] // 2
+    assert Checkpointer(plan.train_config, after).end == after.path.end_step
+    # The branch takes that choice and forks where the main path ends.
+    branch = plan.run_for("v3", run)
+    assert branch.lineage["decay_choice"] == choice and branch.path.fork_step == after.path.end_step
+    # A longer decay forks earlier (a knee ending at 300): the main path ends there, the plan costs it so.
+    (run / "v3" / "decay_choice.json").write_text(json.dumps({**choice, "decay_steps": 60}))
+    assert plan.run_for("main", run).path.end_step == 270 == plan.run_for("v3", run).path.fork_step
+    assert plan.with_choices(run).costs()["main"]["steps"] == 270 and plan.costs()["main"]["steps"] == 295
+
+
 def test_auto_decay_without_data_takes_the_longest_and_says_why(law_run):
     plan_path, run = law_run
     plan = load_plan(auto_plan(plan_path, decay_bounds=[20, 60]))
@@ -266,3 +300,34 @@ def test_auto_decay_refusals(law_run, release, message):
     plan_path, _ = law_run
     with pytest.raises(ConfigError, match=message):
         load_plan(auto_plan(plan_path, **release))
+
+
+def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, tmp_path):
+    """Real training: v2 (decay_steps: auto, cosine on the tail) alone decides how far the main path trains
+    (v1 is a merge). The main path stops at v2's earliest candidate fork; run again (`lrpath launch --local`
+    runs it twice) it chooses and ends at the chosen fork."""
+    from conftest import run_lrpath
+    from lrpath_megatron.launch.local import plan_commands
+    from test_status_export import tiny_plan
+
+    path = tiny_plan(demo_data, tmp_path / "plan.yaml")
+    data = yaml.safe_load(path.read_text())
+    versions = data["plan"]["versions"]
+    versions[0]["release"] = versions[1]["release"]  # the merge of steps 8, 10, 12
+    versions[1]["release"] = {"method": "decay", "shape": "cosine", "decay_steps": "auto", "decay_bounds": [2, 6]}
+    path.write_text(yaml.safe_dump(data))
+    plan, run = load_plan(path), tmp_path / "run"
+    assert plan.main_pause == MainPause("v2", 18, ()) and plan.main_end == 22
+    assert [name for name, _ in plan_commands(plan, path, [], run, 1)] == ["main", "main", "v2", "v1"]
+    out = run_lrpath(["train", str(path), "--path", "main", "--run-dir", str(run)]).stdout
+    assert "[main] the main path stops at step 18 until version v2 chooses its decay length" in out
+    checkpoints = run / "main" / "checkpoints"
+
+    def saved() -> list:
+        return sorted(json.loads((c / "manifest.json").read_text())["step"] for c in checkpoints.glob("iter_*"))
+
+    assert saved() == [8, 10, 12, 18] and not (run / "v2" / "decay_choice.json").exists()
+    again = plan.run_for("main", run)  # what the second run trains
+    choice = json.loads((run / "v2" / "decay_choice.json").read_text())
+    assert choice["observations_up_to_step"] == 18 and again.pause is None
+    assert again.path.end_step == 24 - choice["decay_steps"] == plan.run_for("v2", run).path.fork_step

@@ -22,7 +22,8 @@ import yaml
 
 from lrpath_megatron.cli import main as lrpath_main
 from lrpath_megatron.launch.jobs import AutoSpec, Job, MergeSpec, build_jobs, merge_args
-from lrpath_megatron.plan import Plan, load_plan
+from lrpath_megatron.launch.local import plan_commands
+from lrpath_megatron.plan import MainPause, Plan, load_plan
 from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -482,15 +483,20 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
     path, run, out = tmp_path / "auto.yaml", tmp_path / "run", tmp_path / "out"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     loaded = load_plan(path)
-    jobs = build_jobs(loaded.paths(), loaded.releases(), auto=loaded.auto_decays)
+    jobs = build_jobs(loaded.paths(), loaded.releases(), auto=loaded.auto_decays, pause=loaded.main_pause)
+    pause = MainPause("v2", 38, ("v1",))
+    assert loaded.main_pause == pause
     assert jobs == [
         Job("main@27", "main", 0, 27, 27, None),
-        Job("main", "main", 27, 46, None, "main@27"),  # the main path reaches v2's latest candidate fork
+        Job("main@38", "main", 27, 38, 38, "main@27"),
         Job("v1", "v1", 20, 30, None, "main@27", auto=AutoSpec((6, 20), (20, 27))),
+        # v2 alone decides how far the main path trains (to its latest candidate fork, 46, at most): the main
+        # path stops at v2's earliest fork until v1, which the choice reads, has finished
+        Job("main", "main", 38, 46, None, "main@38", pause=pause),
         Job("v2", "v2", 38, 56, None, "main", auto=AutoSpec((4, 20), (38, 46))),
     ]
     main = loaded.path("main")
-    for job in jobs[2:]:  # every candidate fork is saved before the segment the branch waits for ends
+    for job in (j for j in jobs if j.auto):  # every candidate fork is saved before the segment the branch waits for ends
         forks = {f for f, _ in loaded.auto_decays[job.key].forks.values()}
         ends = next(j.end_step for j in jobs if j.key == job.after)
         assert forks <= main.save_steps and max(forks) == ends
@@ -501,9 +507,16 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
     # Before the choice: the launch says what is unknown, submit.sh waits for the latest fork.
     assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
     printed = capsys.readouterr().out
-    assert "job v2: path v2 decay auto in [4, 20] steps (forks between step 38 and 46, chosen when it starts) " \
+    assert "job v2: path v2 decay auto in [4, 20] steps (forks between step 38 and 46, chosen from the run up to step 38) " \
            "after main" in printed
-    assert "--dependency=afterok:$job_main_27 v1.sbatch" in (out / "submit.sh").read_text()
+    assert "job main: path main steps 38..46 at most: version v2 chooses its decay length first, the main path " \
+           "ends at its fork after main@38, v1" in printed
+    submit_sh = (out / "submit.sh").read_text()
+    assert "--dependency=afterok:$job_main_27 v1.sbatch" in submit_sh
+    assert "--dependency=afterok:$job_main_38:$job_v1 main.sbatch" in submit_sh
+    assert submit_sh.index("job_v1=") < submit_sh.index("job_main=")
+    # Locally: the main path (it stops at step 38 by itself), v1, the main path again, v2.
+    assert [name for name, _ in plan_commands(loaded, path, [], run, 1)] == ["main", "v1", "main", "v2"]
     # Once v1 chose (a resubmission), it waits for its own fork only.
     (run / "v1" / "decay_choice.json").write_text(json.dumps({"decay_steps": 12, "no_forecast": "x"}))
     assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0

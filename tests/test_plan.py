@@ -12,7 +12,7 @@ from lrpath_megatron import cli
 from lrpath_megatron.config import ConfigError, MixConfig, MixStage, ModelConfig, TrainConfig
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
-from lrpath_megatron.plan import Plan, load_plan
+from lrpath_megatron.plan import MainPause, Plan, load_plan
 from test_data import write_corpus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -363,7 +363,7 @@ def test_cli_plan_bad_plan_exits_2(tmp_path, capsys):
     replay_data=st.booleans(),
     shape=st.sampled_from(["cosine", "linear", "1-sqrt", "knee", "multistep"]),
     eta_max=st.floats(1e-5, 1e-2),
-    ratio=st.floats(0.01, 1.0),
+    ratio=st.floats(0.01, 1.0, exclude_max=True),  # eta_min == eta_max: no decay, no fork where it differs
 )
 def test_property_every_plan_path_is_continuous_and_complete(sizes, warmup, decay, replay_data, shape, eta_max,
                                                               ratio):
@@ -474,10 +474,17 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     # the stable half moves the fork later for longer decays: the main path reaches the longest's fork (250).
     assert plan.auto_decays["v1"].fork_span == (70, 90) and plan.auto_decays["v3"].fork_span == (230, 250)
     assert plan.main_end == 250 and {230, 235, 240, 245, 250} <= plan.path("main").save_steps
+    # v3 alone decides how far the main path trains: it waits at v3's earliest fork for the choice, which reads
+    # v1's and v2's finished branches; once chosen, the main path ends at the chosen fork.
+    assert plan.main_pause == MainPause("v3", 230, ("v1", "v2"))
+    decided = plan.with_decay("v3", 40)
+    assert decided.main_pause is None and decided.main_end == 240 and max(decided.path("main").save_steps) == 240
     costs = plan.costs()
     assert costs["undecided"] == ["v1", "v2", "v3"]
     assert costs["versions"][0]["tokens_range"] == [10 * TPS, 30 * TPS]
-    assert costs["total_tokens_range"] == [(250 + 30) * TPS, (250 + 90) * TPS]
+    # fewest: v3's shortest decay forks at 230, where the main path then ends; most: its longest, from 250
+    assert costs["total_tokens_range"] == [(230 + 30) * TPS, (250 + 90) * TPS]
+    assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2")}
     assert costs["versions"][2]["decay_auto"] == {"bounds": [20, 60], "candidates": [20, 30, 40, 50, 60],
                                                   "fork_steps": [230, 250], "chosen": None, "choice": None}
     # A fixed fork leaves 80 steps of tail data: default bounds stop there, written ones past it are refused.
@@ -493,7 +500,8 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     assert cli.main(["plan", str(path)]) == 0
     table = capsys.readouterr().out
     assert "v3: decay auto in [20, 60] steps (forks between step 230 and 250)" in table
-    assert "auto 230..250" in table and "ratio 0.467..0.567" in table
+    assert "auto 230..250" in table and "ratio 0.433..0.567" in table
+    assert "main: stops at step 230 until v3 chooses its decay length and branches v1, v2 have finished" in table
     (run / "v3").mkdir(parents=True)
     (run / "v3" / "decay_choice.json").write_text(json.dumps(
         {"decay_steps": 40, "predicted_loss": 3.25, "predicted_sd": 0.01}))
@@ -502,6 +510,6 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     v3 = costs["versions"][2]
     assert costs["undecided"] == ["v1", "v2"] and costs["plan_hash"] == plan.plan_hash()
     assert v3["decay_steps"] == 40 and v3["fork_step"] == 240 and v3["decay_auto"]["chosen"] == 40
-    assert "tokens_range" in costs["versions"][0] and costs["main"]["steps"] == 250  # trained before v3 chose
+    assert "tokens_range" in costs["versions"][0] and costs["main"]["steps"] == 240  # to v3's choice
     assert cli.main(["plan", str(path), "--run-dir", str(run)]) == 0
     assert "v3: decay auto in [20, 60] steps chose 40: forecast 3.2500 ± 0.0100" in capsys.readouterr().out

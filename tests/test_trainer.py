@@ -141,14 +141,17 @@ def test_bad_arguments_fail_naming_their_source_and_write_nothing(config, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_files_fail_clearly(demo_data, tmp_path):
-    proc = run_lrpath(["train", str(tmp_path / "nope.yaml")], check=False)
-    assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
-    proc = run_lrpath(["train", str(tmp_path)], check=False)
-    assert proc.returncode == 2 and f"config file {tmp_path} is a directory" in proc.stderr
+def test_missing_files_fail_clearly(demo_data, tmp_path, capsys):
+    from lrpath_megatron.cli import main as lrpath
+
+    # Refused while reading the config: in this process (the exit code is what main returns).
+    assert lrpath(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+    assert lrpath(["train", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a directory" in capsys.readouterr().err
     (tmp_path / "empty.yaml").write_text("")
-    proc = run_lrpath(["train", str(tmp_path / "empty.yaml"), "--run-dir", str(tmp_path / "run")], check=False)
-    assert proc.returncode == 2 and f"{tmp_path / 'empty.yaml'}: data.corpora is empty" in proc.stderr
+    assert lrpath(["train", str(tmp_path / "empty.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'empty.yaml'}: data.corpora is empty" in capsys.readouterr().err
     bad = dict(demo_data, prefixes={**demo_data["prefixes"], "docs": str(tmp_path / "missing_text_document")})
     cfg = tiny_config(bad, tmp_path / "c.yaml")
     proc = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run")], check=False, timeout=120)

@@ -71,7 +71,7 @@ def run(args) -> int:
     for f in rendered.files:
         print(f"wrote {f}")
     for job in rendered.jobs:
-        after = f" after {job.after}" if job.after else ""
+        after = f" after {', '.join(job.waits_for)}" if job.waits_for else ""
         print(f"  job {job.key}: {job.describe()}{after}")
     if not args.submit:
         print(f"submit with: bash {out / 'submit.sh'}   (or rerun with --submit)")

@@ -106,7 +106,7 @@ def auto_note(name: str, auto: dict) -> str:
     choice = auto["choice"]
     if choice is None:
         return (f"{name}: decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}); chosen by the "
-                f"release forecast when its branch starts, so its costs are ranges (shortest..longest decay)")
+                f"release forecast from the run up to step {first}, so its costs are ranges (shortest..longest decay)")
     told = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}" if "predicted_loss" in choice
             else choice.get("no_forecast", "recorded"))
     return f"{name}: decay auto in [{lo}, {hi}] steps chose {choice['decay_steps']}: {told}"
@@ -126,7 +126,7 @@ def format_table(costs: dict) -> str:
         if v["shared_steps"]:
             fork += f", nominal {v['nominal_fork_step']}"
         auto = v.get("decay_auto")
-        if auto and auto["chosen"] is None:  # chosen by the release forecast when the branch starts
+        if auto and auto["chosen"] is None:  # chosen by the release forecast at its earliest fork
             first, last = auto["fork_steps"]
             fork = f"auto {first}..{last} ({human(first * tps)}..{human(last * tps)})"
             decay = f"auto {auto['bounds'][0]}..{auto['bounds'][1]}"
@@ -142,6 +142,11 @@ def format_table(costs: dict) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    pause = costs.get("main_pause")
+    if pause:
+        after = f" and branches {', '.join(pause['needs'])} have finished" if pause["needs"] else ""
+        notes.append(f"main: stops at step {pause['step']} until {pause['version']} chooses its decay length"
+                     f"{after}, then ends at the chosen fork")
     if notes:
         out += ["", *notes]
     main = costs["main"]

@@ -8,10 +8,12 @@ no polling job, no helper process. A merge release (WSM) is a CPU job after the 
 release step: by then every main-path checkpoint it merges exists. Every segment resumes from the main
 path's latest checkpoint, so the chain is exactly one main-path run cut at those steps.
 
-A decay_steps: auto release chooses its decay length, and so its fork, only when its branch starts. Its
-branch waits for the segment that ends at the latest fork any of its candidates takes; the main path has
-saved every earlier candidate fork by then (the plan saves them all), so whichever length the branch
-chooses, its fork checkpoint exists.
+A decay_steps: auto release chooses its decay length, and so its fork, from what is known at its earliest
+candidate fork. Its branch waits for the segment that ends at the latest fork any of its candidates takes;
+the main path has saved every earlier candidate fork by then (the plan saves them all), so whichever length
+it chooses, its fork checkpoint exists. When that release alone decides how far the main path trains
+(plan.MainPause), the main path is cut at its earliest candidate fork and the next segment also waits for
+the branches the choice reads: it chooses first, then trains only to the chosen fork.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from lrpath_megatron.launch.profile import ClusterProfile, parse_time
 from lrpath_megatron.layout_planner import describe, layout_of
 from lrpath_megatron.memory_model import GIB, peak_memory
 from lrpath_megatron.path import PathSpec
-from lrpath_megatron.plan import AutoDecay, ExportConfig, ReleaseInfo
+from lrpath_megatron.plan import AutoDecay, ExportConfig, MainPause, ReleaseInfo
 from lrpath_megatron.run_layout import RunLayout
 
 MAIN = "main"
@@ -64,6 +66,14 @@ class Job:
     export: Optional[ExportSpec] = None  # set for a release's export: `lrpath hf export`, no training
     # set for an undecided decay_steps: auto branch: start_step..end_step then span every candidate's steps
     auto: Optional[AutoSpec] = None
+    # set for the main-path segment after a MainPause: it also waits for the branches the choice reads, makes
+    # the choice, and ends at the chosen fork (end_step is the latest it may be)
+    pause: Optional[MainPause] = None
+
+    @property
+    def waits_for(self) -> tuple:
+        """Keys of the jobs this one starts after (afterok)."""
+        return ((self.after,) if self.after else ()) + (self.pause.needs if self.pause else ())
 
     @property
     def kind(self) -> str:
@@ -80,20 +90,24 @@ class Job:
             return f"merge of main steps {', '.join(map(str, self.merge.steps))}"
         if self.export:
             return f"Hugging Face export of release {self.path}"
+        if self.pause:
+            return (f"path {self.path} steps {self.start_step}..{self.end_step} at most: version "
+                    f"{self.pause.version} chooses its decay length first, the main path ends at its fork")
         if self.auto:
             (lo, hi), (first, last) = self.auto.bounds, self.auto.forks
             return (f"path {self.path} decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}, "
-                    f"chosen when it starts)")
+                    f"chosen from the run up to step {first})")
         return f"path {self.path} steps {self.start_step}..{self.end_step}"
 
 
 def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
-               export: Optional[ExportConfig] = None, auto: Optional[Mapping[str, AutoDecay]] = None) -> list[Job]:
+               export: Optional[ExportConfig] = None, auto: Optional[Mapping[str, AutoDecay]] = None,
+               pause: Optional[MainPause] = None) -> list[Job]:
     """Jobs in submission order (every job after the one it depends on): main-path segments, branches,
     then merge releases (``releases`` may hold every version's release; only merges make jobs), then, with
     ``export.hf``, one Hugging Face export per release after the job that writes it. ``auto``: the plan's
     decay_steps: auto releases (``Plan.auto_decays``); a branch that has not chosen waits for the segment
-    that ends at its latest candidate fork."""
+    that ends at its latest candidate fork. ``pause``: the plan's ``main_pause``, a cut of the main path."""
     undecided = {name: d for name, d in (auto or {}).items() if d.choice is None}
     by_name = {p.name: p for p in paths}
     if MAIN not in by_name:
@@ -122,13 +136,13 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
     jobs: list[Job] = []
     segment_of: dict[int, str] = {}
     start, prev = main.fork_step, None
-    cuts = set(waits.values()) | {r.step for r in merges}
+    cuts = set(waits.values()) | {r.step for r in merges} | ({pause.step} if pause else set())
     for stop in sorted(cuts - {main.end_step}):
         key = f"{MAIN}@{stop}"
-        jobs.append(Job(key, MAIN, start, stop, stop, prev))
+        jobs.append(Job(key, MAIN, start, stop, stop, prev, pause=pause if pause and start == pause.step else None))
         segment_of[stop] = key
         start, prev = stop, key
-    jobs.append(Job(MAIN, MAIN, start, main.end_step, None, prev))
+    jobs.append(Job(MAIN, MAIN, start, main.end_step, None, prev, pause=pause if pause and start == pause.step else None))
     segment_of[main.end_step] = MAIN
     for b in branches:
         if b.name in undecided:  # spans every candidate: the time check then holds whichever it chooses
@@ -149,7 +163,20 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
         released = {j.key: j for j in jobs if j.key in {r.version for r in releases}}
         jobs += [Job(f"{key}-hf", key, job.end_step, job.end_step, None, key, export=ExportSpec(export.tokenizer))
                  for key, job in released.items()]
-    return jobs
+    return _in_dependency_order(jobs)
+
+
+def _in_dependency_order(jobs: list[Job]) -> list[Job]:
+    """``jobs`` reordered so that each comes after every job it waits for, otherwise keeping their order (a
+    main-path segment after a MainPause waits for branches of earlier segments)."""
+    ordered: list[Job] = []
+    pending = list(jobs)
+    while pending:
+        done = {j.key for j in ordered}
+        job = next(j for j in pending if set(j.waits_for) <= done)
+        ordered.append(job)
+        pending.remove(job)
+    return ordered
 
 
 def _check_candidate_forks(name: str, auto: AutoDecay, main: PathSpec) -> None:

@@ -16,10 +16,13 @@ from lrpath_megatron.launch.jobs import Job, build_jobs, export_args, merge_args
 def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
                    nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """(name, command) per path, merge release and export, in job order: one torchrun run per trained path
-    (the main path in one piece: it saves every fork and merge step), `lrpath merge` after it, then `lrpath
-    hf export` of each release."""
+    (the main path in one piece: it saves every fork and merge step; in two where it waits for a decay_steps:
+    auto choice, plan.MainPause, with the branches that choice reads between), `lrpath merge` after it, then
+    `lrpath hf export` of each release."""
     commands = []
-    for job in {job.script: job for job in jobs}.values():
+    for i, job in enumerate(jobs):
+        if job.kind == "train" and job.path == "main" and not job.pause and i > 0 and jobs[i - 1].path == "main":
+            continue  # the run before trains this segment too: only a pause stops the main path
         if job.kind != "train":
             args = merge_args(run_dir, job) if job.kind == "merge" else export_args(run_dir, job)
             commands.append((job.script, [sys.executable, "-m", "lrpath_megatron.cli", *args]))
@@ -44,5 +47,5 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Every job of a loaded plan (trained paths, merge releases, exports) as local commands, in order."""
-    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays)
+    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays, plan.main_pause)
     return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

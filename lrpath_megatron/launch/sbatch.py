@@ -212,13 +212,14 @@ def render_submit(jobs: Sequence[Job]) -> str:
     ]
     for job in jobs:
         args = ["sbatch", "--parsable", f"--job-name=lrpath-{job.key.replace('@', '-to-')}"]
-        if job.after:
-            args.append(f"--dependency=afterok:${_var(job.after)}")
+        if job.waits_for:
+            args.append("--dependency=afterok:" + ":".join(f"${_var(key)}" for key in job.waits_for))
         args.append(script_name(job.script))
         if job.stop_at_step is not None:
             args.append(str(job.stop_at_step))
-        comment = f"# {job.key}: " + (job.describe() if job.auto else f"steps {job.start_step}..{job.end_step}")
-        comment += f", after {job.after}" if job.after else ""
+        comment = f"# {job.key}: " + (job.describe() if job.auto or job.pause else
+                                      f"steps {job.start_step}..{job.end_step}")
+        comment += f", after {', '.join(job.waits_for)}" if job.waits_for else ""
         var = _var(job.key)
         lines += [
             comment,

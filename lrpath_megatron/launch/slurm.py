@@ -24,7 +24,7 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
     # decay_steps: auto branches that chose in run_dir (a resubmission) wait for their chosen fork only
     plan = load_plan(plan_file, list(overrides)).with_choices(Path(run_dir))
     paths = plan.paths()
-    jobs: list[Job] = build_jobs(paths, plan.releases(), plan.config.export, plan.auto_decays)
+    jobs: list[Job] = build_jobs(paths, plan.releases(), plan.config.export, plan.auto_decays, plan.main_pause)
     profile = load_profile(profile_file, list(profile_overrides))
     check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
     spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)
