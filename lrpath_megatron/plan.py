@@ -216,11 +216,12 @@ class MainPause:
     version: str
     step: int
     needs: tuple  # branches whose finished curves the choice reads
+    others_end: int  # the last main-path step another release needs
 
     def describe(self) -> str:
         after = f" and branches {', '.join(self.needs)} have finished" if self.needs else ""
         return (f"the main path stops at step {self.step} until version {self.version} chooses its decay length "
-                f"(decay_steps: auto), after this step{after}")
+                f"(decay_steps: auto) from the run up to there{after}; it then ends at the chosen fork")
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,8 @@ class Plan:
             return None
         branch_ends = {p.name: max(e for _, e in self.auto_decays[p.name].forks.values()) if p.name in undecided
                        else p.end_step for p in self._paths.values() if p.name not in ("main", name)}
-        return MainPause(name, first, tuple(n for n, end in branch_ends.items() if end <= first))
+        return MainPause(name, first, tuple(n for n, end in branch_ends.items() if end <= first),
+                         ends[-2][0] if len(ends) > 1 else 0)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -836,9 +838,7 @@ class Plan:
         if pause:
             index = next(i for i, r in enumerate(rows) if r["name"] == pause.version)
             auto = self.auto_decays[pause.version]
-            before = max([v.release.step for v in self.versions if v.name not in undecided]
-                         + [self.auto_decays[n].fork_span[1] for n in undecided if n != pause.version])
-            costs = [max(before, fork) + end - fork for fork, end in auto.forks.values()]
+            costs = [max(pause.others_end, fork) + end - fork for fork, end in auto.forks.values()]
             fewest, most_ = (self.main_end + o for o in auto.own_steps())
             delta = (min(costs) - fewest, max(costs) - most_)
             for r in rows[index:]:

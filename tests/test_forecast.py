@@ -252,7 +252,7 @@ def test_the_main_path_waits_for_the_choice_that_ends_it(law_run):
     chooses, from v1's and v2's finished branches, then trains only to the chosen fork."""
     plan_path, run = law_run
     plan = load_plan(auto_plan(plan_path))
-    assert plan.main_pause == MainPause("v3", 250, ("v1", "v2"))
+    assert plan.main_pause == MainPause("v3", 250, ("v1", "v2"), 180)
     before = plan.run_for("main", run)  # the main path is at step 240
     assert before.pause[0] == 250 and before.path.end_step == 295
     assert Checkpointer(plan.train_config, before).end == 250
@@ -317,7 +317,7 @@ def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, 
     versions[1]["release"] = {"method": "decay", "shape": "cosine", "decay_steps": "auto", "decay_bounds": [2, 6]}
     path.write_text(yaml.safe_dump(data))
     plan, run = load_plan(path), tmp_path / "run"
-    assert plan.main_pause == MainPause("v2", 18, ()) and plan.main_end == 22
+    assert plan.main_pause == MainPause("v2", 18, (), 12) and plan.main_end == 22
     assert [name for name, _ in plan_commands(plan, path, [], run, 1)] == ["main", "main", "v2", "v1"]
     out = run_lrpath(["train", str(path), "--path", "main", "--run-dir", str(run)]).stdout
     assert "[main] the main path stops at step 18 until version v2 chooses its decay length" in out

@@ -484,7 +484,7 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     loaded = load_plan(path)
     jobs = build_jobs(loaded.paths(), loaded.releases(), auto=loaded.auto_decays, pause=loaded.main_pause)
-    pause = MainPause("v2", 38, ("v1",))
+    pause = MainPause("v2", 38, ("v1",), 27)
     assert loaded.main_pause == pause
     assert jobs == [
         Job("main@27", "main", 0, 27, 27, None),

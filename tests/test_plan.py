@@ -476,7 +476,7 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     assert plan.main_end == 250 and {230, 235, 240, 245, 250} <= plan.path("main").save_steps
     # v3 alone decides how far the main path trains: it waits at v3's earliest fork for the choice, which reads
     # v1's and v2's finished branches; once chosen, the main path ends at the chosen fork.
-    assert plan.main_pause == MainPause("v3", 230, ("v1", "v2"))
+    assert plan.main_pause == MainPause("v3", 230, ("v1", "v2"), 190)
     decided = plan.with_decay("v3", 40)
     assert decided.main_pause is None and decided.main_end == 240 and max(decided.path("main").save_steps) == 240
     costs = plan.costs()
@@ -484,7 +484,7 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     assert costs["versions"][0]["tokens_range"] == [10 * TPS, 30 * TPS]
     # fewest: v3's shortest decay forks at 230, where the main path then ends; most: its longest, from 250
     assert costs["total_tokens_range"] == [(230 + 30) * TPS, (250 + 90) * TPS]
-    assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2")}
+    assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2"), "others_end": 190}
     assert costs["versions"][2]["decay_auto"] == {"bounds": [20, 60], "candidates": [20, 30, 40, 50, 60],
                                                   "fork_steps": [230, 250], "chosen": None, "choice": None}
     # A fixed fork leaves 80 steps of tail data: default bounds stop there, written ones past it are refused.
@@ -501,7 +501,8 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     table = capsys.readouterr().out
     assert "v3: decay auto in [20, 60] steps (forks between step 230 and 250)" in table
     assert "auto 230..250" in table and "ratio 0.433..0.567" in table
-    assert "main: stops at step 230 until v3 chooses its decay length and branches v1, v2 have finished" in table
+    assert ("main: the main path stops at step 230 until version v3 chooses its decay length (decay_steps: auto) "
+            "from the run up to there and branches v1, v2 have finished; it then ends at the chosen fork") in table
     (run / "v3").mkdir(parents=True)
     (run / "v3" / "decay_choice.json").write_text(json.dumps(
         {"decay_steps": 40, "predicted_loss": 3.25, "predicted_sd": 0.01}))

@@ -142,11 +142,10 @@ def format_table(costs: dict) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
-    pause = costs.get("main_pause")
-    if pause:
-        after = f" and branches {', '.join(pause['needs'])} have finished" if pause["needs"] else ""
-        notes.append(f"main: stops at step {pause['step']} until {pause['version']} chooses its decay length"
-                     f"{after}, then ends at the chosen fork")
+    if costs.get("main_pause"):
+        from lrpath_megatron.plan import MainPause
+
+        notes.append(f"main: {MainPause(**costs['main_pause']).describe()}")
     if notes:
         out += ["", *notes]
     main = costs["main"]
