@@ -137,12 +137,17 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
     segment_of: dict[int, str] = {}
     start, prev = main.fork_step, None
     cuts = set(waits.values()) | {r.step for r in merges} | ({pause.step} if pause else set())
+
+    def segment(key: str, start: int, stop: Optional[int], prev: Optional[str]) -> Job:
+        chooses = pause if pause and start == pause.step else None  # the segment that makes the choice
+        return Job(key, MAIN, start, main.end_step if stop is None else stop, stop, prev, pause=chooses)
+
     for stop in sorted(cuts - {main.end_step}):
         key = f"{MAIN}@{stop}"
-        jobs.append(Job(key, MAIN, start, stop, stop, prev, pause=pause if pause and start == pause.step else None))
+        jobs.append(segment(key, start, stop, prev))
         segment_of[stop] = key
         start, prev = stop, key
-    jobs.append(Job(MAIN, MAIN, start, main.end_step, None, prev, pause=pause if pause and start == pause.step else None))
+    jobs.append(segment(MAIN, start, None, prev))
     segment_of[main.end_step] = MAIN
     for b in branches:
         if b.name in undecided:  # spans every candidate: the time check then holds whichever it chooses
