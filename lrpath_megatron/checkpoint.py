@@ -141,9 +141,9 @@ def _one_request(requests: list[AsyncRequest], digests: Path) -> AsyncRequest:
     (megatron-core's preload: copies from a GPU; CPU tensors stay where they are: a background write
     copies them into its staging buffers when it is handed over). Every part's writers report through the
     one result queue of the process, which each part's finalization reads in turn: the parts are written
-    one after the other by one process, in the order they are finalized. Then the same process writes the sha256 of
-    the files it wrote to ``digests``, for the manifest: hashing a large checkpoint would otherwise stall
-    training in :func:`commit`."""
+    one after the other by one process, in the order they are finalized. Then the same process writes the
+    sha256 of the files it wrote to ``digests``, for the manifest: hashing a large checkpoint would
+    otherwise stall training in :func:`commit`."""
     parts = []
     for request in requests:
         args = list(request.async_fn_args)

@@ -246,12 +246,15 @@ class ResolvedVersion:
 class Plan:
     """A validated plan; build with :func:`load_plan` or :meth:`Plan.from_dict`."""
 
-    def __init__(self, written: TrainConfig, config: PlanConfig, source: str = "", decided: Optional[dict] = None):
+    def __init__(self, written: TrainConfig, config: PlanConfig, source: str = "", decided: Optional[dict] = None,
+                 written_hash: Optional[str] = None):
         """``written``: the plan's training sections as written; optimizer.lr / min_lr stand in for an
         unwritten plan.main.eta_max / eta_min. ``decided``: version -> :class:`AutoDecay` of decay_steps: auto
         releases this plan fixes at their choice (:meth:`with_decay`): the main path saves every candidate
-        fork of theirs up to where it ends (a choice may end it earlier: MainPause)."""
+        fork of theirs up to where it ends (a choice may end it earlier: MainPause); ``written_hash`` is then
+        the hash of the plan as written, which such a plan keeps (:meth:`plan_hash`)."""
         self.config = config
+        self._written_hash = written_hash
         self.source = source
         main = config.main
         self.eta_max = main.eta_max if main.eta_max is not None else written.optimizer.lr
@@ -548,7 +551,8 @@ class Plan:
         decided = {k: d for k, d in self.auto_decays.items() if k not in self.decay_candidates}
         if name in self.decay_candidates:
             decided[name] = dataclasses.replace(self.auto_decays[name], choice=choice or {"decay_steps": decay_steps})
-        return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source, decided)
+        return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source, decided,
+                    self.plan_hash())
 
     def with_choices(self, run_dir: Path) -> "Plan":
         """This plan with the decay lengths its decay_steps: auto branches chose in ``run_dir`` (the releases
@@ -712,7 +716,7 @@ class Plan:
 
             choice = choose_decay(self, name, Path(run_dir))
             run = self.with_decay(name, choice["decay_steps"]).run_for(name, run_dir)
-            return dataclasses.replace(run, lineage={**run.lineage, "plan_hash": self.plan_hash(), "decay_choice": choice})
+            return dataclasses.replace(run, lineage={**run.lineage, "decay_choice": choice})
         if name == "main" and self.decay_candidates:
             return self._main_run(Path(run_dir))
         return self._path_run(name, run_dir)
@@ -749,8 +753,7 @@ class Plan:
                     f"(`lrpath train PLAN --path NAME`), then the main path again")
             choose_decay(self, pause.version, run_dir)
             plan, pause = self.with_choices(run_dir), None
-        run = plan._path_run("main", run_dir)
-        return dataclasses.replace(run, lineage={**run.lineage, "plan_hash": self.plan_hash()},
+        return dataclasses.replace(plan._path_run("main", run_dir),
                                    pause=(pause.step, pause.describe()) if pause else None)
 
     # ---------------------------------------------------------------- costs, identity, data
@@ -916,6 +919,10 @@ class Plan:
         return cfg
 
     def plan_hash(self) -> str:
+        """The plan's identity in its run's manifests; a plan fixed at its decay_steps: auto choices (
+        :meth:`with_decay`, :meth:`with_choices`) is the written plan and keeps its hash."""
+        if self._written_hash is not None:
+            return self._written_hash
         blob = json.dumps(self.resolved(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -130,11 +130,10 @@ def _forecast_image(points: list) -> str:
 
 def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) -> Path:
     run_dir = Path(run_dir)
-    plan_hash = plan.plan_hash()  # of the plan as written (the run's record), not of the choices below
     plan = plan.with_choices(run_dir)  # decay_steps: auto releases as their branches chose
     obs = observations(plan, run_dir, eval_files)
     corpora = plan.corpus_names
-    costs = dict(plan.costs(), plan_hash=plan_hash)
+    costs = plan.costs()
     forecasts = {r["version"]: r for r in forecast_plan(plan, run_dir, ForecastConfig(), eval_files)["releases"]}
 
     loss_rows = []

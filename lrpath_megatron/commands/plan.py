@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     if args.layout and not args.cluster:
         raise SystemExit("lrpath plan: --layout needs --cluster PROFILE (the nodes and GPUs to fit)")
     plan = load_plan(args.plan, args.overrides)
-    plan_hash = plan.plan_hash()  # of the plan as written, also when shown with the choices of a run
     if args.run_dir:
         plan = plan.with_choices(args.run_dir)
     if args.layout:
@@ -44,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     if args.check_data:
         plan.check_data()
     costs = plan.costs()
-    costs["plan_hash"] = plan_hash
     if args.plot:
         from lrpath_megatron.plan_plot import draw_plan
 
