@@ -1,17 +1,21 @@
 """Training time lost per checkpoint, foreground saves vs background ones (checkpoint.async_save), on CPU.
 
 A model whose save takes many steps' time (large hidden size, one short sequence per step) trains
-STEPS steps, saving every INTERVAL; each step's wall time is taken from the moment its log line
-arrives (the gap before step N's line holds step N and a save after step N-1). The time lost per save
-is the sum of the gaps from a save to the next one minus as many typical steps (the median gap of the
-steps before the first save); the end of the run, which waits for the last write, is not counted.
-Writes benchmarks/results/async_save.json with the conditions (other jobs may share the cores).
+STEPS steps, saving every INTERVAL. Each step's wall time is taken from the moment its log line arrives
+(the gap before step N's line holds step N and a save after step N-1). The time lost to the save at
+step S is the sum of the WINDOW gaps from S on (the save, and the steps a background write overlaps)
+minus as many typical steps, typical being the median of the BASELINE gaps just before S: a baseline
+next to each save, because this VM's step time drifts by 10-30% over tens of seconds. A run without
+saves, measured at the same steps, gives the noise floor (its "loss" is noise only). The modes
+alternate for ROUNDS rounds so that drift hits them alike. Writes benchmarks/results/async_save.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = {"no_saves_noise_floor": ["--set", "checkpoint.save_interval=0"], "sync": [],
+         "async": ["--set", "checkpoint.async_save=true"]}
 
 
 def timed_steps(config: Path, run_dir: Path, extra: list[str]) -> tuple[dict[int, float], str]:
@@ -39,15 +45,17 @@ def timed_steps(config: Path, run_dir: Path, extra: list[str]) -> tuple[dict[int
     return arrived, "".join(lines)
 
 
-def lost_per_save(arrived: dict[int, float], interval: int, steps: int) -> dict:
-    gaps = {s: arrived[s] - arrived[s - 1] for s in range(1, steps)}
-    typical = statistics.median(gaps[s] for s in range(2, interval))  # before the first save
-    saves = list(range(interval, steps - interval + 1, interval))
-    lost = [sum(gaps[s] for s in range(save, save + interval)) - interval * typical for save in saves]
-    around = [statistics.mean(gaps[s] for s in range(save, save + interval)) for save in saves]
-    return {"step_s": round(typical, 4), "saves": len(saves), "lost_per_save_s": [round(x, 3) for x in lost],
-            "mean_lost_per_save_s": round(statistics.mean(lost), 3),
-            "mean_step_s_after_a_save": round(statistics.mean(around), 4)}
+def lost_per_save(arrived: dict[int, float], saves: list[int], window: int, baseline: int) -> list[float]:
+    gaps = {s: arrived[s] - arrived[s - 1] for s in range(1, max(arrived) + 1)}
+    return [round(sum(gaps[s] for s in range(save, save + window))
+                  - window * statistics.median(gaps[s] for s in range(save - baseline, save)), 3)
+            for save in saves]
+
+
+def summary(lost: list[float]) -> dict:
+    return {"mean_lost_per_save_s": round(statistics.mean(lost), 3),
+            "standard_error_s": round(statistics.stdev(lost) / math.sqrt(len(lost)), 3),
+            "saves": len(lost), "lost_per_save_s": lost}
 
 
 def main() -> None:
@@ -55,40 +63,62 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--seq", type=int, default=8, help="tokens per step: short, so one save takes many steps")
-    parser.add_argument("--steps", type=int, default=101)
-    parser.add_argument("--interval", type=int, default=25)
+    parser.add_argument("--interval", type=int, default=12)
+    parser.add_argument("--window", type=int, default=8, help="gaps from a save on that it may slow down")
+    parser.add_argument("--baseline", type=int, default=4, help="gaps before a save that give the typical step")
+    parser.add_argument("--saves", type=int, default=4, help="saves measured per run")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.window + args.baseline > args.interval:
+        parser.error("--window + --baseline must fit in --interval (a baseline must not hold the last save)")
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_config
     from lrpath_megatron.data_tools.demo import prepare_demo_data
 
+    saves = [args.interval * (i + 1) for i in range(args.saves)]
+    steps = saves[-1] + args.window + 1  # the end's save (waited for) lies past the last window
     work = Path(tempfile.mkdtemp(prefix="lrpath_async_save_"))
     config = tiny_config(
         prepare_demo_data(work / "data"), work / "c.yaml",
         model={"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": 8, "seq_length": args.seq},
         parallel={"micro_batch_size": 1, "global_batch_size": 1},
-        schedule={"train_steps": args.steps, "warmup_steps": 2},
+        schedule={"train_steps": steps, "warmup_steps": 2},
         checkpoint={"save_interval": args.interval, "keep_last": 1})
     result = {"conditions": {
         "cpu_cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
         "note": "one training process, gloo, OMP_NUM_THREADS=1; anything else running shows in the load averages",
         "model": {"layers": args.layers, "hidden": args.hidden, "seq_length": args.seq, "global_batch": 1},
-        "steps": args.steps, "save_interval": args.interval}}
-    for mode, extra in (("sync", []), ("async", ["--set", "checkpoint.async_save=true"])):
-        arrived, out = timed_steps(config, work / mode, extra)
-        result[mode] = lost_per_save(arrived, args.interval, args.steps)
-        result[mode]["waits_logged"] = [line.split("] ", 1)[1] for line in out.splitlines() if "waited" in line]
-        print(mode, json.dumps(result[mode]), flush=True)
+        "steps": steps, "save_interval": args.interval, "window": args.window, "baseline": args.baseline,
+        "rounds": args.rounds}}
+    lost = {mode: [] for mode in MODES}
+    step_s, waits = {mode: [] for mode in MODES}, []
+    for round_ in range(args.rounds):
+        for mode, extra in MODES.items():
+            run_dir = work / f"{mode}_{round_}"
+            arrived, out = timed_steps(config, run_dir, extra)
+            lost[mode] += lost_per_save(arrived, saves, args.window, args.baseline)
+            step_s[mode].append(statistics.median(arrived[s] - arrived[s - 1] for s in range(2, steps)))
+            if mode == "async":
+                waits += [line.split("] ", 1)[1] for line in out.splitlines() if "waited" in line]
+            if mode == "sync" and round_ == 0:
+                ckpt = max((run_dir / "checkpoints").glob("iter_*"))
+                result["checkpoint_mib"] = round(sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 2**20, 1)
+            shutil.rmtree(run_dir)
+            print(f"round {round_} {mode}: lost per save {lost[mode][-len(saves):]}", flush=True)
     result["conditions"]["load_average_at_end"] = os.getloadavg()
-    ckpt = max((work / "sync" / "checkpoints").glob("iter_*"))
-    result["checkpoint_mib"] = round(sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 2**20, 1)
-    result["sync_save_in_steps"] = round(result["sync"]["mean_lost_per_save_s"] / result["sync"]["step_s"], 1)
-    result["async_loss_fraction_of_sync"] = round(result["async"]["mean_lost_per_save_s"]
-                                                  / result["sync"]["mean_lost_per_save_s"], 3)
+    for mode in MODES:
+        result[mode] = dict(
+            summary(lost[mode]), step_s=round(statistics.median(step_s[mode]), 4))
+    result["async"]["waits_logged"] = waits
+    sync, background = result["sync"]["mean_lost_per_save_s"], result["async"]["mean_lost_per_save_s"]
+    result["sync_save_in_steps"] = round(sync / result["sync"]["step_s"], 1)
+    result["async_loss_fraction_of_sync"] = round(background / sync, 3)
     out = REPO / "benchmarks" / "results" / "async_save.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"sync loses {result['sync']['mean_lost_per_save_s']} s per save ({result['sync_save_in_steps']} steps), "
-          f"async {result['async']['mean_lost_per_save_s']} s ({result['async_loss_fraction_of_sync']:.1%}); wrote {out}")
+    noise = result["no_saves_noise_floor"]
+    print(f"sync loses {sync} s per save ({result['sync_save_in_steps']} steps), async {background} s "
+          f"({result['async_loss_fraction_of_sync']:.1%}); noise floor {noise['mean_lost_per_save_s']} "
+          f"+- {noise['standard_error_s']} s; wrote {out}")
 
 
 if __name__ == "__main__":

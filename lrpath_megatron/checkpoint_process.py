@@ -7,9 +7,8 @@ gradients, optimizer state) is copied once more - measured on CPU, a stall of th
 write itself. megatron-core's ``PersistentAsyncCaller`` avoids the fork but selects a CUDA device in its
 worker and waits forever on a worker that died. Here the trainer copies the tensors of a save into
 buffers in shared memory (kept across saves: one host copy of this rank's part of a checkpoint) and hands
-the write to the process. (At the lowest CPU priority the same writes cost training more on a 2-core
-machine, not less: measured 4.6 s vs 1.7 s per save, benchmarks/async_save.py; so it runs at the
-trainer's.)
+the write to the process. (At the lowest CPU priority it cost training no measurably less on a 2-core
+machine, docs/checkpointing.md; so it runs at the trainer's.)
 """
 from __future__ import annotations
 
