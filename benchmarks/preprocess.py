@@ -1,18 +1,23 @@
-"""Preprocessing throughput: ``lrpath data preprocess`` (exact and fast backends) vs Megatron-LM's
-``tools/preprocess_data.py`` and raw sentencepiece.
+"""Preprocessing throughput per backend and tokenizer kind: ``lrpath data preprocess`` (exact, auto, and the
+fast paths without the verification sample) vs raw sentencepiece and Megatron-LM's ``tools/preprocess_data.py``.
 
-Builds a >= 100 MB (``--size-mb``) JSONL corpus of real Python source (this interpreter's standard library, then the
-virtualenv's site-packages; one file per document, never committed), trains a 32k BPE SentencePiece
-model on a sample of it, measures raw ``SentencePieceProcessor.encode(list, num_threads=1)`` on it, then
-tokenizes the corpus with each backend (``--backends``) and 1 and 2 workers, recording wall time,
-tokens/s, tokens per CPU-second and peak memory (PSS summed over the process tree, so pages shared by
-forked workers are counted once). With ``--megatron-lm DIR`` (a Megatron-LM checkout at the tag that
-matches the installed megatron-core, plus its import-time dependencies on PYTHONPATH) the same runs
-are made with its tool and the outputs compared byte for byte. The fast backend's mismatch rate is
-measured with ``--verify`` over every document of the corpus and of the shipped corpora (data/corpora).
-Finally one 50 MB document is tokenized to measure the long-document policy.
+Builds a JSONL corpus of real Python source (``--size-mb``; this interpreter's standard library, then the
+virtualenv's site-packages; one file per document, never committed) after a few documents with combining
+marks, fullwidth letters, ligatures, Hangul, emoji and literal ``<s>``. Trains two BPE SentencePiece models
+(``--vocab-size``) on a sample of it: ``identity`` (this project's conventions, ``train-tokenizer``) and
+``nmt_nfkc`` (SentencePiece's default settings: nmt_nfkc normalisation, dummy prefix, whitespace removal,
+plus byte fallback). For each model it measures raw ``SentencePieceProcessor.encode(list, num_threads=1)``,
+then tokenizes the corpus with each variant (``--variants``) and worker count, recording wall time,
+tokens/s, tokens per CPU-second (the whole process tree: imports and the verification sample included),
+peak memory (PSS summed over the process tree, so pages shared by forked workers count once), the
+backend that ran and how many documents differ from the exact backend's output. With ``--megatron-lm
+DIR`` (a Megatron-LM checkout at the tag that matches the installed megatron-core, plus its import-time
+dependencies on PYTHONPATH) the same runs are made with its tool and the outputs compared byte for byte.
+gigatoken's mismatch rate as it reads each model is measured with ``--verify`` over every document of the
+shipped corpora (data/corpora). Finally (``--long-doc-mb``) one long document is tokenized to measure the
+long-document policy.
 
-    python benchmarks/preprocess.py --megatron-lm /path/to/Megatron-LM [--extra-pythonpath DIR]
+    python benchmarks/preprocess.py --size-mb 20 --workers 1 --long-doc-mb 0 [--megatron-lm DIR]
 """
 from __future__ import annotations
 
@@ -35,11 +40,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+# The documents a new user adds (issue 33): where a normaliser, whitespace handling or byte fallback matter.
+ADVERSARIAL = [
+    "Combining marks: A\u030a \u1e9b\u0323 q\u0307\u0323 e\u0301\u0301, precomposed \u00c5 and \u212b",
+    "Fullwidth ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３！ and halfwidth ｶﾀｶﾅ",
+    "Ligatures ﬁ ﬂ ﬀ ﬃ ﬆ and compatibility characters Ω K ㎏ ½ ① ™",
+    "Hangul 한국어 한글 각, conjoining jamo \u1100\u1161\u11a8",
+    "Emoji 😀 👍🏽 🇩🇪 👩‍👩‍👧 and rare CJK \U0002a6d6",
+    "Literal special tokens <s> </s> <unk> <pad> are text: <s>def f(): pass</s>",
+]
+
+
 def build_corpus(path: Path, min_bytes: int) -> dict:
-    """Sorted .py files of the stdlib, then site-packages, as JSONL documents until ``min_bytes``."""
+    """The adversarial documents, then sorted .py files of the stdlib and site-packages until ``min_bytes``."""
     roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
     written = docs = 0
     with open(path, "w", encoding="utf-8") as out:
+        for text in ADVERSARIAL:
+            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            docs += 1
         for root in roots:
             for f in sorted(root.rglob("*.py")):
                 try:
@@ -53,7 +72,8 @@ def build_corpus(path: Path, min_bytes: int) -> dict:
                 written += len(line.encode("utf-8"))
                 docs += 1
                 if written >= min_bytes:
-                    return {"bytes": written, "documents": docs, "sources": [str(r) for r in roots]}
+                    return {"bytes": written, "documents": docs, "adversarial_documents": len(ADVERSARIAL),
+                            "sources": [str(r) for r in roots]}
     raise SystemExit(f"only {written} bytes of Python source found; lower --size-mb")
 
 
@@ -122,6 +142,45 @@ def same_files(prefix_a: str, prefix_b: str) -> bool:
     return all(Path(prefix_a + e).read_bytes() == Path(prefix_b + e).read_bytes() for e in (".bin", ".idx"))
 
 
+def differing_documents(prefix: str, exact: str) -> int:
+    """Documents whose ids differ from the exact backend's (both made from the same input)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ours, theirs = IndexedDataset(prefix), IndexedDataset(exact)
+    if len(ours) != len(theirs):
+        return max(len(ours), len(theirs))
+    return sum(not (ours[i].size == theirs[i].size and (ours[i] == theirs[i]).all()) for i in range(len(ours)))
+
+
+def train_models(corpus_path: Path, work: Path, vocab_size: int, sample: int) -> dict:
+    """The two tokenizers, trained on the lines of the first 2,000 documents (``sample`` of them sampled)."""
+    import io
+
+    import sentencepiece as spm
+
+    from lrpath_megatron.data_tools.inputs import iter_texts
+    from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer, training_lines
+
+    out = {}
+    t0 = time.monotonic()
+    spec = TokenizerSpec(vocab_size=vocab_size, sample_sentences=sample)
+    train_tokenizer(iter_texts([str(corpus_path)], max_docs=2000), work / "identity", spec)
+    out["identity"] = {"settings": "train-tokenizer: identity normalisation, no dummy prefix, byte fallback",
+                       "train_s": round(time.monotonic() - t0, 1)}
+    t0 = time.monotonic()
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_lines(iter_texts([str(corpus_path)], max_docs=2000), 8192), model_writer=proto,
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, input_sentence_size=sample,
+        shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+    (work / "nmt_nfkc.model").write_bytes(proto.getvalue())
+    out["nmt_nfkc"] = {"settings": "SentencePiece's defaults (nmt_nfkc, dummy prefix, whitespace removal) + "
+                                   "byte fallback", "train_s": round(time.monotonic() - t0, 1)}
+    for model in out.values():
+        model.update(vocab_size=vocab_size, model_type="bpe", trained_on_first_docs=2000, sample_sentences=sample)
+    return out
+
+
 def raw_sentencepiece(corpus_path: Path, model: Path) -> dict:
     """The reference rate: sentencepiece alone, one thread, on the corpus's texts (CPU time of encoding only)."""
     import sentencepiece as spm
@@ -134,80 +193,130 @@ def raw_sentencepiece(corpus_path: Path, model: Path) -> dict:
     return {"tokens": tokens, "cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "tokens_per_cpu_s": round(tokens / cpu)}
 
 
-def lrpath_cmd(inputs: Path | list, prefix: str, model: Path, workers: int, backend: str, *extra: str) -> list:
+def lrpath_cmd(inputs: Path | list, prefix: str, model: Path, workers: int, *extra: str) -> list:
     return [sys.executable, "-m", "lrpath_megatron.cli", "data", "preprocess", "--input",
             *([str(inputs)] if isinstance(inputs, Path) else inputs), "--output-prefix", prefix, "--tokenizer-model",
-            str(model), "--workers", str(workers), "--backend", backend, "--no-progress", "--overwrite", *extra]
+            str(model), "--workers", str(workers), "--no-progress", "--overwrite", *extra]
+
+
+# What is timed: the default (auto: its class rule and the verification sample), the path auto takes without the
+# sample, gigatoken as it reads the model (unchecked: it differs on nmt_nfkc), and the reference.
+VARIANTS = {"exact": ["--backend", "exact"], "auto": ["--backend", "auto"],
+            "auto --verify 0": ["--backend", "auto", "--verify", "0"],
+            "fast --verify 0": ["--backend", "fast", "--verify", "0"]}
 
 
 def verify_fast(inputs: list, prefix: Path, model: Path, env: dict) -> dict:
-    """The fast backend's mismatch rate over every document (``--verify`` with a count above the total)."""
+    """gigatoken's mismatch rate as it reads the model, over every document (``--verify`` above the total)."""
     summary = prefix.with_suffix(".summary.json")
-    cmd = lrpath_cmd(inputs, str(prefix), model, 2, "fast", "--verify", str(10 ** 9), "--summary-json", str(summary))
+    cmd = lrpath_cmd(inputs, str(prefix), model, 2, "--backend", "fast", "--verify", str(10 ** 9),
+                     "--summary-json", str(summary))
     subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     v = json.loads(summary.read_text())["verification"]
     return {"inputs": [Path(i).name for i in inputs], "documents": v["documents"], "differing": v["differing"],
-            "rate": v["rate"], "examples": v["examples"][:5]}
+            "rate": v["rate"], "examples": v["examples"][:3]}
 
 
 def targets(runs: list, raw: dict) -> dict:
-    """The throughput targets (docs/data.md), computed from this run's numbers."""
-    def run(tool: str, workers: int) -> dict:
-        return next((r for r in runs if r["tool"].startswith(tool) and r["workers"] == workers), {})
+    """Ratios per CPU-second (one worker) per model, and 2 vs 1 workers in wall time, from this run."""
+    def run(model: str, tool: str, workers: int = 1) -> dict:
+        return next((r for r in runs if r["model"] == model and r["tool"] == tool and r["workers"] == workers), {})
 
     out = {}
-    exact1, fast1, mlm1 = run("lrpath data preprocess --backend exact", 1), \
-        run("lrpath data preprocess --backend fast", 1), run("Megatron-LM", 1)
-    if fast1 and mlm1:
-        out["fast_vs_megatron_per_cpu_s"] = round(fast1["tokens_per_cpu_s"] / mlm1["tokens_per_cpu_s"], 2)
-    if exact1:
-        out["exact_vs_raw_sentencepiece_per_cpu_s"] = round(exact1["tokens_per_cpu_s"] / raw["tokens_per_cpu_s"], 2)
-    for backend in ("exact", "fast"):
-        one, two = run(f"lrpath data preprocess --backend {backend}", 1), \
-            run(f"lrpath data preprocess --backend {backend}", 2)
-        if one and two:
-            out[f"{backend}_2_workers_vs_1_wall"] = round(two["tokens_per_s"] / one["tokens_per_s"], 2)
+    for model, reference in raw.items():
+        exact, auto = run(model, "lrpath exact"), run(model, "lrpath auto")
+        path, fast, mlm = run(model, "lrpath auto --verify 0"), run(model, "lrpath fast --verify 0"), \
+            run(model, "Megatron-LM")
+        ratios = {"exact_vs_raw_sentencepiece": (exact, reference), "auto_vs_raw_sentencepiece": (auto, reference),
+                  "auto_vs_exact": (auto, exact), "auto_path_vs_gigatoken_alone": (path, fast),
+                  "fast_vs_megatron": (fast, mlm), "exact_vs_megatron": (exact, mlm)}
+        out[model] = {name: round(a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"], 2)
+                      for name, (a, b) in ratios.items() if a and b}
+        for tool in {r["tool"] for r in runs if r["model"] == model and r["tool"].startswith("lrpath")}:
+            one, two = run(model, tool, 1), run(model, tool, 2)
+            if one and two:
+                out[model][f"{tool.removeprefix('lrpath ')}: 2 workers vs 1, wall"] = \
+                    round(two["tokens_per_s"] / one["tokens_per_s"], 2)
     out["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def megatron_run(mlm: Path, corpus_path: Path, work: Path, model: str, w: int, menv: dict) -> dict:
+    theirs, ours = str(work / f"{model}_megatron_w{w}"), str(work / f"{model}_exact_w{w}")
+    cmd = [sys.executable, str(mlm / "tools" / "preprocess_data.py"), "--input", str(corpus_path),
+           "--output-prefix", theirs, "--tokenizer-type", "GPTSentencePieceTokenizer",
+           "--tokenizer-model", str(work / f"{model}.model"), "--workers", str(w), "--append-eod",
+           "--log-interval", "100000"]
+    r = timed_run(cmd, menv, work / f"{model}_megatron_w{w}.log", lambda: count_tokens(theirs + "_text_document"))
+    return {"tool": "Megatron-LM", "model": model, "workers": w, **r,
+            "identical_to_exact": same_files(theirs + "_text_document", ours + "_text_document")}
+
+
+def lrpath_run(corpus_path: Path, work: Path, model: str, w: int, variant: str, env: dict) -> dict:
+    name = f"{model}_{variant.replace(' --verify 0', '_unverified')}_w{w}"
+    prefix, summary = str(work / name), work / f"{name}.summary.json"
+    cmd = lrpath_cmd(corpus_path, prefix, work / f"{model}.model", w, *VARIANTS[variant], "--summary-json",
+                     str(summary))
+    r = timed_run(cmd, env, work / f"{name}.log", lambda: count_tokens(prefix + "_text_document"))
+    s = json.loads(summary.read_text())
+    exact = str(work / f"{model}_exact_w{w}_text_document")
+    return {"tool": f"lrpath {variant}", "model": model, "workers": w, **r, "backend": s["backend"],
+            "backend_reason": s["backend_reason"], "sample": s["sample"],
+            "identical_to_exact": same_files(prefix + "_text_document", exact),
+            "documents_differing_from_exact": differing_documents(prefix + "_text_document", exact)}
+
+
+def long_document(corpus_path: Path, work: Path, mb: float, env: dict) -> dict:
+    texts, size = [], 0
+    with open(corpus_path, encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(texts[-1])
+            if size >= mb * 1e6:
+                break
+    path = work / "long_doc.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "short document before"}) + "\n")
+        f.write(json.dumps({"text": "".join(texts)}) + "\n")
+        f.write(json.dumps({"text": "short document after"}) + "\n")
+    prefix = str(work / "long_doc")
+    r = timed_run(lrpath_cmd(path, prefix, work / "identity.model", 2, "--backend", "exact"), env,
+                  work / "long_doc.log", lambda: count_tokens(prefix + "_text_document"))
+    return {"document_chars": size, "workers": 2, "backend": "exact", "model": "identity", **r,
+            "policy": "encoded in ~64K-character pieces cut after newlines (ids equal to encoding the whole text); "
+                      "--max-doc-chars can refuse such documents instead"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="/tmp/lrpath_preprocess_bench")
-    ap.add_argument("--size-mb", type=float, default=100)
+    ap.add_argument("--size-mb", type=float, default=20)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--sample-sentences", type=int, default=30_000, help="lines the tokenizers are trained on")
+    ap.add_argument("--models", nargs="+", default=["identity", "nmt_nfkc"], choices=["identity", "nmt_nfkc"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--megatron-lm", help="Megatron-LM checkout (tools/preprocess_data.py, megatron/)")
     ap.add_argument("--extra-pythonpath", default="", help="where its extra imports live (six, regex, ...)")
     ap.add_argument("--long-doc-mb", type=float, default=50, help="0 = skip the long-document run")
-    ap.add_argument("--backends", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "preprocess.json"))
     args = ap.parse_args()
-
-    from lrpath_megatron.data_tools.inputs import iter_texts
-    from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
+    variants = ["exact"] + [v for v in args.variants if v != "exact"]  # the others are compared with it
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     corpus_path, meta_path = work / "corpus.jsonl", work / "setup.json"
-    # Corpus and tokenizer are reused from an earlier run with the same settings (they are not measured).
-    settings = {"size_mb": args.size_mb, "vocab_size": args.vocab_size}
+    # Corpus and tokenizers are reused from an earlier run with the same settings (they are not measured).
+    settings = {"size_mb": args.size_mb, "vocab_size": args.vocab_size, "sample_sentences": args.sample_sentences}
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("settings") != settings or not (work / "bench_tokenizer.model").is_file():
+    if meta.get("settings") != settings or not all((work / f"{m}.model").is_file() for m in ("identity", "nmt_nfkc")):
         t0 = time.monotonic()
         corpus = build_corpus(corpus_path, int(args.size_mb * 1e6))
         corpus["build_s"] = round(time.monotonic() - t0, 1)
-        t0 = time.monotonic()
-        spec = TokenizerSpec(vocab_size=args.vocab_size, sample_sentences=100_000)
-        train_tokenizer(iter_texts([str(corpus_path)], max_docs=2000), work / "bench_tokenizer", spec)
-        tokenizer = {"vocab_size": args.vocab_size, "model_type": "bpe", "trained_on_first_docs": 2000,
-                     "sample_sentences": 100_000, "train_s": round(time.monotonic() - t0, 1)}
-        meta = {"settings": settings, "corpus": corpus, "tokenizer": tokenizer}
+        meta = {"settings": settings, "corpus": corpus,
+                "tokenizers": train_models(corpus_path, work, args.vocab_size, args.sample_sentences)}
         meta_path.write_text(json.dumps(meta, indent=2))
-    model = work / "bench_tokenizer.model"
-    print(f"corpus: {meta['corpus']}\ntokenizer: {meta['tokenizer']}", flush=True)
-    raw = raw_sentencepiece(corpus_path, model)
-    print(f"raw sentencepiece: {raw}", flush=True)
+    print(f"corpus: {meta['corpus']}\ntokenizers: {meta['tokenizers']}", flush=True)
 
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -215,8 +324,8 @@ def main() -> int:
                     "note": "shared development machine: other jobs ran at the same time, so wall times include "
                             "waiting for a core; tokens_per_cpu_s (CPU seconds of the whole process tree) is the "
                             "per-core comparison"},
-        "corpus": meta["corpus"], "tokenizer": meta["tokenizer"], "raw_sentencepiece": raw, "runs": [],
-        "megatron_lm": "not run",
+        "corpus": meta["corpus"], "tokenizers": meta["tokenizers"], "raw_sentencepiece": {}, "runs": [],
+        "megatron_lm": "not run (no --megatron-lm checkout)",
         "megatron_lm_fast": "not run: tools/preprocess_data_fast.py is not in Megatron-LM core_v0.16.1; its later "
                             "version needs a newer megatron-core (megatron.core.tokenizers.utils.build_tokenizer, "
                             "tokenize_files, IndexedDatasetBuilder.add_documents)",
@@ -227,7 +336,7 @@ def main() -> int:
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         result["machine"]["load_average_at_save"] = [round(x, 2) for x in os.getloadavg()]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     mlm = Path(args.megatron_lm) if args.megatron_lm else None
@@ -236,60 +345,27 @@ def main() -> int:
         result["megatron_lm"] = (
             f"Megatron-LM tools/preprocess_data.py at the tag matching megatron-core (checkout {mlm}), run with the "
             f"same interpreter, tokenizer (--tokenizer-type GPTSentencePieceTokenizer --append-eod) and input")
-    for w in args.workers:  # the tools alternate, so all see the same machine load
-        for backend in args.backends:
-            ours = str(work / f"{backend}_w{w}")
-            r = timed_run(lrpath_cmd(corpus_path, ours, model, w, backend), env, work / f"{backend}_w{w}.log",
-                          lambda: count_tokens(ours + "_text_document"))
-            runs.append({"tool": f"lrpath data preprocess --backend {backend}", "workers": w, **r,
-                         "identical_to_1_worker": same_files(
-                             ours + "_text_document", str(work / f"{backend}_w{args.workers[0]}_text_document")),
-                         "identical_to_exact": same_files(ours + "_text_document",
-                                                          str(work / f"exact_w{w}_text_document"))})
-            print(runs[-1], flush=True)
-            save()
-        if mlm is None:
-            continue
-        ours = str(work / f"exact_w{w}")
-        theirs = str(work / f"megatron_w{w}")
-        cmd = [sys.executable, str(mlm / "tools" / "preprocess_data.py"), "--input", str(corpus_path),
-               "--output-prefix", theirs, "--tokenizer-type", "GPTSentencePieceTokenizer",
-               "--tokenizer-model", str(model), "--workers", str(w), "--append-eod", "--log-interval", "100000"]
-        r = timed_run(cmd, menv, work / f"megatron_w{w}.log", lambda: count_tokens(theirs + "_text_document"))
-        runs.append({"tool": "Megatron-LM tools/preprocess_data.py", "workers": w, **r,
-                     "identical_to_ours": same_files(theirs + "_text_document", ours + "_text_document")})
-        print(runs[-1], flush=True)
+    shipped = sorted(str(p) for p in (REPO / "data" / "corpora").glob("*.jsonl.gz"))
+    for model in args.models:
+        result["raw_sentencepiece"][model] = raw_sentencepiece(corpus_path, work / f"{model}.model")
+        print(f"raw sentencepiece, {model}: {result['raw_sentencepiece'][model]}", flush=True)
+        for w in args.workers:  # the tools alternate, so all see the same machine load
+            for variant in variants:
+                runs.append(lrpath_run(corpus_path, work, model, w, variant, env))
+                print(runs[-1], flush=True)
+                save()
+            if mlm is not None:
+                runs.append(megatron_run(mlm, corpus_path, work, model, w, menv))
+                print(runs[-1], flush=True)
+                save()
+        result["verification"][model] = verify_fast(shipped, work / f"verify_{model}", work / f"{model}.model", env)
+        print(f"gigatoken as it reads {model}, shipped corpora: {result['verification'][model]}", flush=True)
         save()
-    if "fast" in args.backends:
-        shipped = sorted(str(p) for p in (REPO / "data" / "corpora").glob("*.jsonl.gz"))
-        for name, inputs in (("benchmark_corpus", [str(corpus_path)]), ("shipped_corpora", shipped)):
-            result["verification"][name] = verify_fast(inputs, work / f"verify_{name}", model, env)
-            print(f"verification {name}: {result['verification'][name]}", flush=True)
-            save()
-    result["targets"] = targets(runs, raw)
-    print(f"targets: {result['targets']}", flush=True)
+    result["targets"] = targets(runs, result["raw_sentencepiece"])
+    print(f"targets: {json.dumps(result['targets'], indent=1)}", flush=True)
     save()
-    if args.long_doc_mb:
-        texts, size = [], 0
-        with open(corpus_path, encoding="utf-8") as f:
-            for line in f:
-                texts.append(json.loads(line)["text"])
-                size += len(texts[-1])
-                if size >= args.long_doc_mb * 1e6:
-                    break
-        path = work / "long_doc.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"text": "short document before"}) + "\n")
-            f.write(json.dumps({"text": "".join(texts)}) + "\n")
-            f.write(json.dumps({"text": "short document after"}) + "\n")
-        del texts
-        prefix = str(work / "long_doc")
-        r = timed_run(lrpath_cmd(path, prefix, model, 2, "exact"), env, work / "long_doc.log",
-                      lambda: count_tokens(prefix + "_text_document"))
-        result["long_document"] = {
-            "document_chars": size, "workers": 2, "backend": "exact", **r,
-            "policy": "encoded in ~64K-character pieces cut after newlines (ids equal to encoding the whole "
-                      "text); --max-doc-chars can refuse such documents instead"}
+    if args.long_doc_mb and "identity" in args.models:
+        result["long_document"] = long_document(corpus_path, work, args.long_doc_mb, env)
         print(f"long document: {result['long_document']}", flush=True)
         save()
     print(f"wrote {args.out}")

@@ -94,11 +94,13 @@ def register(sub) -> None:
     pp.add_argument("--eod-token", help="text of the EOD token (default: the tokenizer's eos; for a tokenizer.json, "
                                         "the eos_token of the tokenizer_config.json next to it)")
     pp.add_argument("--backend", choices=["exact", "fast", "auto"], default="auto",
-                    help="exact: sentencepiece / tokenizers (the reference); fast: gigatoken (extra 'fast'); "
-                         "auto: fast when installed")
-    pp.add_argument("--verify", type=_verify, default=0, metavar="N|all",
-                    help="fast backend: re-encode N sampled documents with the exact backend and report the "
-                         "mismatch rate; 'all' checks every document and fails on any difference")
+                    help="exact: sentencepiece / tokenizers (the reference); fast: gigatoken (extra 'fast') as it "
+                         "reads the model; auto: a fast path only for tokenizers shown exact with it, else exact")
+    pp.add_argument("--verify", type=_verify, default=None, metavar="N|all",
+                    help="default: auto and fast check a sample of 300 documents against the exact backend before "
+                         "writing (auto: a difference means exact; fast: an error). N: also re-encode about N "
+                         "documents while tokenizing and report the mismatch rate; 'all': every document (fast "
+                         "fails at a difference); 0: no check")
     pp.add_argument("--sharded", action="store_true",
                     help="one output shard per input file: {output-prefix}_{key}_document_FFFFF_PPPPP; a rerun "
                          "keeps complete shards (checksummed) and rebuilds the rest")

@@ -1,8 +1,9 @@
 """The sidecar of a dataset, ``PREFIX.meta.json`` next to ``PREFIX.bin``/``PREFIX.idx``: how it was made.
 
 ``lrpath data preprocess`` writes it last, after the ``.bin`` and ``.idx``: the tokenizer (``kind``,
-``path``, ``sha256`` of the tokenizer file, ``vocab_size``, ``eod_id``), the backend, dtype, EOD setting,
-document and token counts and the files' checksums; a shard also records the input lines it holds, a
+``path``, ``sha256`` of the tokenizer file, ``vocab_size``, ``eod_id``), the backend and why it was chosen
+(``backend_choice``: the ``--backend`` requested, the reason, the verification sample and its result), dtype,
+EOD setting, document and token counts and the files' checksums; a shard also records the input lines it holds, a
 corpus manifest (``{output}.meta.json`` of sharded output, without a ``.bin``/``.idx`` of its own) lists
 its shards. Training reads the tokenizer of every shard (:func:`lrpath_megatron.corpus_shards.check_tokenizers`).
 Datasets made before sidecars were written have none: :func:`read_corpus_meta` returns None, and the data
@@ -25,7 +26,8 @@ SUFFIX = ".meta.json"
 class CorpusMeta:
     prefix: str
     tokenizer: dict  # kind, path, sha256, vocab_size, eod_id (encoders.TokenizerInfo)
-    backend: str = ""
+    backend: str = ""  # what wrote it: exact, fast or fast-normalized
+    backend_choice: dict = field(default_factory=dict)  # requested, reason, sample (sample_check.SampleCheck)
     dtype: str = ""
     append_eod: bool = True
     documents: int = 0

@@ -1,9 +1,11 @@
 """Tokenizers for preprocessing: SentencePiece ``.model`` or Hugging Face ``tokenizer.json``, two backends.
 
 - ``exact``: the reference libraries (``sentencepiece``; ``tokenizers`` for tokenizer.json).
-- ``fast``: gigatoken (optional extra ``pip install lrpath_megatron[fast]``), which reads both formats.
-  Its ids may differ from the reference in rare cases (measured with ``--verify``); ``auto`` picks it when
-  installed and it supports the model (BPE), else ``exact``.
+- ``fast``: gigatoken (optional extra ``pip install lrpath_megatron[fast]``), which reads both formats, as
+  it reads the model: its ids differ from the reference for some normalisers (measured with ``--verify``).
+- ``auto``: a fast path only for the tokenizers :mod:`fast_paths` shows exact (``fast``, or
+  ``fast-normalized``: SentencePiece's own normaliser, then gigatoken), else ``exact``; the verification
+  sample (:mod:`sample_check`) then checks the path taken before anything is written.
 
 Document text never becomes a special token's id, with either backend: SentencePiece never maps text to
 control ids; the Hugging Face reference is told to encode special tokens' literal text as text
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lrpath_megatron.data_tools import fast_paths
 from lrpath_megatron.data_tools.corpus_meta import file_sha256
 from lrpath_megatron.data_tools.tokenizer import Tokenizer
 from lrpath_megatron.errors import LrpathError
 
-BACKENDS = ("exact", "fast", "auto")
+BACKENDS = ("exact", "fast", "auto")  # what --backend takes; what runs: exact, fast or fast-normalized
 HF_FILE = "tokenizer.json"
 
 
@@ -85,21 +88,43 @@ class Encoder:
         if not path.is_file():
             raise LrpathError(f"tokenizer {model_path} does not exist: give a SentencePiece .model, a Hugging Face "
                               f"{HF_FILE} or a directory holding one")
-        self.backend = resolve_backend(backend)
+        self.requested = backend
+        resolved = resolve_backend(backend)
         if path.name.endswith(".json"):
             self._init_hf(path, eod_token)
         else:
             self._init_sentencepiece(path, eod_token)
         self.info = TokenizerInfo(self.kind, str(path), file_sha256(path), self.vocab_size, self.eod_id)
         self._special = np.asarray(sorted(self.special_ids), dtype=np.int64)
-        self._fast = None
-        if self.backend == "fast":
-            try:
-                self._fast = self._load_fast(path)
-            except LrpathError:
-                if backend != "auto":
-                    raise
-                self.backend = "exact"  # auto: a model gigatoken does not support (e.g. unigram) is exact
+        self._fast, self._normalize = None, None
+        self.backend, self.reason = "exact", f"--backend {backend}"
+        if resolved == "exact":
+            self.reason = "auto: gigatoken is not installed" if backend == "auto" else self.reason
+        elif backend == "fast":
+            self._fast, self.backend = self._load_fast(self._model_bytes), "fast"
+            self.reason = "--backend fast: gigatoken as it reads the model"
+        else:
+            self._choose_fast_path()
+
+    def _choose_fast_path(self) -> None:
+        """auto: the fast path :mod:`fast_paths` shows exact for this tokenizer, if gigatoken loads it."""
+        path, why = self._fast_class
+        self.reason = f"auto: {why}"
+        if path == "exact":
+            return
+        model = fast_paths.identity_normalizer_model(self._model_bytes) if path == "fast-normalized" \
+            else self._model_bytes
+        try:
+            self._fast = self._load_fast(model)
+        except LrpathError as exc:
+            self.reason = f"auto: {exc}"
+            return
+        self.backend = path
+        self._normalize = self.reference.sp.normalize if path == "fast-normalized" else None
+
+    def use_exact(self, reason: str) -> None:
+        """Encode with the reference from now on (auto, after the fast path differed from it)."""
+        self.backend, self.reason, self._fast, self._normalize = "exact", reason, None, None
 
     def _init_sentencepiece(self, path: Path, eod_token: str | None) -> None:
         self.kind = "sentencepiece"
@@ -111,7 +136,12 @@ class Encoder:
         # (newline, --special-tokens) are text by design, as SentencePiece itself encodes them.
         self.special_ids = {i for i in range(self.vocab_size) if sp.is_control(i)}
         self.piece = sp.id_to_piece
-        self._encode_exact = self.reference.encode
+        self._model_bytes = path.read_bytes()
+        spec = fast_paths.read_sentencepiece_spec(self._model_bytes)
+        self._fast_class = fast_paths.sentencepiece_path(spec)
+        # Long documents in pieces only where that gives the ids of the whole text (Megatron-LM's encoding).
+        self._encode_exact = self.reference.encode if spec.chunkable else \
+            (lambda text: np.asarray(sp.encode(text), dtype=np.int64))
 
     def _init_hf(self, path: Path, eod_token: str | None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -123,6 +153,8 @@ class Encoder:
             raise LrpathError(f"{path} is not a Hugging Face tokenizer.json: {exc}") from exc
         tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special token
         self.reference = tok
+        self._model_bytes = path.read_bytes()
+        self._fast_class = fast_paths.huggingface_path(json.loads(self._model_bytes))
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eod_id = _hf_eos(path, tok, eod_token)
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -130,16 +162,16 @@ class Encoder:
         self._encode_exact = lambda text: np.asarray(tok.encode(text, add_special_tokens=False).ids,
                                                      dtype=np.int64)
 
-    def _load_fast(self, path: Path):
+    def _load_fast(self, model: bytes):
         import gigatoken
 
         try:
             if self.kind == "sentencepiece":
-                return gigatoken.Tokenizer.from_sentencepiece(path)
-            return gigatoken.Tokenizer.from_json(path.read_bytes())  # from bytes: never a Hub lookup
+                return gigatoken.Tokenizer.from_sentencepiece(model)
+            return gigatoken.Tokenizer.from_json(model)  # from bytes: never a Hub lookup
         except Exception as exc:  # gigatoken reports unsupported models with ValueError / its own errors
-            raise LrpathError(f"{path}: the fast backend (gigatoken) cannot load it ({exc}); "
-                              f"use --backend exact") from exc
+            raise LrpathError(f"{self.info.path}: the fast backend (gigatoken) cannot load it "
+                              f"({str(exc).splitlines()[0]}); use --backend exact") from exc
 
     def encode_exact(self, text: str) -> np.ndarray:
         return self._encode_exact(text)
@@ -151,10 +183,12 @@ class Encoder:
         data, bad = [], set()
         for i, text in enumerate(texts):
             try:
-                data.append(text.encode("utf-8"))
+                raw = text.encode("utf-8")
             except UnicodeEncodeError:
                 data.append(b"")
                 bad.add(i)
+                continue
+            data.append(self._normalize(text).encode("utf-8") if self._normalize else raw)
         # parallel=False: processes (--workers) are the one parallelism knob, never extra threads. The
         # result is an awkward ListOffsetArray: its flat ids and offsets are numpy views (no Python ints).
         layout = self._fast.encode_batch(data, parallel=False).layout

@@ -4,20 +4,25 @@ Output names follow Megatron-LM's ``tools/preprocess_data.py``: ``{output_prefix
 Each worker tokenizes whole work units (see :mod:`lrpath_megatron.data_tools.inputs`) into its own small
 .bin/.idx (:mod:`indexed_writer`, megatron-core's format byte for byte); the main process appends them in
 unit order into ``*.tmp-PID.bin/.idx`` and renames those only when complete, then writes the sidecar
-(:mod:`corpus_meta`). ``--backend``: :mod:`encoders`; sharded, resumable output: :mod:`shards`.
+(:mod:`corpus_meta`). ``--backend``: :mod:`encoders`, checked on the verification sample (:mod:`sample_check`)
+before anything is written; sharded, resumable output: :mod:`shards`.
 
 Long documents: the text of one document is held in memory once and encoded in ~64 K-character pieces
-(exact SentencePiece backend, see :meth:`Tokenizer.encode`), so a 50 MB document costs ~50 MB plus its token array. Documents over
+(exact SentencePiece backend, models without normalisation, see :meth:`Tokenizer.encode`), so a 50 MB document
+costs ~50 MB plus its token array. Documents over
 ``max_doc_chars`` (0 = no limit) are reported and skipped/refused like any other bad input.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
+import queue
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +38,8 @@ from lrpath_megatron.data_tools import inputs as inp
 from lrpath_megatron.data_tools.corpus_meta import file_checksums, write_meta
 from lrpath_megatron.data_tools.encoders import Encoder
 from lrpath_megatron.data_tools.indexed_writer import DatasetWriter, optimal_dtype
+from lrpath_megatron.data_tools.sample_check import (FirstDifference, SampleCheck, SwitchToExact, compare,
+                                                     settle_backend)
 from lrpath_megatron.errors import LrpathError
 
 
@@ -53,7 +60,9 @@ class PreprocessConfig:
     max_listed: int = 10  # problems listed per kind in the summary (all are counted)
     backend: str = "exact"  # exact | fast | auto (see encoders); the CLI defaults to auto
     eod_token: str | None = None  # the EOD token's text; default: the tokenizer's eos
-    verify: int = 0  # fast backend: re-encode this many sampled documents with the exact one; -1 = all
+    # None: auto / fast check the verification sample (sample_check); N: also re-encode about N documents while
+    # tokenizing and report them; -1: every document; 0: no check
+    verify: int | None = None
     shard_tokens: int = 0  # sharded output: a new shard after a document brings one to this many tokens
     sharded: bool = False  # one output shard (or more, with shard_tokens) per input file; resumable
     task_index: int = 0  # this task's share of the input files (file i goes to task i % task_count)
@@ -72,7 +81,7 @@ class PreprocessConfig:
             raise ConfigError(f"--input-format={self.input_format!r}: choose auto, jsonl or text")
         if self.workers < 1 or self.chunk_bytes < 1 or self.max_doc_chars < 0:
             raise ConfigError("--workers and --chunk-bytes must be >= 1, --max-doc-chars >= 0")
-        if self.verify < -1 or self.shard_tokens < 0:
+        if (self.verify is not None and self.verify < -1) or self.shard_tokens < 0:
             raise ConfigError("--verify takes a count or 'all'; --shard-tokens must be >= 0")
         if not 0 <= self.task_index < self.task_count:
             raise ConfigError(f"--task-index {self.task_index} must be in [0, --task-count {self.task_count})")
@@ -82,22 +91,6 @@ class PreprocessConfig:
     @property
     def is_sharded(self) -> bool:
         return self.sharded or self.shard_tokens > 0
-
-
-@dataclass
-class Mismatch:
-    """A document the fast backend encoded differently from the exact one."""
-
-    path: str
-    line: int
-    key: str
-    position: int  # first differing token
-    fast: list  # pieces from there on (a few)
-    exact: list
-
-    def __str__(self) -> str:
-        return (f"{self.path}:{self.line} {self.key!r} token {self.position}: fast {self.fast} != "
-                f"exact {self.exact}")
 
 
 @dataclass
@@ -139,9 +132,11 @@ class Summary:
     outputs: dict  # key -> dataset prefix
     dtype: str
     seconds: float
-    backend: str = "exact"
+    backend: str = "exact"  # what ran: exact, fast or fast-normalized
     verification: Verification = field(default_factory=Verification)
     shards: tuple = (0, 0)  # (shards written, complete shards kept from an earlier run)
+    backend_reason: str = ""  # why this backend (auto: the tokenizer's class, a difference on the sample)
+    sample: SampleCheck | None = None  # the verification sample, where one was checked
 
     @property
     def tokens_per_second(self) -> float:
@@ -155,9 +150,14 @@ class Summary:
         if any(self.shards):
             lines.append(f"shards: {self.shards[0]} written, {self.shards[1]} complete from an earlier run kept")
         v = self.verification
-        lines.append(f"backend: {self.backend}" + (
-            f"; verified {v.documents:,} documents with the exact backend: {v.differing} differ ({v.rate:.3%})"
-            if v.documents else ("" if self.backend == "exact" else "; not verified (--verify N)")))
+        lines.append(f"backend: {self.backend} ({self.backend_reason})")
+        if self.sample is not None:
+            lines.append(f"  {self.sample}")
+        if v.documents:
+            lines.append(f"  verified {v.documents:,} documents with the exact backend: {v.differing} differ "
+                         f"({v.rate:.3%})")
+        elif self.backend != "exact" and self.sample is None:
+            lines.append("  not verified (--verify 0)")
         lines += [f"  {m}" for m in v.examples]
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{k}={n}" for k, n in sorted(self.skipped.items())))
@@ -201,7 +201,6 @@ def _init_worker(cfg: PreprocessConfig, encoder: Encoder, dtype: type, partial_d
 
 
 BATCH_CHARS = 4 << 20  # characters encoded per backend call: large enough for the fast backend's batching
-SHOWN_PIECES = 6  # pieces around the first difference in a mismatch example
 
 
 def _check_text(key: str, text: str, cfg: PreprocessConfig, report) -> bool:
@@ -214,25 +213,14 @@ def _check_text(key: str, text: str, cfg: PreprocessConfig, report) -> bool:
     return True
 
 
-def compare(enc: Encoder, path: str, line: int, key: str, text: str, fast: np.ndarray) -> Mismatch | None:
-    """The first difference between ``fast`` and the exact backend's ids of ``text`` (None if equal)."""
-    exact = enc.encode_exact(text)
-    if np.array_equal(exact, fast):
-        return None
-    n = min(len(exact), len(fast))
-    at = int(np.argmax(exact[:n] != fast[:n])) if (exact[:n] != fast[:n]).any() else n
-    return Mismatch(path, line, key, at, enc.pieces(fast[at:at + SHOWN_PIECES]),
-                    enc.pieces(exact[at:at + SHOWN_PIECES]))
-
-
 class _Verifier:
     """Checks fast-backend ids against the exact backend: every document (``cfg.verify == -1``) or a
     reservoir sample of ``quota`` documents of the unit (seeded by the unit's index: reproducible)."""
 
     def __init__(self, enc: Encoder, cfg: PreprocessConfig, path: str, quota: int, seed: int):
         self.enc, self.cfg, self.path = enc, cfg, path
-        self.all = cfg.verify == -1 and enc.backend == "fast"
-        self.quota = quota if enc.backend == "fast" and cfg.verify > 0 else 0
+        self.all = cfg.verify == -1 and enc.backend != "exact"
+        self.quota = quota if enc.backend != "exact" and (cfg.verify or 0) > 0 else 0
         self.rng, self.seen, self.sample = random.Random(seed), 0, []
         self.result = Verification()
 
@@ -251,9 +239,8 @@ class _Verifier:
         mismatch = compare(self.enc, self.path, line, key, text, ids)
         if mismatch is None:
             return
-        if self.all:  # --verify all: any difference fails the run before this unit's output is kept
-            raise LrpathError(f"--verify all: the fast backend differs from the exact one at {mismatch}; "
-                              f"use --backend exact")
+        if self.all:  # --verify all: the run stops before this unit's output is kept
+            raise FirstDifference(mismatch)
         self.result.differing += 1
         if len(self.result.examples) < self.cfg.max_listed:
             self.result.examples.append(mismatch)
@@ -274,7 +261,7 @@ def tokenize_unit(unit: inp.WorkUnit, write: Callable[[int, dict], None], skip_l
     cfg, enc, progress = _WORKER["cfg"], _WORKER["encoder"], _WORKER["progress"]
     plain = inp.is_plain_text(unit.path, cfg.input_format)
     unit_bytes = (unit.end - unit.start) or unit.disk_bytes
-    quota = -(-cfg.verify * unit_bytes // max(1, _WORKER["total_bytes"])) if cfg.verify > 0 else 0
+    quota = -(-cfg.verify * unit_bytes // max(1, _WORKER["total_bytes"])) if (cfg.verify or 0) > 0 else 0
     verifier = _Verifier(enc, cfg, unit.path, quota, unit.index)
     problems, tokens, docs, line_no, pending, pending_chars = [], Counter(), 0, 0, [], 0
 
@@ -356,8 +343,8 @@ def run_tasks(cfg: PreprocessConfig, task: Callable, units: Iterator, setup: "Se
         yield from map(task, units)
         return
     ctx = mp.get_context("fork")  # workers inherit the imported modules and the loaded configuration
-    progress_q = ctx.Queue()
-    drainer = threading.Thread(target=_drain, args=(progress_q, setup.on_progress), daemon=True)
+    progress_q, drained = ctx.Queue(), threading.Event()
+    drainer = threading.Thread(target=_drain, args=(progress_q, setup.on_progress, drained), daemon=True)
     drainer.start()
     # The pool's feeder thread would otherwise read every unit ahead (decompressed .gz lines are held in
     # memory): allow a few units per worker in flight.
@@ -388,15 +375,27 @@ def run_tasks(cfg: PreprocessConfig, task: Callable, units: Iterator, setup: "Se
         slots.release()  # wake a feeder blocked on a slot so the pool can shut down
         pool.terminate()
         pool.join()
-        progress_q.put(None)
+        drained.set()  # (not a final put: a worker terminated mid-put may hold the queue's write lock)
         drainer.join()
-        progress_q.close()  # and its feeder thread: no thread of this run outlives it (a later fork)
-        progress_q.join_thread()
+        progress_q.close()
 
 
-def _drain(q: "mp.Queue", sink: Callable[[tuple], None]) -> None:
-    while (item := q.get()) is not None:
-        sink(item)
+def _drain(q: "mp.Queue", sink: Callable[[tuple], None], drained: threading.Event) -> None:
+    while not drained.is_set():
+        with contextlib.suppress(queue.Empty):
+            sink(q.get(timeout=0.1))
+    while not q.empty():  # what the finished workers sent last
+        sink(q.get())
+
+
+def _file_lines(results: Iterator[UnitResult], line_base: Counter, enc: Encoder) -> Iterator[UnitResult]:
+    """``results``; a unit's first difference (--verify all) is raised with its line in the file: the units before
+    it in its file are counted in ``line_base`` by then."""
+    try:
+        yield from results
+    except FirstDifference as found:
+        found.mismatch.line += line_base[found.mismatch.path]
+        raise found.failure(enc) from None
 
 
 def _remove(paths: list) -> None:
@@ -419,11 +418,22 @@ class Setup:
     started: float
     bar: tqdm
     on_progress: Callable[[tuple], None]
+    sample: SampleCheck | None  # the verification sample, where one was checked
 
 
-def prepare(cfg: PreprocessConfig) -> Setup:
+def switch_if_differs(setup: Setup, verification: Verification) -> None:
+    """auto: a difference found while tokenizing (--verify N) starts the run again with the exact backend."""
+    if verification.differing and setup.encoder.requested == "auto" and setup.encoder.backend != "exact":
+        raise SwitchToExact(f"--verify: {setup.encoder.backend} differs from the exact backend at "
+                            f"{verification.examples[0]}")
+
+
+def prepare(cfg: PreprocessConfig, switched: str = "") -> Setup:
+    """Tokenizer, inputs and backend: ``switched`` names the difference that made an auto run start again."""
     started = time.monotonic()
     enc = Encoder(cfg.tokenizer_model, cfg.backend, cfg.eod_token)
+    if switched:
+        enc.use_exact(f"auto: {switched}, so the exact backend")
     if cfg.append_eod and enc.eod_id < 0:
         raise LrpathError(f"{enc.info.path} has no eos token to use as EOD; pass --eod-token TEXT (a Hugging Face "
                           f"tokenizer's eos is read from the tokenizer_config.json next to it) or --no-append-eod")
@@ -432,6 +442,10 @@ def prepare(cfg: PreprocessConfig) -> Setup:
         raise LrpathError(f"{problems[0]}; nothing was written")
     if not files:
         raise LrpathError(f"no input files: {'; '.join(map(str, problems))}")
+    sample = None if switched else settle_backend(enc, files, cfg.json_keys, cfg.input_format, cfg.max_doc_chars,
+                                                  cfg.verify)
+    if cfg.progress:  # which backend, and why, before the hours of tokenizing
+        print(f"backend: {enc.backend} ({enc.reason})" + (f"; {sample}" if sample else ""), file=sys.stderr)
     total_bytes = sum(os.path.getsize(f) for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True,
                desc="preprocess", disable=not cfg.progress, mininterval=0.5)
@@ -445,19 +459,22 @@ def prepare(cfg: PreprocessConfig) -> Setup:
         rate = counts["tokens"] / max(time.monotonic() - started, 1e-9)
         bar.set_postfix_str(f"{counts['docs']:,} docs, {rate:,.0f} tok/s", refresh=False)
 
-    return Setup(enc, optimal_dtype(enc.vocab_size), files, problems, total_bytes, started, bar, on_progress)
+    return Setup(enc, optimal_dtype(enc.vocab_size), files, problems, total_bytes, started, bar, on_progress, sample)
 
 
 def dataset_meta(setup: Setup, cfg: PreprocessConfig, documents: int, tokens: int) -> dict:
     """The sidecar fields every dataset, shard and manifest shares (see corpus_meta)."""
-    return {"tokenizer": setup.encoder.info.to_json(), "backend": setup.encoder.backend,
+    enc, sample = setup.encoder, setup.sample
+    return {"tokenizer": enc.info.to_json(), "backend": enc.backend,
+            "backend_choice": {"requested": enc.requested, "reason": enc.reason,
+                               "sample": sample.to_json() if sample else None},
             "dtype": np.dtype(setup.dtype).name, "append_eod": cfg.append_eod,
             "documents": documents, "tokens": tokens}
 
 
 def summarize(cfg: PreprocessConfig, setup: Setup, documents: int, tokens: Counter, problems: list,
               outputs: dict, verification: Verification, shards: tuple = (0, 0)) -> Summary:
-    if cfg.verify == -1 and setup.encoder.backend == "fast" and verification.differing:
+    if cfg.verify == -1 and setup.encoder.backend != "exact" and verification.differing:
         raise LrpathError(f"--verify all: {verification.differing} documents differ: {verification.examples[0]}")
     skipped = Counter(p.kind for p in problems)
     listed, per_kind = [], Counter()
@@ -467,23 +484,30 @@ def summarize(cfg: PreprocessConfig, setup: Setup, documents: int, tokens: Count
             listed.append(p)
     return Summary(len(setup.files), documents, {k: tokens[k] for k in cfg.json_keys}, dict(skipped), listed,
                    outputs, np.dtype(setup.dtype).name, time.monotonic() - setup.started, setup.encoder.backend,
-                   verification, shards)
+                   verification, shards, setup.encoder.reason, setup.sample)
 
 
 def preprocess(cfg: PreprocessConfig) -> Summary:
     """Tokenize ``cfg.inputs`` into ``{output_prefix}_{key}_document.bin/.idx`` (or shards of it, see
     :mod:`lrpath_megatron.data_tools.shards`); see the module docstring."""
     cfg.validate()
+    try:
+        return _run(cfg)
+    except SwitchToExact as switch:  # auto, --verify N|all found a difference: nothing of it is kept
+        return _run(dataclasses.replace(cfg, overwrite=cfg.overwrite or cfg.is_sharded), str(switch))
+
+
+def _run(cfg: PreprocessConfig, switched: str = "") -> Summary:
     outputs = {key: output_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
     if cfg.is_sharded:
         from lrpath_megatron.data_tools.shards import preprocess_shards
 
-        return preprocess_shards(cfg, outputs)
+        return preprocess_shards(cfg, outputs, switched)
     existing = [p + ext for p in outputs.values() for ext in (".bin", ".idx") if os.path.lexists(p + ext)]
     if existing and not cfg.overwrite:
         raise LrpathError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite "
                           f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another --output-prefix")
-    setup = prepare(cfg)
+    setup = prepare(cfg, switched)
     files, problems, dtype = setup.files, setup.problems, setup.dtype
     # Several units per worker keep all workers busy to the end; the output does not depend on the size.
     units = inp.iter_units(files, min(cfg.chunk_bytes, max(1 << 20, setup.total_bytes // (4 * cfg.workers))),
@@ -501,7 +525,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     documents, tokens, line_base, written, verification = 0, Counter(), Counter(), False, Verification()
     results = run_tasks(cfg, process_unit, units, setup, partial_dir)
     try:
-        for result in results:
+        for result in _file_lines(results, line_base, setup.encoder):
             for p in result.problems:  # unit-relative -> file line numbers
                 p.line += line_base[result.path] if p.line else 0
             for m in result.verification.examples:
@@ -517,6 +541,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
             documents += result.documents
             tokens.update(result.tokens)
             verification.merge(result.verification, cfg.max_listed)
+            switch_if_differs(setup, verification)
         if documents == 0:
             raise LrpathError(f"no documents were written from {len(files)} file(s): "
                               f"{'; '.join(map(str, problems[:3]))}")

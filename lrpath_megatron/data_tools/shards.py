@@ -17,12 +17,15 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 from lrpath_megatron.data_tools import inputs as inp
 from lrpath_megatron.data_tools import preprocess as pp
 from lrpath_megatron.data_tools.corpus_meta import (check_same_tokenizer, file_checksums, meta_path,
                                                     read_corpus_meta, write_meta)
+from lrpath_megatron.data_tools.encoders import Encoder
 from lrpath_megatron.data_tools.indexed_writer import DatasetWriter
+from lrpath_megatron.data_tools.sample_check import FirstDifference
 from lrpath_megatron.errors import LrpathError
 
 
@@ -155,6 +158,10 @@ def process_file(item: tuple) -> pp.UnitResult:
                                   f"written; complete shards of other files are kept; fix the input or use "
                                   f"--on-error skip)")
         writer.commit(last=True)
+    except FirstDifference as found:  # its line in the file, for the main process
+        writer.abort()
+        found.mismatch.line += line_base
+        raise
     except BaseException:
         writer.abort()
         raise
@@ -183,8 +190,15 @@ def write_manifests(cfg: pp.PreprocessConfig, base: dict, files: list) -> bool:
     return True
 
 
-def preprocess_shards(cfg: pp.PreprocessConfig, outputs: dict) -> pp.Summary:
-    setup = pp.prepare(cfg)
+def _raise_differences(results: Iterator[pp.UnitResult], enc: Encoder) -> Iterator[pp.UnitResult]:
+    try:
+        yield from results
+    except FirstDifference as found:  # --verify all, its line already in the file (process_file)
+        raise found.failure(enc) from None
+
+
+def preprocess_shards(cfg: pp.PreprocessConfig, outputs: dict, switched: str = "") -> pp.Summary:
+    setup = pp.prepare(cfg, switched)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     base = pp.dataset_meta(setup, cfg, 0, 0)
     mine = [(i, f, base) for i, f in enumerate(setup.files) if i % cfg.task_count == cfg.task_index]
@@ -192,11 +206,12 @@ def preprocess_shards(cfg: pp.PreprocessConfig, outputs: dict) -> pp.Summary:
     written = kept = 0
     results = pp.run_tasks(cfg, process_file, iter(mine), setup, "")
     try:
-        for result in results:
+        for result in _raise_differences(results, setup.encoder):
             documents += result.documents
             tokens.update(result.tokens)
             problems += result.problems
             verification.merge(result.verification, cfg.max_listed)
+            pp.switch_if_differs(setup, verification)
             written, kept = written + result.shards[0], kept + result.shards[1]
     finally:
         results.close()
