@@ -5,12 +5,13 @@ setup(
     version="0.1.0",
     description="Version updates of GPT models on megatron-core: main path, decaying branches, "
     "LR-triggered data mixing, checkpoint merging, adapters.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["lrpath_megatron*"]),
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",  # 0.19.x on Python 3.12 (primary), 0.16.1 on 3.11
         "numpy",
+        "packaging",
         "sentencepiece",
         "psutil",
         "pyyaml",

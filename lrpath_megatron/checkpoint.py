@@ -36,6 +36,7 @@ from lrpath_megatron import ranks
 from lrpath_megatron.checkpoint_layout import LATEST, MANIFEST, iter_name, model_differences, read_manifest, sha256_file, verify, write_json_atomic, write_text_atomic
 from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mcore_api import align_scheduler_bounds, async_save_kwargs, check_readable
 from lrpath_megatron.mcore_patches import (gathered_state_offsets, prepare_torch_adam_load, restore_steps,
                                          results_queue_dies_with_trainer)
 
@@ -123,12 +124,13 @@ def stage(root: Path, step: int, model, optimizer, trainer_state: dict, manifest
     # The optimizer's sharded state maps its params through model_sd, which save() consumes: build it first.
     optim_sd = None
     if save_optimizer:
-        with gathered_state_offsets(optimizer):
+        with gathered_state_offsets(optimizer, model_sd):
             optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     results_queue_dies_with_trainer()
-    requests = [dist_checkpointing.save(model_sd, str(tmp / "model"), async_sharded_save=True)]
+    requests = [dist_checkpointing.save(model_sd, str(tmp / "model"), async_sharded_save=True, **async_save_kwargs())]
     if optim_sd is not None:
-        requests.append(dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), async_sharded_save=True))
+        requests.append(dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), async_sharded_save=True,
+                                                **async_save_kwargs()))
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -220,6 +222,7 @@ def _explain_load_failure(ckpt: Path, fix: str, read: Callable[[], T]) -> T:
     """Collective. ``read()``; if it fails on any rank, compare the files with the checksums of the
     manifest (split across ranks) and name the damaged ones in one error, instead of the reader's
     traceback (a truncated file reads as EOFError). Only after a failure: an intact load reads nothing more."""
+    check_readable(ckpt / "model", read_manifest(ckpt) if (ckpt / MANIFEST).is_file() else {})
     error = None
     try:
         result = read()
@@ -272,7 +275,9 @@ def _load(ckpt: Path, chunks: list, optimizer, load_optimizer: bool, restore_rng
         held = prepare_torch_adam_load(optimizer)
         opt_sd = optimizer.sharded_state_dict(sharded_state_dict(chunks), is_loading=True,
                                              metadata=OPTIMIZER_METADATA)
-        optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(ckpt / "optimizer")))
+        loaded = dist_checkpointing.load(opt_sd, str(ckpt / "optimizer"))
+        align_scheduler_bounds(optimizer, loaded)
+        optimizer.load_state_dict(loaded)
         restore_steps(held)
     rng_file = ckpt / "rng" / f"rank_{ranks.rank()}.pt"
     if restore_rng and read_manifest(ckpt).get("world_size") == ranks.world() and rng_file.is_file():

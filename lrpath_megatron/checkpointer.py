@@ -15,6 +15,7 @@ from lrpath_megatron.checkpoint_writer import CheckpointWriter
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.hf.start import imported_checkpoint, is_hf_dir
+from lrpath_megatron.mcore_api import versions
 from lrpath_megatron.path import FORK, RESUME, SCRATCH, WEIGHTS, PathRun, Start
 
 # The fixed inputs of the schedule digest by config field, and the key each has in the digest (the
@@ -215,6 +216,7 @@ class Checkpointer:
             "schedule_inputs": self._schedule_inputs(),
             "config": to_dict(cfg),
             "code_version": checkpoint.code_version(),
+            "versions": versions(),
             "parent": str(run.origin.checkpoint) if run.origin.checkpoint else None,
             "consumed_samples": step * cfg.parallel.global_batch_size,
             "data_state": data_state,

@@ -1,4 +1,4 @@
-"""megatron-core 0.16.1 on a machine without CUDA: every workaround lives here and nowhere else.
+"""megatron-core on a machine without CUDA: every workaround lives here and nowhere else.
 
 :func:`enable` is called by :mod:`lrpath_megatron.distributed` only when training without a GPU; the GPU
 path never applies any of this (tested). Each workaround names the megatron-core call site it exists for.
@@ -17,15 +17,16 @@ _lock = threading.Lock()
 _enabled = False
 
 _RANDOM = "megatron.core.tensor_parallel.random"
+_RNG_INTERNALS = {
+    f"{_RANDOM}:_get_cuda_rng_state": None,
+    f"{_RANDOM}:_set_cuda_rng_state": None,
+    f"{_RANDOM}:_get_all_rng_states": "0fd22c8e723e",
+    f"{_RANDOM}:_set_all_rng_states": "ecfe91a8fe3d",
+    f"{_RANDOM}:initialize_rng_tracker": "4bc461df7c7f",
+}
 CPU_RNG = Patch(
     "cpu_rng",
-    {
-        f"{_RANDOM}:_get_cuda_rng_state": None,
-        f"{_RANDOM}:_set_cuda_rng_state": None,
-        f"{_RANDOM}:_get_all_rng_states": "0fd22c8e723e",
-        f"{_RANDOM}:_set_all_rng_states": "ecfe91a8fe3d",
-        f"{_RANDOM}:initialize_rng_tracker": "4bc461df7c7f",
-    },
+    {"0.16.1": _RNG_INTERNALS, "0.19.2": _RNG_INTERNALS},  # unchanged between the two
     "where megatron.core.tensor_parallel.random reads and sets the CUDA RNG state for activation "
     "recomputation (through its module globals _get_cuda_rng_state/_set_cuda_rng_state), and that "
     "initialize_rng_tracker(inference_rng_tracker=True) still makes fork() a no-op",
@@ -50,6 +51,16 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
         if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+class _NoStream:
+    """The CPU's one stream: every wait is already satisfied."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
 
 
 def _is_cuda(device) -> bool:
@@ -101,6 +112,9 @@ def enable() -> None:
         # the async checkpoint writer calls synchronize().
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
         torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        # megatron-core 0.19's gradient sync (param_and_grad_buffer.py, start_grad_sync) waits on the
+        # current CUDA stream for CUDA-graph events; the CPU has one stream and no such events.
+        torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
         _type_string_check_passthrough()
         _no_cuda_rng_state()
         _CudaToCpu().__enter__()  # process-wide: the mode stays pushed for the life of the process

@@ -28,6 +28,7 @@ from lrpath_megatron.corpus_shards import ShardedIndexed, check_same_shards, ope
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.indexed import token_id_error
 from lrpath_megatron.mixing import MixingSampler, WeightsFn
+from lrpath_megatron.mcore_api import null_tokenizer_library
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_
         split=split_string(valid_fraction),
         # "" (not None): None means "cache next to the data prefix"; "" keeps the indices in memory.
         path_to_cache="",
-        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size),
+        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": null_tokenizer_library()}, vocab_size=vocab_size),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

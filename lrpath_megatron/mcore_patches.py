@@ -1,12 +1,14 @@
 """Every patch of megatron-core internals, each checked against the installed megatron-core first.
 
-The patches were written against megatron-core 0.16.1 (:data:`WRITTEN_FOR`). Each :class:`Patch` names the
-megatron-core objects it replaces or whose behaviour it compensates, with the sha256 of their source in
+Each :class:`Patch` was audited for the megatron-core releases in :data:`AUDITED` and names, per release,
+the megatron-core objects it replaces or whose behaviour it compensates, with the sha256 of their source in
 that release; before a patch is first applied in a process, :meth:`Patch.check` compares them with the
-installed megatron-core. A patch on internals it was not written for would corrupt checkpoints or training
-without a word, so a changed or missing object stops the run with an error naming the patch, both versions
-and what to re-audit. A name listed without a digest (a module global the patch replaces) only has to
-exist. The CPU-only workarounds stay in :mod:`lrpath_megatron.cpu_compat`, checked the same way.
+installed megatron-core. A patch on internals it was not audited for would corrupt checkpoints or training
+without a word, so sources that match no audited release stop the run with an error naming the patch, the
+audited releases and what to re-audit. A name listed without a digest (a module global the patch replaces)
+only has to exist. Where megatron-core fixed a bug upstream, the patch probes the behaviour instead of
+trusting a version string (:func:`gathered_state_offsets`). The CPU-only workarounds stay in
+:mod:`lrpath_megatron.cpu_compat`, checked the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -21,7 +24,8 @@ import torch
 
 from lrpath_megatron.errors import LrpathError
 
-WRITTEN_FOR = "0.16.1"
+logger = logging.getLogger(__name__)
+AUDITED = ("0.16.1", "0.19.2")  # the megatron-core releases every patch was read against
 _checked: set[str] = set()  # names of the patches whose internals matched in this process
 
 
@@ -55,79 +59,96 @@ def _difference(path: str, digest: Optional[str]) -> Optional[str]:
         found = source_digest(obj)
     except (OSError, TypeError):  # no source file to compare: nothing says it is the same
         return f"{path} has no readable source"
-    return None if found == digest else f"{path} changed (source sha256 {found}, written against {digest})"
+    return None if found == digest else f"{path} changed (source sha256 {found}, audited {digest})"
+
+
+Internals = dict[str, Optional[str]]  # "module:qualified.name" -> sha256[:12] of its source, or None (exists)
 
 
 @dataclass(frozen=True)
 class Patch:
     name: str
-    internals: dict[str, Optional[str]]  # "module:qualified.name" -> sha256[:12] of its source, or None (exists)
-    reaudit: str  # what to read again in a new megatron-core before updating the digests
-    written_for: str = WRITTEN_FOR
+    audited: dict[str, Internals]  # megatron-core release -> the internals the patch relies on there
+    reaudit: str  # what to read again in a new megatron-core before adding its digests
+
+    def differences(self) -> list[str]:
+        """What differs from the audit of the installed release, or (a release not audited, e.g. a patch
+        release) from the closest audited one; empty when the sources match one audited release."""
+        installed = installed_version()
+        candidates = [self.audited[installed]] if installed in self.audited else list(self.audited.values())
+        found = [[d for path, digest in internals.items() if (d := _difference(path, digest))]
+                 for internals in candidates]
+        return min(found, key=len)
 
     def check(self) -> None:
-        """Raise :class:`McorePatchError` unless every internal is as the patch was written against."""
+        """Raise :class:`McorePatchError` unless the internals match an audited megatron-core release."""
         if self.name in _checked:
             return
-        differences = [d for path, digest in self.internals.items() if (d := _difference(path, digest))]
+        differences = self.differences()
         if differences:
             installed = installed_version()
+            releases = ", ".join(self.audited)
             raise McorePatchError(
-                f"megatron-core patch {self.name!r} was written against megatron-core {self.written_for}; the "
-                f"installed megatron-core {installed} differs where it relies on it: {'; '.join(differences)}. "
-                f"Re-audit {self.reaudit} in megatron-core {installed}, then update the patch and the digests of "
-                f"its Patch definition (lrpath_megatron/mcore_patches.py; cpu_compat.py for the CPU workarounds), "
-                f"or install megatron-core {self.written_for}")
+                f"megatron-core patch {self.name!r} was audited for megatron-core {releases}; the installed "
+                f"megatron-core {installed} differs where it relies on it: {'; '.join(differences)}. Re-audit "
+                f"{self.reaudit} in megatron-core {installed}, then update the patch and add its digests to the "
+                f"Patch definition (lrpath_megatron/mcore_patches.py; cpu_compat.py for the CPU workarounds), "
+                f"or install one of megatron-core {releases}")
         _checked.add(self.name)
 
 
 _DISTRIB_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer"
+_GATHER = f"{_DISTRIB_OPTIMIZER}.get_parameter_state_dp_zero"
+_SLICE = f"{_DISTRIB_OPTIMIZER}.sharded_param_state_fully_reshardable"
 
 GATHERED_STATE_OFFSETS = Patch(
     "gathered_state_offsets",
-    {
-        f"{_DISTRIB_OPTIMIZER}.get_parameter_state_dp_zero": "812c52ea4568",
-        f"{_DISTRIB_OPTIMIZER}.sharded_param_state_fully_reshardable": "e888c7cccb71",
-        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBuffer.__init__": "6dee7ab4c9ec",
-        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucket.__init__": "39ceecc3e20d",
-    },
+    {"0.16.1": {_GATHER: "812c52ea4568", _SLICE: "e888c7cccb71"},
+     "0.19.2": {_GATHER: "14d11a75ad9c", _SLICE: "6df6392a0ebb"}},
     "how DistributedOptimizer.get_parameter_state_dp_zero lays out the gathered state of several buckets "
-    "and where sharded_param_state_fully_reshardable slices it per parameter (buffer.param_index_map)",
+    "(each bucket without its end padding, one after the other)",
 )
+
+
+def _methods(owner: str, **digests: str) -> Internals:
+    return {f"{owner}.{name}": digest for name, digest in digests.items()}
+
 
 TORCH_ADAM_LOAD = Patch(
     "torch_adam_load",
-    {
-        f"{_DISTRIB_OPTIMIZER}.state_dict": "fe621ae6a622",
-        f"{_DISTRIB_OPTIMIZER}.load_state_dict": "15f257b4c4f9",
-        f"{_DISTRIB_OPTIMIZER}.sharded_state_dict": "2d70893ff7c0",
-        f"{_DISTRIB_OPTIMIZER}.load_parameter_state_from_fully_reshardable": "ea3388fac431",
-        f"{_DISTRIB_OPTIMIZER}._set_main_param_and_optimizer_states": "93c254228283",
-    },
+    {"0.16.1": _methods(_DISTRIB_OPTIMIZER, state_dict="fe621ae6a622", load_state_dict="15f257b4c4f9",
+                        sharded_state_dict="2d70893ff7c0", load_parameter_state_from_fully_reshardable="ea3388fac431",
+                        _set_main_param_and_optimizer_states="93c254228283"),
+     "0.19.2": _methods(_DISTRIB_OPTIMIZER, state_dict="fe621ae6a622", load_state_dict="7e5f988b86b4",
+                        sharded_state_dict="8beb5164ba90", load_parameter_state_from_fully_reshardable="ea3388fac431",
+                        _set_main_param_and_optimizer_states="40cab7846597")},
     "how DistributedOptimizer.state_dict and load_state_dict read and set torch Adam's per-parameter "
     "'step', and which keys _set_main_param_and_optimizer_states copies into the live state",
 )
 
+_ROW = "megatron.core.tensor_parallel.layers:RowParallelLinear"
 ROW_PARALLEL_TP_GROUP = Patch(
     "row_parallel_tp_group",
-    {
-        "megatron.core.tensor_parallel.layers:RowParallelLinear.forward": "2148db9855a3",
-        "megatron.core.tensor_parallel.layers:RowParallelLinear._forward_impl": "6042a461a2e6",
-    },
+    {"0.16.1": {f"{_ROW}.forward": "2148db9855a3", f"{_ROW}._forward_impl": "6042a461a2e6"},
+     "0.19.2": {f"{_ROW}.forward": "d98cea58261a", f"{_ROW}._forward_impl": "6042a461a2e6"}},
     "whether RowParallelLinear.forward still hands tp_group=None to self._forward_impl",
 )
 
+_CLIP = "megatron.core.optimizer.clip_grads"
+_LOCAL_KERNELS = {
+    f"{_CLIP}:l2_norm_impl": None,
+    f"{_CLIP}:multi_tensor_scale_impl": None,
+    "megatron.core.utils:local_multi_tensor_applier": "15310e316e1e",
+    "megatron.core.utils:local_multi_tensor_l2_norm": "01526c55444a",
+    "megatron.core.utils:local_multi_tensor_scale": "a271d86b6125",
+}
 FOREACH_GRAD_NORM = Patch(
     "foreach_grad_norm",
-    {
-        "megatron.core.optimizer.clip_grads:l2_norm_impl": None,
-        "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl": None,
-        "megatron.core.optimizer.clip_grads:get_grad_norm_fp32": "7fa2ba2493d4",
-        "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32": "8edb9da53650",
-        "megatron.core.utils:local_multi_tensor_applier": "15310e316e1e",
-        "megatron.core.utils:local_multi_tensor_l2_norm": "01526c55444a",
-        "megatron.core.utils:local_multi_tensor_scale": "a271d86b6125",
-    },
+    {"0.16.1": {**_LOCAL_KERNELS, f"{_CLIP}:get_grad_norm_fp32": "7fa2ba2493d4",
+                f"{_CLIP}:clip_grad_by_total_norm_fp32": "8edb9da53650"},
+     # 0.19 also scales by a tensor coefficient through multi_tensor_scale_tensor_impl when TE has it.
+     "0.19.2": {**_LOCAL_KERNELS, f"{_CLIP}:multi_tensor_scale_tensor_impl": None,
+                f"{_CLIP}:get_grad_norm_fp32": "810944e99b1e", f"{_CLIP}:clip_grad_by_total_norm_fp32": "cf07b488fb76"}},
     "how clip_grads calls l2_norm_impl and multi_tensor_scale_impl (arguments, return value) and what "
     "megatron.core.utils' local_multi_tensor_* fallbacks compute",
 )
@@ -135,12 +156,12 @@ FOREACH_GRAD_NORM = Patch(
 _FILESYSTEM_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 WRITE_RESULTS_QUEUE = Patch(
     "write_results_queue",
-    {
-        f"{_FILESYSTEM_ASYNC}:_results_queue": None,
-        f"{_FILESYSTEM_ASYNC}:_get_write_results_queue": "349269cbdd56",
-    },
+    {"0.16.1": {f"{_FILESYSTEM_ASYNC}:_results_queue": None,
+                f"{_FILESYSTEM_ASYNC}:_get_write_results_queue": "349269cbdd56"},
+     "0.19.2": {f"{_FILESYSTEM_ASYNC}:_results_queue": None,
+                f"{_FILESYSTEM_ASYNC}:get_write_results_queue": "e395fb0e86a0"}},
     "whether filesystem_async still creates the checkpoint writers' result queue once, in the module "
-    "global _results_queue, from a spawned multiprocessing Manager (_get_write_results_queue)",
+    "global _results_queue, from a spawned multiprocessing Manager (get_write_results_queue)",
 )
 
 PATCHES = (GATHERED_STATE_OFFSETS, TORCH_ADAM_LOAD, ROW_PARALLEL_TP_GROUP, FOREACH_GRAD_NORM, WRITE_RESULTS_QUEUE)
@@ -167,27 +188,91 @@ def check_checkpoint_patches(optimizer) -> None:
         TORCH_ADAM_LOAD.check()
 
 
-@contextlib.contextmanager
-def gathered_state_offsets(optimizer) -> Iterator[None]:
-    """While the distributed optimizer builds its ``fully_reshardable`` state for a save, point each
-    parameter at its place in the gathered state instead of in the gradient buffer.
+_probed: list[bool] = []  # slices_padded_offsets' answer for the megatron-core of this process
 
-    megatron-core 0.16.1 gathers every bucket's state without the padding at the bucket's end, one bucket
-    after the other, then slices it per parameter at the parameter's offset in the padded buffer: with
-    more than one bucket (``performance.overlap_grad_reduce``) every parameter after the first bucket got
-    another parameter's state. Loading slices per parameter correctly and needs nothing. Optimizers
-    without gradient buffers (not distributed) are left alone."""
+
+def _gathered_starts(buffer) -> list[int]:
+    """Per bucket: what to add to a parameter's offset in the padded buffer to get its offset in the
+    gathered state (every bucket without its end padding, one after the other)."""
+    starts, gathered = [], 0
+    for bucket in buffer.buckets:
+        starts.append(gathered - bucket.offset)
+        gathered += bucket.numel_unpadded
+    return starts
+
+
+def slices_padded_offsets(optimizer, model_sd: dict) -> bool:
+    """Probe megatron-core: does its ``fully_reshardable`` save slice each parameter's state out of the
+    gathered state at the parameter's offset in the *padded* buffer (the bug of 0.16.1-0.19.2, fixed
+    upstream by subtracting the end padding of the buckets before)? Runs megatron-core's own slicing over
+    an empty gathered state of the real layout (no communication) and reads where each slice starts.
+    False where nothing tells the two apart (one bucket per buffer: both offsets agree)."""
+    verdicts = set()
+    for part in _parts(optimizer):
+        buffers = getattr(part, "buffers", None) or []
+        if all(len(b.buckets) == 1 for b in buffers):
+            continue
+        empty = part.get_parameter_state_dp_zero(empty_data=True, return_on_all_ranks=True)
+        part.get_parameter_state_dp_zero = lambda *args, **kwargs: empty  # the slicing only, on the real layout
+        quiet = logging.getLogger("megatron.core.optimizer.distrib_optimizer")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its warning for a slice past the end is what is probed here
+        try:
+            sliced = part.sharded_param_state_fully_reshardable(model_sd, is_loading=False, metadata={})
+        finally:
+            del part.get_parameter_state_dp_zero
+            quiet.setLevel(level)
+        # megatron-core numbers the sliced parameters buffer by buffer, in param_index_map's order.
+        params = [(b, item) for b, buffer in enumerate(buffers) for item in buffer.param_index_map.values()]
+        for (b, (start, _, bucket)), tensors in zip(params, (sliced[i] for i in range(len(params)))):
+            shift = _gathered_starts(buffers[b])[bucket]
+            data, world = tensors["param"].data, next(iter(empty[b].values()))["param"]
+            if shift == 0:
+                continue  # the same offset either way
+            if data.untyped_storage().data_ptr() != world.untyped_storage().data_ptr():
+                verdicts.add(True)  # read past the gathered state and padded with zeros: the bug
+            elif data.storage_offset() in (start, start + shift):
+                verdicts.add(data.storage_offset() == start)
+            else:
+                raise McorePatchError(
+                    f"megatron-core {installed_version()} slices the distributed optimizer's gathered state "
+                    f"neither at the padded nor at the gathered offset (parameter at {start} in bucket {bucket} "
+                    f"read from {data.storage_offset()}): re-audit {GATHERED_STATE_OFFSETS.reaudit}")
+    if len(verdicts) > 1:
+        raise McorePatchError("megatron-core slices some parameters of the distributed optimizer's gathered state at "
+                              f"padded offsets and others not: re-audit {GATHERED_STATE_OFFSETS.reaudit}")
+    return verdicts == {True}
+
+
+@contextlib.contextmanager
+def gathered_state_offsets(optimizer, model_sd: dict) -> Iterator[None]:
+    """While the distributed optimizer builds its ``fully_reshardable`` state for a save, point each
+    parameter at its place in the gathered state instead of in the gradient buffer - where megatron-core
+    slices at padded offsets (:func:`slices_padded_offsets`, probed once per process).
+
+    megatron-core 0.16.1 to 0.19.2 gather every bucket's state without the padding at the bucket's end, one
+    bucket after the other, then slice it per parameter at the parameter's offset in the padded buffer:
+    with more than one bucket (``performance.overlap_grad_reduce``) every parameter after the first bucket
+    got another parameter's state. Once megatron-core corrects the offsets itself, correcting them again
+    would corrupt the state the same way: hence the probe, not a version check. Loading slices per
+    parameter correctly and needs nothing. Optimizers without gradient buffers are left alone."""
     buffers = {id(b): b for opt in _parts(optimizer) for b in getattr(opt, "buffers", [])}.values()
     if buffers:
         GATHERED_STATE_OFFSETS.check()
-    saved = [(b, b.param_index_map) for b in buffers]
+    if not any(len(b.buckets) > 1 for b in buffers):
+        yield
+        return
+    first = not _probed
+    if first:
+        _probed.append(slices_padded_offsets(optimizer, model_sd))
+    saved = [(b, b.param_index_map) for b in buffers] if _probed[0] else []
     for buffer, index in saved:
-        starts, gathered = [], 0  # each bucket's start in the gathered (unpadded, concatenated) state
-        for bucket in buffer.buckets:
-            starts.append(gathered - bucket.offset)
-            gathered += bucket.numel_unpadded
+        starts = _gathered_starts(buffer)
         buffer.param_index_map = {p: (start + starts[b], end + starts[b], b) for p, (start, end, b) in index.items()}
     try:
+        if first and saved:
+            logger.warning("megatron-core %s slices the distributed optimizer's multi-bucket state at padded "
+                           "offsets on save: corrected", installed_version())
         yield
     finally:
         for buffer, index in saved:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from lrpath_megatron.checkpoint_layout import MANIFEST, is_complete, model_differences, read_manifest, sha256_file
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mcore_api import versions
 from lrpath_megatron.merge_weights import MergeWeights
 
 MODEL_DIR = "model"
@@ -408,6 +409,7 @@ def _manifest(inputs: list[MergeInput], weights: MergeWeights, fmt: str, merged:
         "merged_tensors": len(merged),
         "copied_from_last": copied,
         "optimizer": OPTIMIZER_NOTE,
+        "versions": versions(),
     }
     source = last.weights.parent if fmt == "dist" and last.weights.name == MODEL_DIR else None
     if source is not None and is_complete(source):

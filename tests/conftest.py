@@ -6,14 +6,52 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The compatibility lane's interpreter (megatron-core 0.16.1): run directories of the older release are
+# written with it. `make test` builds it first.
+COMPAT_PYTHON = Path(os.environ.get("LRPATH_COMPAT_PYTHON", REPO / ".venv-compat" / "bin" / "python"))
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(REPO / "benchmarks"))  # tests share a few checks with the benchmark scripts
+
+
+# Skips and fallbacks a CI run accepts (test id prefix -> why). Any other one fails a run with CI set, so
+# a lane never passes while leaving a check out; every run prints what it skipped.
+ALLOWED_SKIPS: dict[str, str] = {}
+_left_out: list[tuple[str, str]] = []  # (test id, what was skipped or replaced, and why)
+
+
+def record_fallback(nodeid: str, reason: str) -> None:
+    """A test that ran a weaker stand-in for what it could not start (it passed, but not as written)."""
+    _left_out.append((nodeid, f"fell back: {reason}"))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _left_out.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def _unapproved() -> list[tuple[str, str]]:
+    return [(n, r) for n, r in _left_out if not any(n.startswith(prefix) for prefix in ALLOWED_SKIPS)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_sep("-", f"skipped or fell back: {len(_left_out)} (accepted: {len(ALLOWED_SKIPS)} rules)")
+    for nodeid, reason in _left_out:
+        accepted = "accepted" if (nodeid, reason) not in _unapproved() else "NOT ACCEPTED"
+        terminalreporter.write_line(f"{nodeid}: {reason} [{accepted}]")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("CI", "").lower() in ("1", "true") and _unapproved() and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +84,13 @@ def run_lrpath(args: list[str], nproc: int = 1, check: bool = True, timeout: int
     if check and proc.returncode != 0:
         raise AssertionError(f"lrpath {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def side_by_side(*chains: Callable[[], object]) -> list:
+    """Independent chains of ``lrpath`` runs at the same time, returning each chain's result: every
+    process trains on one thread (OMP_NUM_THREADS=1), so one chain alone leaves the second core idle."""
+    with ThreadPoolExecutor(len(chains)) as pool:
+        return [future.result() for future in [pool.submit(chain) for chain in chains]]
 
 
 def tiny_config(demo_data: dict, path: Path, corpora=("docs", "code_a"), **sections) -> Path:

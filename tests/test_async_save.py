@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, lrpath_command, losses, run_lrpath, stored_tensors, tiny_config
+from conftest import REPO, free_port, lrpath_command, losses, run_lrpath, side_by_side, stored_tensors, tiny_config
 from lrpath_megatron import checkpoint_layout
 from lrpath_megatron.errors import EXIT_REQUEUE
 
@@ -52,6 +52,7 @@ def _start_ranks(args: list[str], world: int) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
+@pytest.mark.compat
 def test_background_writes_equal_foreground_ones_through_a_signal_mid_write(config, foreground, tmp_path):
     """DP=2 with the distributed optimizer: USR1 reaches rank 0 while a background write is in flight; the
     trainer waits for it, saves at the current step, exits 3; the resumed run's losses and every checkpoint
@@ -101,11 +102,15 @@ def small_disk(tmp_path):
 def test_full_disk_stops_with_one_message_and_the_run_resumes_once_space_is_freed(config, small_disk, tmp_path):
     """A background write that runs out of space stops the run at the next step with one message naming
     the directory, the cause and the checkpoint it resumes from; freed, the run resumes from it (and then
-    saves by wall time as well: checkpoint.save_interval_minutes)."""
+    saves by wall time as well: checkpoint.save_interval_minutes) and continues bit for bit: every logged
+    loss equals the same run's uninterrupted on a disk with room (trained alongside the failing one; the
+    DP=2 foreground run is no reference here: its losses differ from one process's in the last bits)."""
     run_dir = small_disk / "run"
-    args = ["train", str(config), "--run-dir", str(run_dir), *ASYNC, "--set", "schedule.train_steps=6",
-            "--set", "logging.tensorboard=false"]
-    failed = run_lrpath(args, check=False)
+    settings = [*ASYNC, "--set", "schedule.train_steps=6", "--set", "logging.tensorboard=false"]
+    args = ["train", str(config), "--run-dir", str(run_dir), *settings]
+    uninterrupted = tmp_path / "uninterrupted"
+    failed, _ = side_by_side(lambda: run_lrpath(args, check=False),
+                             lambda: run_lrpath(["train", str(config), "--run-dir", str(uninterrupted), *settings]))
     ckpts = run_dir / "checkpoints"
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "warning: " in failed.stdout and "will probably fail" in failed.stdout  # free space < last checkpoint
@@ -123,6 +128,8 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_once_space_is_free
     assert "resumed at step 2" in out
     assert sorted(losses(run_dir)) == list(range(6)) and not list(ckpts.glob(".tmp_iter_*"))
     assert sorted(_checkpoints(run_dir)) == [2, 3, 4, 5, 6]
+    print(f"losses resumed after the full disk: {losses(run_dir)}\nuninterrupted: {losses(uninterrupted)}")
+    assert losses(run_dir) == losses(uninterrupted)  # exact float equality, every step
 
 
 def test_staging_that_does_not_fit_in_shared_memory_is_refused_with_its_size(tmp_path, monkeypatch):

@@ -72,6 +72,7 @@ def uninterrupted(plan_file, tmp_path_factory) -> dict[str, dict[int, float]]:
     return {"run": run, "main": losses(run / "main"), "v1": losses(run / "v1")}
 
 
+@pytest.mark.compat
 def test_branch_forks_from_the_main_checkpoint_and_decays_to_eta_min(plan_file, uninterrupted):
     run = uninterrupted["run"]
     main, v1 = uninterrupted["main"], uninterrupted["v1"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.compat  # the megatron-core compatibility lane runs it too
+
 SCRIPT = r"""
 import torch
 original = torch.cuda.current_device

@@ -24,15 +24,11 @@ from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
 from lrpath_megatron.data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
 from lrpath_megatron.data_tools.versions import parse_version, split_versions
 from lrpath_megatron.errors import LrpathError
-from conftest import run_lrpath
+from lrpath_megatron.mcore_api import null_tokenizer_library
+from conftest import COMPAT_PYTHON, run_lrpath
 from test_data import BROKEN, broken_pair
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    return demo.prepare_demo_data(tmp_path_factory.mktemp("demo_data"))
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +49,15 @@ def _files(directory: Path) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- corpora
-@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the shipped corpora were made from Python 3.11.7")
 def test_make_corpora_reproduces_shipped_files(tmp_path):
-    make_corpora.write_corpora(tmp_path)
+    """The shipped corpora are the Python 3.11.7 standard library's: rebuilt by that interpreter (the
+    compatibility venv's, on the primary lane), byte for byte."""
+    script = (f"from pathlib import Path; from lrpath_megatron.data_tools import make_corpora; "
+              f"make_corpora.write_corpora(Path({str(tmp_path)!r}))")
+    python = sys.executable if sys.version_info[:3] == (3, 11, 7) else str(COMPAT_PYTHON)
+    proc = subprocess.run([python, "-c", f"import sys; assert sys.version_info[:3] == (3, 11, 7), sys.version; {script}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for name in demo.CORPORA:
         assert (tmp_path / f"{name}.jsonl.gz").read_bytes() == demo.corpus_path(name).read_bytes(), name
 
@@ -113,7 +115,7 @@ def test_outputs_feed_megatron_gpt_datasets(demo_data):
     config = GPTDatasetConfig(
         random_seed=1, sequence_length=64, blend=(prefixes, [0.5, 0.5]), split=split_string(0.1),
         path_to_cache=None, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=2048))
+        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": null_tokenizer_library()}, vocab_size=2048))
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [200, 20, 0], lambda: True, config).build()
     assert len(train) >= 200 and len(valid) >= 20
     sample = train[0]["tokens"].numpy()
@@ -314,12 +316,16 @@ def test_split_versions_cuts_consecutive_ranges(demo_data, tmp_path):
 
 
 def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_model, tmp_path, capsys):
-    """Every accepted --tokenizer-type is, in Megatron-LM's preprocess_data.py (megatron-core 0.16.1's
+    """Every accepted --tokenizer-type is, in Megatron-LM's preprocess_data.py (megatron-core's
     build_tokenizer), the tokenizer preprocess uses: the same ids and EOD. Other types are refused."""
     from argparse import Namespace
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+    try:  # megatron-core 0.16
+        from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+    except ModuleNotFoundError:  # 0.17 on; Megatron-LM's defaults for the arguments it reads
+        from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
     from lrpath_megatron.commands.data import SENTENCEPIECE_TYPES
 
@@ -332,7 +338,9 @@ def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_mod
     for kind in SENTENCEPIECE_TYPES:
         theirs = build_tokenizer(Namespace(tokenizer_type=kind, tokenizer_model=str(small_model),
                                            tokenizer_sentencepiece_legacy=False, tokenizer_special_tokens=None,
-                                           tokenizer_metadata=None))
+                                           tokenizer_metadata=None, chat_template=None, special_tokens=None,
+                                           tokenizer_sentencepiece_ignore_extra_whitespaces=True,
+                                           metadata_path=None, pad_vocab_size=False))
         for i, text in enumerate(texts):
             assert ours[i].tolist() == theirs.tokenize(text) + [theirs.eod], kind
     capsys.readouterr()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import losses, run_lrpath, stored_tensors
+from conftest import losses, run_lrpath, side_by_side, stored_tensors
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.plan import Plan
 
@@ -68,9 +68,12 @@ def test_releases_from_effective_forks_equal_nominal_forks_bitwise(demo_data, tm
     run_lrpath(["train", str(plans["effective"]), "--path", "main", "--run-dir", str(runs["effective"])])
     runs["nominal"].mkdir()
     os.symlink(runs["effective"] / "main", runs["nominal"] / "main")
-    for fork, run in runs.items():
+
+    def branches(fork: str) -> None:
         for version in ("v1", "v2"):
-            run_lrpath(["train", str(plans[fork]), "--path", version, "--run-dir", str(run)])
+            run_lrpath(["train", str(plans[fork]), "--path", version, "--run-dir", str(runs[fork])])
+
+    side_by_side(*(lambda fork=fork: branches(fork) for fork in runs))
     for version, end in (("v1", 14), ("v2", 28)):
         a = stored_tensors(runs["effective"] / version / "checkpoints" / f"iter_{end:07d}")
         b = stored_tensors(runs["nominal"] / version / "checkpoints" / f"iter_{end:07d}")

@@ -39,7 +39,11 @@ MODELS = {
 }
 TOKENS = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 250, (2, 16), generator=TOKENS)
-TOLERANCE = 1e-4  # fp32 logits, megatron-core vs transformers
+# fp32 logits, megatron-core vs transformers, as docs/open_models.md states them: bitwise at TP=1; at
+# TP=2 x PP=2 the row-parallel sums add two ranks' halves (measured on megatron-core 0.16.1 and 0.19.2:
+# 2.26e-6 for qwen3, 1.79e-6 for llama_tied).
+TP2_PP2_TOLERANCE = 3e-6
+TOLERANCE = 1e-4  # the LoRA export's and init_from's comparisons (test_adapters, test_init_from)
 
 
 def _hf_model(arch: str, overrides: dict, seed: int):
@@ -209,6 +213,7 @@ def _assert_same_hf_model(directory: Path, original) -> None:
         torch.testing.assert_close(model.eval()(IDS).logits, original.logits, rtol=0, atol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", list(MODELS))
 def test_round_trip_is_bitwise_and_transformers_loads_it(hf, tmp_path, name):
     out = tmp_path / "exported"
@@ -220,27 +225,33 @@ def test_round_trip_is_bitwise_and_transformers_loads_it(hf, tmp_path, name):
     assert (out / "model.safetensors.index.json").is_file()  # sharded past --max-shard-size
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", list(MODELS))
 def test_megatron_logits_match_transformers(hf, megatron, name):
     diff = (megatron.logits[name] - hf[name].logits).abs().max().item()
     print(f"{name}: max |logits diff| = {diff:.2e}")
-    assert diff <= TOLERANCE
+    assert megatron.logits[name].dtype == hf[name].logits.dtype == torch.float32
+    assert torch.equal(megatron.logits[name], hf[name].logits)  # TP=1: the same to the last bit
 
 
 def test_tp2_pp2_loads_imports_and_saves_what_exports_bitwise(hf, megatron, tmp_path):
-    for name, source in (("qwen3_tp2pp2", "qwen3"), ("llama_tied_tp2pp2", "llama_tied")):
-        diff = (megatron.logits[name] - hf[source].logits).abs().max().item()
-        print(f"{name}: max |logits diff| = {diff:.2e}")
-        assert diff <= TOLERANCE
+    pairs = (("qwen3_tp2pp2", "qwen3"), ("llama_tied_tp2pp2", "llama_tied"))
+    diffs = {name: (megatron.logits[name] - hf[source].logits).abs().max().item() for name, source in pairs}
+    print(", ".join(f"{name}: max |logits diff| = {diff:.2e}" for name, diff in diffs.items()))
+    for name, source in pairs:
+        assert diffs[name] <= TP2_PP2_TOLERANCE, name
         # the trainer's own checkpoint at TP=2 x PP=2 exports to the same HF model
         saved = megatron.root / name / "iter_0000000"
         out = tmp_path / name
         assert cli.main(["hf", "export", str(saved), "--out", str(out), "--no-progress"]) == 0
         _assert_same_hf_model(out, hf[source])
-        # an import is laid out as megatron-core saves: the same keys, shapes and dtypes
+        # an import is laid out as megatron-core saves: the same keys, shapes and dtypes. (Its common state
+        # is a common.pt, as megatron-core 0.16 writes it and every release reads it; 0.17 on keep theirs
+        # as common_state/ objects inside the checkpoint instead.)
         from lrpath_megatron.merge import DcpTensorReader
 
-        ours, theirs = (DcpTensorReader(c / "model").metadata.state_dict_metadata for c in (hf[source].ckpt, saved))
+        ours, theirs = ({k: v for k, v in DcpTensorReader(c / "model").metadata.state_dict_metadata.items()
+                         if not k.startswith("common_state/")} for c in (hf[source].ckpt, saved))
         assert ours.keys() == theirs.keys()
         for key, md in theirs.items():
             assert getattr(md, "size", None) == getattr(ours[key], "size", None), key

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from lrpath_megatron.cli import main as lrpath_main
 from lrpath_megatron.launch.jobs import AutoSpec, Job, MergeSpec, build_jobs, merge_args
 from lrpath_megatron.launch.local import plan_commands
 from lrpath_megatron.plan import MainPause, Plan, load_plan
+from conftest import record_fallback
 from slurm_cluster import slurm_cluster_or_reason  # noqa: F401 - pytest fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,12 +368,12 @@ def _check_paths_trained(run: Path) -> None:
         assert all(0 < r["loss"] < 20 for r in records), path
 
 
-def test_plan_on_slurm_cluster(slurm_cluster_or_reason, trainable_plan_file, tmp_path, monkeypatch):
+def test_plan_on_slurm_cluster(slurm_cluster_or_reason, trainable_plan_file, tmp_path, monkeypatch, request):
     plan_file = trainable_plan_file
     run, out = tmp_path / "run", tmp_path / "slurm"
     if isinstance(slurm_cluster_or_reason, str):
-        warnings.warn(f"no local SLURM cluster: {slurm_cluster_or_reason}; "
-                      "ran the generated scripts under bash with srun/scontrol stand-ins instead")
+        record_fallback(request.node.nodeid, f"no local SLURM cluster: {slurm_cluster_or_reason}; ran the generated "
+                        "scripts under bash with srun/scontrol stand-ins instead")
         return _run_scripts_without_slurm(plan_file, run, out, tmp_path / "bin")
     cluster = slurm_cluster_or_reason
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))

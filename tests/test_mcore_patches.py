@@ -8,30 +8,38 @@ import pytest
 from lrpath_megatron import cpu_compat, mcore_patches
 from lrpath_megatron.mcore_patches import McorePatchError, Patch
 
+pytestmark = pytest.mark.compat  # the megatron-core compatibility lane runs it too
+
 ALL = (*mcore_patches.PATCHES, cpu_compat.CPU_RNG)
 L2_NORM = "megatron.core.utils:local_multi_tensor_l2_norm"
 
 
-def test_every_patch_matches_the_installed_megatron_core():
-    assert mcore_patches.installed_version() == mcore_patches.WRITTEN_FOR == "0.16.1"
+INSTALLED = mcore_patches.installed_version()
+
+
+def test_every_patch_was_audited_for_the_installed_megatron_core():
+    assert INSTALLED in mcore_patches.AUDITED
     for patch in ALL:
-        assert patch.written_for == "0.16.1"
-        # Compared here even when an earlier check in this process has already passed.
-        assert [mcore_patches._difference(path, digest) for path, digest in patch.internals.items()] == \
-            [None] * len(patch.internals), patch.name
+        assert set(patch.audited) == set(mcore_patches.AUDITED), patch.name
+        # Compared against this release's own digests, even when an earlier check in this process passed.
+        internals = patch.audited[INSTALLED]
+        assert [mcore_patches._difference(path, digest) for path, digest in internals.items()] == \
+            [None] * len(internals), patch.name
+        assert patch.differences() == []
         patch.check()
 
 
 def test_changed_internals_stop_with_what_to_reaudit():
-    digest = mcore_patches.FOREACH_GRAD_NORM.internals[L2_NORM]
-    changed = Patch("changed", {L2_NORM: "0" * 12}, "what local_multi_tensor_l2_norm returns", written_for="0.15.0")
+    digest = mcore_patches.FOREACH_GRAD_NORM.audited[INSTALLED][L2_NORM]
+    changed = Patch("changed", {"0.15.0": {L2_NORM: "0" * 12}, "0.15.1": {L2_NORM: "1" * 12}},
+                    "what local_multi_tensor_l2_norm returns")
     with pytest.raises(McorePatchError) as exc:
         changed.check()
     message = str(exc.value)
-    assert message.startswith("megatron-core patch 'changed' was written against megatron-core 0.15.0; the "
-                              "installed megatron-core 0.16.1 differs where it relies on it:")
-    assert f"{L2_NORM} changed (source sha256 {digest}, written against 000000000000)" in message
-    assert "Re-audit what local_multi_tensor_l2_norm returns in megatron-core 0.16.1" in message
+    assert message.startswith("megatron-core patch 'changed' was audited for megatron-core 0.15.0, 0.15.1; the "
+                              f"installed megatron-core {INSTALLED} differs where it relies on it:")
+    assert f"{L2_NORM} changed (source sha256 {digest}, audited 000000000000)" in message
+    assert f"Re-audit what local_multi_tensor_l2_norm returns in megatron-core {INSTALLED}" in message
     with pytest.raises(McorePatchError):  # a failed check is not remembered as passed
         changed.check()
 
@@ -41,4 +49,13 @@ def test_changed_internals_stop_with_what_to_reaudit():
                                   "megatron.core.no_such_module:anything"])
 def test_missing_internals_stop_the_patch(path):
     with pytest.raises(McorePatchError, match=re.escape(f"{path} is missing")):
-        Patch("missing", {path: None}, "the call site").check()
+        Patch("missing", {INSTALLED: {path: None}}, "the call site").check()
+
+
+def test_an_audited_release_is_held_to_its_own_digests():
+    """The installed release's digests are the ones compared, not any audited release's: sources equal to
+    another release's audit do not pass for this one."""
+    other = "9.9.9"
+    internals = mcore_patches.FOREACH_GRAD_NORM.audited[INSTALLED]
+    patch = Patch("pinned", {INSTALLED: {L2_NORM: "0" * 12}, other: internals}, "the call site")
+    assert patch.differences() and Patch("any", {other: internals}, "the call site").differences() == []

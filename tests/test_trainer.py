@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import losses, run_lrpath, stored_tensors, tiny_config
+from conftest import losses, run_lrpath, side_by_side, stored_tensors, tiny_config
 from lrpath_megatron import checkpoint_layout
 
 
@@ -32,6 +32,7 @@ def test_loss_falls_on_real_text(reference):
     assert last < first - 1.0, (first, last)
 
 
+@pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_run_bitwise(config, reference, tmp_path):
     run_lrpath(["train", str(config), "--run-dir", str(tmp_path), "--stop-at-step", "17"])
     assert checkpoint_layout.find_latest(tmp_path / "checkpoints").name == "iter_0000017"
@@ -74,6 +75,7 @@ def single(config, initial, tmp_path_factory) -> dict[int, float]:
     return losses(run_dir)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("layout", [
     ["--set", "parallel.tensor_parallel=2"],
     ["--set", "parallel.pipeline_parallel=2"],
@@ -187,22 +189,29 @@ def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):
 DIST_OPT = ["--set", "parallel.use_distributed_optimizer=true"]
 
 
+@pytest.mark.compat
 def test_distributed_optimizer_resumes_bitwise_and_reshards(config, initial, single, tmp_path):
     """megatron-core's distributed optimizer (the GPU default) over torch AdamW: stop/resume at one process
     is bit-exact, and its state saved at DP=2 continues at TP=2, then at DP=1, as the single-process run."""
     run_dir = _from_initial(initial, tmp_path / "a")
+    whole, split = _from_initial(initial, tmp_path / "b"), _from_initial(initial, tmp_path / "c")
     common = ["train", str(config), "--run-dir", str(run_dir), *DIST_OPT]
-    run_lrpath([*common, "--stop-at-step", "2"], nproc=2)
-    run_lrpath([*common, "--stop-at-step", "4", "--set", "parallel.tensor_parallel=2"], nproc=2)
-    run_lrpath([*common, "--stop-at-step", str(LAYOUT_STEPS)])
+
+    def resharded():
+        run_lrpath([*common, "--stop-at-step", "2"], nproc=2)
+        run_lrpath([*common, "--stop-at-step", "4", "--set", "parallel.tensor_parallel=2"], nproc=2)
+        run_lrpath([*common, "--stop-at-step", str(LAYOUT_STEPS)])
+
+    def stopped_and_resumed():
+        run_lrpath(["train", str(config), "--run-dir", str(split), "--stop-at-step", "3", *DIST_OPT])
+        run_lrpath(["train", str(config), "--run-dir", str(split), "--stop-at-step", str(LAYOUT_STEPS), *DIST_OPT])
+
+    side_by_side(resharded, stopped_and_resumed, lambda: run_lrpath(
+        ["train", str(config), "--run-dir", str(whole), "--stop-at-step", str(LAYOUT_STEPS), *DIST_OPT]))
     got = losses(run_dir)
     assert sorted(got) == list(range(LAYOUT_STEPS))
     for step in single:
         assert got[step] == pytest.approx(single[step], abs=1e-5), step
-    whole, split = _from_initial(initial, tmp_path / "b"), _from_initial(initial, tmp_path / "c")
-    run_lrpath(["train", str(config), "--run-dir", str(whole), "--stop-at-step", str(LAYOUT_STEPS), *DIST_OPT])
-    run_lrpath(["train", str(config), "--run-dir", str(split), "--stop-at-step", "3", *DIST_OPT])
-    run_lrpath(["train", str(config), "--run-dir", str(split), "--stop-at-step", str(LAYOUT_STEPS), *DIST_OPT])
     assert losses(split) == losses(whole)
 
 
@@ -253,9 +262,9 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
     """megatron-core's interleaved schedule (PP=2, two chunks of one layer per stage): at DP=2 on four
     processes over all steps, every loss as the single-process run. A branch forked from its step-3
     checkpoint saves it without interleaving, identical, and trains on at one process; a branch forked from
-    that plain copy trains interleaved at DP=1, with the same losses. `lrpath merge` and the HF export's
-    reading give the same tensors from the interleaved checkpoint as from its plain copy. `lrpath eval` at
-    one process reads the last checkpoint and gets the validation loss the interleaved run logged."""
+    that plain copy trains interleaved at DP=1, with the same losses within 2e-7. `lrpath merge` and the HF
+    export's reading give the same tensors from the interleaved checkpoint as from its plain copy. `lrpath
+    eval` at one process reads the last checkpoint and gets the validation loss the interleaved run logged."""
     import torch
 
     from lrpath_megatron.export import read_checkpoint
@@ -278,7 +287,7 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
     # interleaved one, model and optimizer state. It then resumes and trains on at one process; v1 forked
     # from that plain copy trains interleaved at DP=1. Both start from identical state, so their losses
     # differ only by the float reduction order of the two layouts (the gradient norm differs in the 7th
-    # digit; measured: the losses are identical over these 3 steps).
+    # digit; measured on megatron-core 0.16.1: identical at steps 3 and 4, 1.2e-7 apart at step 5).
     # Branches of two main paths trained in different layouts start from weights that already differ by
     # that rounding (1.8e-6 after 6 steps here) and may drift further apart at a high LR.
     plan = _branch_plan(config, tmp_path / "plan.yaml")
@@ -292,13 +301,18 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
         want, have = stored_tensors(inter_ckpt, part), stored_tensors(plain_ckpt, part)
         assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want), part
     shutil.copytree(plain_ckpt, interleaved / "main" / "checkpoints" / inter_ckpt.name)
-    assert "resumed at step 3" in run_lrpath([*branch, str(plain)]).stdout
-    assert "branched from" in run_lrpath([*branch, str(interleaved), *VPP], nproc=2).stdout
+    last = vpp / "checkpoints" / "iter_0000006"
+    resumed, branched, _ = side_by_side(
+        lambda: run_lrpath([*branch, str(plain)]), lambda: run_lrpath([*branch, str(interleaved), *VPP], nproc=2),
+        lambda: run_lrpath(["eval", str(config), str(last), "--json", str(tmp_path / "eval.json")]))
+    assert "resumed at step 3" in resumed.stdout and "branched from" in branched.stdout
     got, want = losses(plain / "v1"), losses(interleaved / "v1")
+    print(f"branch losses, plain {got}, interleaved {want}: max |diff| = "
+          f"{max(abs(got[s] - want[s]) for s in got if s in want):.2e}")
     assert sorted(got) == sorted(want) == [3, 4, 5]
     assert got[3] == pytest.approx(single[3], abs=1e-5)  # the fork's weights on the main path's step-3 batch
     for step in got:
-        assert got[step] == pytest.approx(want[step], abs=1e-5), step
+        assert got[step] == pytest.approx(want[step], abs=2e-7), step  # as docs/layout.md states
 
     # Merges and HF exports read tensors by their global keys, whatever layout wrote them: merged with the
     # initial weights, the interleaved checkpoint and its plain copy give the same tensors (each output
@@ -320,7 +334,5 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
     assert [n for n, _ in want] == [n for n, _ in have] == list(hf_shapes(model))
     assert all(torch.equal(w, h) for (_, w), (_, h) in zip(want, have))
 
-    last = vpp / "checkpoints" / "iter_0000006"
-    run_lrpath(["eval", str(config), str(last), "--json", str(tmp_path / "eval.json")])
     logged = json.loads((vpp / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
     assert json.loads((tmp_path / "eval.json").read_text())[str(last)]["val_loss"] == pytest.approx(logged, abs=1e-6)

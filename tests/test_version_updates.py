@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from lrpath_megatron.mcore_api import versions
 
 METHODS = ["switch/new-main/cosine-tail-0.5", "switch/replay-main/cosine-replay-0.5",
            "switch/replay-main/wsm-1-sqrt-0.5", "main/new-main"]
@@ -85,4 +86,4 @@ def test_switch_methods_share_one_main_path_and_report_the_verdicts(result):
     out = result["stdout"]
     assert "recommended release setting: switch/" in out
     assert result["json"]["recommended"]["method"] in METHODS[:3]
-    assert result["json"]["versions"]["megatron_core"] == "0.16.1"
+    assert result["json"]["versions"]["megatron_core"] == versions()["megatron_core"]

@@ -43,6 +43,7 @@ from lrpath_megatron.hf.convert import (
     to_mcore,
 )
 from lrpath_megatron.hf.safetensors_files import HfWeights
+from lrpath_megatron.mcore_api import versions
 from lrpath_megatron.merge import DEFAULT_GROUP_BYTES, MODEL_DIR, chunk_item, write_dist
 
 HF_FILES_DIR = "hf"
@@ -225,6 +226,7 @@ def _manifest(ckpt: Path, cfg: TrainConfig, hf_dir: Path, arch: str, raw: dict, 
         "config": to_dict(cfg),
         "optimizer_state": False,
         "code_version": code_version(),
+        "versions": versions(),
         "hf_source": {"path": str(hf_dir.resolve()), "architecture": arch, "config": raw,
                       "dtype": str(dtype).removeprefix("torch."), "side_files": side_files},
         # The same checksums as a trainer checkpoint, so damage is named instead of failing in the reader.
