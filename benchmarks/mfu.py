@@ -328,10 +328,10 @@ def loss_agreement(args, m: dict, device: str) -> dict:
 
 
 def environment(device: str) -> dict:
-    import megatron.core
+    from lrpath_megatron.mcore_api import versions
 
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda}
+            "megatron_core": versions()["megatron_core"], "cuda": torch.version.cuda}
 
 
 def main() -> None:

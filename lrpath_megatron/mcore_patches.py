@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.mcore_api import versions
 
 logger = logging.getLogger(__name__)
 AUDITED = ("0.16.1", "0.19.2")  # the megatron-core releases every patch was read against
@@ -34,9 +35,9 @@ class McorePatchError(LrpathError):
 
 
 def installed_version() -> str:
-    from megatron.core import package_info
-
-    return package_info.__version__
+    # The installed distribution's version: megatron-core's own __version__ appends the commit of whatever
+    # git checkout its files lie in (a venv inside this repository gets this repository's commit).
+    return versions()["megatron_core"]
 
 
 def source_digest(obj) -> str:

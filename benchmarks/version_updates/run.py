@@ -405,13 +405,13 @@ def _parameters(model) -> int:
 
 
 def _versions() -> dict:
-    import megatron.core
     import torch
 
     from lrpath_megatron.checkpoint import code_version
+    from lrpath_megatron.mcore_api import versions
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "megatron_core": megatron.core.__version__, "lrpath_megatron": code_version()}
+            "megatron_core": versions()["megatron_core"], "lrpath_megatron": code_version()}
 
 
 def _device() -> str:
