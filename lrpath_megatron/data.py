@@ -27,8 +27,8 @@ from lrpath_megatron.config import CorpusConfig, DataConfig
 from lrpath_megatron.corpus_shards import ShardedIndexed, check_same_shards, open_shards, resolve_shards
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.indexed import token_id_error
-from lrpath_megatron.mixing import MixingSampler, WeightsFn
 from lrpath_megatron.mcore_api import null_tokenizer_library
+from lrpath_megatron.mixing import MixingSampler, WeightsFn
 
 logger = logging.getLogger(__name__)
 

@@ -54,6 +54,11 @@ def async_save_kwargs() -> dict:
     return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
 
 
+def optimizer_parts(optimizer) -> list:
+    """The optimizers a megatron-core optimizer consists of (a ChainedOptimizer's parts, or itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 # The scheduler bounds megatron-core keeps in each parameter group (read by its OptimizerParamScheduler).
 _SCHEDULER_BOUNDS = ("max_lr", "min_lr", "start_wd", "end_wd")
 
@@ -71,7 +76,7 @@ def align_scheduler_bounds(optimizer, loaded) -> None:
     except ImportError:  # 0.16: groups are matched on their multipliers only
         return
     keys = [k for k in param_group_identifier_keys if k not in _SCHEDULER_BOUNDS]
-    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    parts = optimizer_parts(optimizer)
     if len(parts) == 1:
         states = [loaded]
     else:  # a ChainedOptimizer's: one state per part, as a list or keyed by the part's index

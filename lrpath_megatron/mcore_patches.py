@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.mcore_api import versions
+from lrpath_megatron.mcore_api import optimizer_parts, versions
 
 logger = logging.getLogger(__name__)
 AUDITED = ("0.16.1", "0.19.2")  # the megatron-core releases every patch was read against
@@ -169,21 +169,17 @@ PATCHES = (GATHERED_STATE_OFFSETS, TORCH_ADAM_LOAD, ROW_PARALLEL_TP_GROUP, FOREA
 
 
 # ------------------------------------------------------------------------------- distributed optimizer checkpoints
-def _parts(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _torch_adam_parts(optimizer) -> list:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return [part for part in _parts(optimizer) if isinstance(part, DistributedOptimizer)
+    return [part for part in optimizer_parts(optimizer) if isinstance(part, DistributedOptimizer)
             and type(getattr(part, "optimizer", None)) in (torch.optim.Adam, torch.optim.AdamW)]
 
 
 def check_checkpoint_patches(optimizer) -> None:
     """Check the patches that saving and loading ``optimizer`` will apply, when it is built: a mismatch then
     stops a run before its first step rather than at its first save."""
-    if any(getattr(part, "buffers", None) for part in _parts(optimizer)):
+    if any(getattr(part, "buffers", None) for part in optimizer_parts(optimizer)):
         GATHERED_STATE_OFFSETS.check()
     if _torch_adam_parts(optimizer):
         TORCH_ADAM_LOAD.check()
@@ -209,7 +205,7 @@ def slices_padded_offsets(optimizer, model_sd: dict) -> bool:
     an empty gathered state of the real layout (no communication) and reads where each slice starts.
     False where nothing tells the two apart (one bucket per buffer: both offsets agree)."""
     verdicts = set()
-    for part in _parts(optimizer):
+    for part in optimizer_parts(optimizer):
         buffers = getattr(part, "buffers", None) or []
         if all(len(b.buckets) == 1 for b in buffers):
             continue
@@ -225,8 +221,9 @@ def slices_padded_offsets(optimizer, model_sd: dict) -> bool:
             quiet.setLevel(level)
         # megatron-core numbers the sliced parameters buffer by buffer, in param_index_map's order.
         params = [(b, item) for b, buffer in enumerate(buffers) for item in buffer.param_index_map.values()]
+        shifts = [_gathered_starts(buffer) for buffer in buffers]
         for (b, (start, _, bucket)), tensors in zip(params, (sliced[i] for i in range(len(params)))):
-            shift = _gathered_starts(buffers[b])[bucket]
+            shift = shifts[b][bucket]
             data, world = tensors["param"].data, next(iter(empty[b].values()))["param"]
             if shift == 0:
                 continue  # the same offset either way
@@ -257,7 +254,7 @@ def gathered_state_offsets(optimizer, model_sd: dict) -> Iterator[None]:
     got another parameter's state. Once megatron-core corrects the offsets itself, correcting them again
     would corrupt the state the same way: hence the probe, not a version check. Loading slices per
     parameter correctly and needs nothing. Optimizers without gradient buffers are left alone."""
-    buffers = {id(b): b for opt in _parts(optimizer) for b in getattr(opt, "buffers", [])}.values()
+    buffers = {id(b): b for opt in optimizer_parts(optimizer) for b in getattr(opt, "buffers", [])}.values()
     if buffers:
         GATHERED_STATE_OFFSETS.check()
     if not any(len(b.buckets) > 1 for b in buffers):
