@@ -2,7 +2,7 @@
 
 The base is the demo plan's v3 release (trained on docs, code_a, code_b: the "old" data); the update is
 v4 = c_headers, a fourth real corpus (the "new" data). Every method gets the same batch budget
-(``adapt.steps`` batches) from the same release, through ``lrpath adapt``'s runner:
+(``adapt.steps`` batches) from the same release, through ``lrpath adapt``'s ``run_update``:
 full fine-tuning, LoRA, static ConPET (the same LoRA plus 1:1 replay of v1..v3), dynamic ConPET (a LoRA
 expert + selector over [base, v4]) and LP-FT. Runs on CPU in a few minutes.
 
@@ -51,13 +51,14 @@ def write_plan(run_dir: Path, prefixes: dict) -> Path:
 
 def train_base(plan_path: Path, run_dir: Path) -> None:
     """Main path up to v3's fork, then v3's release branch (skipped when already there)."""
-    from lrpath_megatron.adapters.runner import load_adapt_plan
+    from lrpath_megatron.adapters.update import load_adapt_plan
+    from lrpath_megatron.plan_runs import run_for
     from lrpath_megatron.trainer import run_path
 
     plan, _ = load_adapt_plan(plan_path)
     v3 = plan.path("v3")
-    run_path(plan.train_config, plan.run_for("main", run_dir), stop_at_step=v3.fork_step)
-    run_path(plan.train_config, plan.run_for("v3", run_dir))
+    run_path(plan.train_config, run_for(plan, "main", run_dir), stop_at_step=v3.fork_step)
+    run_path(plan.train_config, run_for(plan, "v3", run_dir))
 
 
 def main() -> None:
@@ -67,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("LRPATH_DEVICE", "cpu")
     from lrpath_megatron.data_tools.demo import prepare_demo_data
-    from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
+    from lrpath_megatron.adapt import run_update
+    from lrpath_megatron.adapters.update import load_adapt_plan, resolve_update
 
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def _measure(kind: str, src: str, out: str) -> dict:
     import transformers  # noqa: F401  (loaded before the baseline, as the libraries below)
     from megatron.core.dist_checkpointing import core  # noqa: F401
 
-    from lrpath_megatron import checkpoint  # noqa: F401
+    from lrpath_megatron.checkpoint import tensors  # noqa: F401
     from lrpath_megatron.hf.exporter import export_hf
     from lrpath_megatron.hf.importer import import_hf
 

@@ -30,7 +30,7 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int, max_d
     kills within ``max_delay_s``."""
     import psutil
 
-    from lrpath_megatron import checkpoint_layout
+    from lrpath_megatron.checkpoint import layout
     from lrpath_megatron.run_layout import PathDirs
 
     rng = random.Random(seed)
@@ -40,9 +40,9 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int, max_d
         proc = subprocess.Popen([sys.executable, "-m", "lrpath_megatron.cli", "train", str(config),
                                  "--run-dir", str(run_dir)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        before = checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints)
+        before = layout.find_latest(PathDirs(run_dir).checkpoints)
         deadline = time.time() + 300
-        while checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints) in (None, before):  # at least one new save
+        while layout.find_latest(PathDirs(run_dir).checkpoints) in (None, before):  # at least one new save
             if proc.poll() == 0:
                 return results  # the path ended before this kill
             if proc.poll() is not None:
@@ -63,8 +63,8 @@ def kill_during_saves(config: Path, run_dir: Path, points: int, seed: int, max_d
         proc.send_signal(signal.SIGKILL)
         if proc.wait() == 0:
             return results  # ended just before the kill
-        latest = checkpoint_layout.find_latest(PathDirs(run_dir).checkpoints)
-        bad = checkpoint_layout.verify(latest) if latest is not None else ["<none>"]
+        latest = layout.find_latest(PathDirs(run_dir).checkpoints)
+        bad = layout.verify(latest) if latest is not None else ["<none>"]
         left = leftover_processes(run_dir, descendants)
         results.append({"delay_s": round(delay, 3), "save_in_progress": in_save,
                         "latest": latest.name if latest else None, "corrupt_files": bad, "leftover_processes": left})

@@ -152,7 +152,7 @@ def write_random_corpus(prefix: Path, m: dict, documents: int) -> None:
 def make_trainer(m: dict, micro_batch: int, steps: int, device: str, work: Path, perf: dict,
                  corpora: dict[str, str], schedule: dict | None = None):
     """A set-up lrpath Trainer (world size 1) with performance levers ``perf``; no checkpoints written."""
-    from lrpath_megatron.commands.train import resolve
+    from lrpath_megatron.load_run import load_run
     from lrpath_megatron.trainer import Trainer
 
     cfg = {
@@ -168,7 +168,7 @@ def make_trainer(m: dict, micro_batch: int, steps: int, device: str, work: Path,
     }
     work.mkdir(parents=True, exist_ok=True)
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
-    train_cfg, run = resolve(str(work / "c.yaml"), None, work / "run", [])
+    train_cfg, run = load_run(str(work / "c.yaml"), None, work / "run", [])
     trainer = Trainer(train_cfg, run, stop_at_step=steps)
     trainer.setup()
     return trainer

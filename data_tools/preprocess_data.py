@@ -17,7 +17,7 @@ import os
 import sys
 
 from lrpath_megatron import cli
-from lrpath_megatron.commands.data import TOKENIZER_TYPES
+from lrpath_megatron.data_tools.tokenizer_types import TOKENIZER_TYPES
 
 # Flags of Megatron-LM's tool that change what it does in ways this one does not: flag -> why refused.
 REFUSED = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
+import signal
 import sys
 import time
 import warnings
@@ -48,7 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        code = _run(build_parser().parse_args(argv))
+        sys.stdout.flush()  # a reader that has gone away shows here, not in Python's flush at exit
+        return code
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise  # another pipe broke (e.g. to a checkpoint writer): not a reader that has had enough
+        # `lrpath plan PLAN | head -1`: end quietly, as other tools do. Python flushes stdout once more at
+        # exit, so from here on it writes to devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    poll = select.poll()
+    poll.register(stream.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:

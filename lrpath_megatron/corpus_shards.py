@@ -82,6 +82,21 @@ def check_shards(prefix: str | list, where: str, vocab_size: int | None = None) 
     return shards, dtypes[0]
 
 
+def check_corpora(train_config, names: set) -> None:
+    """Raise unless every shard of each corpus of ``train_config.data`` named in ``names`` is a consistent
+    ``PREFIX.bin``/``PREFIX.idx`` pair whose tokenizer and sampled token ids fit ``model.vocab_size`` (the
+    checks training runs when it opens the data); one line per corpus."""
+    problems = []
+    for corpus in train_config.data.corpora:
+        if corpus.name in names:
+            try:
+                check_shards(corpus.prefix, f"corpus {corpus.name!r}", train_config.model.vocab_size)
+            except LrpathError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise LrpathError("\n".join(problems))
+
+
 def check_tokenizers(shards: list[str], where: str, vocab_size: int | None) -> None:
     """Refuse shards whose sidecars name different tokenizers, or a tokenizer with more ids than
     ``vocab_size`` (``model.vocab_size``: the embedding's padded rows past it are no token ids, and the

@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from lrpath_megatron.mcore_patches import Patch
+from lrpath_megatron.mcore_audit import Patch
 
 _lock = threading.Lock()
 _enabled = False

@@ -26,6 +26,7 @@ import torch
 from lrpath_megatron.config import CorpusConfig, DataConfig
 from lrpath_megatron.corpus_shards import ShardedIndexed, check_same_shards, open_shards, resolve_shards
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.held_out import split_string
 from lrpath_megatron.indexed import token_id_error
 from lrpath_megatron.mcore_api import null_tokenizer_library
 from lrpath_megatron.mixing import MixingSampler, WeightsFn
@@ -33,14 +34,6 @@ from lrpath_megatron.mixing import MixingSampler, WeightsFn
 logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-def split_string(valid_fraction: float) -> str:
-    """megatron-core split string "train,valid,test" holding out ``valid_fraction`` of the documents.
-
-    Fixed-point digits: megatron-core parses the split with a digits-and-dots regex (no exponents).
-    """
-    return f"{1.0 - valid_fraction:.12f},{valid_fraction:.12f},0"
 
 
 def gpt_dataset_config(seq_length: int, valid_fraction: float, seed: int, vocab_size: int):

@@ -10,7 +10,9 @@ from pathlib import Path
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from lrpath_megatron import checkpoint, checkpoint_layout, distributed, forward
+from lrpath_megatron import distributed, forward
+from lrpath_megatron.checkpoint.layout import is_complete
+from lrpath_megatron.checkpoint.tensors import check_model, load_model
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.data import ValidData
 from lrpath_megatron.errors import LrpathError
@@ -24,10 +26,10 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     checkpoints = [Path(c) for c in checkpoints]
     steps = {}
     for ckpt in checkpoints:  # every refusal before the process group starts
-        if not checkpoint_layout.is_complete(ckpt):
+        if not is_complete(ckpt):
             raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
                               f"directory written by `lrpath train` or `lrpath merge`")
-        steps[ckpt] = checkpoint.check_model(
+        steps[ckpt] = check_model(
             ckpt, to_dict(cfg.model), "evaluate",
             "pass the config (or plan) the checkpoint was trained with, or a checkpoint of this model").get("step")
     batches = num_batches or cfg.logging.eval_batches
@@ -42,7 +44,7 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
         results = {}
         quiet = len(checkpoints) < 2 or distributed.read_env().rank != 0
         for ckpt in tqdm(checkpoints, desc="evaluating", unit="checkpoint", disable=quiet):
-            checkpoint.load_model(ckpt, model)
+            load_model(ckpt, model)
             losses = forward.validation_losses(model, valid, batches, cfg.model.seq_length,
                                                cfg.parallel.micro_batch_size)
             results[str(ckpt)] = {"step": steps[ckpt], **losses}

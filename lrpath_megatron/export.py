@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lrpath_megatron.checkpoint_layout import MANIFEST, read_manifest
+from lrpath_megatron.checkpoint.layout import MANIFEST, read_manifest
 from lrpath_megatron.config import ConfigError, TrainConfig, from_dict, to_dict
 from lrpath_megatron.errors import LrpathError
 
@@ -106,7 +106,8 @@ def export_checkpoint(ckpt: Path, out: Path) -> ExportResult:
 
 
 def _load_single_rank(ckpt: Path, cfg: TrainConfig, bar):
-    from lrpath_megatron import checkpoint, distributed
+    from lrpath_megatron import distributed
+    from lrpath_megatron.checkpoint.tensors import load_model
     from lrpath_megatron.model import build_model
 
     previous = os.environ.get("LRPATH_DEVICE")
@@ -116,7 +117,7 @@ def _load_single_rank(ckpt: Path, cfg: TrainConfig, bar):
         model = build_model(cfg.model, cfg.parallel, cfg.precision)
         bar.update()
         try:
-            checkpoint.load_model(ckpt, model)
+            load_model(ckpt, model)
         except Exception as exc:  # megatron-core / DCP raise many types for a damaged or foreign checkpoint
             raise LrpathError(
                 f"cannot load the model weights of {ckpt} into the model its manifest describes: "

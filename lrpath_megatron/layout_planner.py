@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrpath_megatron.config import ModelConfig
-from lrpath_megatron.memory_model import GIB, Layout, Memory, peak_memory
+from lrpath_megatron.config import ConfigError, ModelConfig
+from lrpath_megatron.memory_model import GIB, Layout, Memory, chunk_parameters, peak_memory
+from lrpath_megatron.units import human
 
 # Compute per step relative to none: full recompute re-runs every forward (4/3 of forward + backward);
 # selective recomputes core attention, a few percent (Korthikanti et al. 2022 measured 2-4%).
@@ -123,4 +124,29 @@ def layout_of(train, gpus: int) -> Layout:
                   distributed_optimizer=True if dist is None else dist,  # on GPU the default is on
                   recompute=train.performance.recompute, sequence_parallel=p.sequence_parallel,
                   dtype=train.precision.dtype, transformer_engine=True)
+
+
+def layout_report(train, profile, profile_file: str, top: int) -> str:
+    """The layouts of ``train``'s model that fit the cluster ``profile`` (launch.profile.ClusterProfile),
+    best first, as ``lrpath plan --layout`` prints them."""
+    if profile.gpu_memory_gib is None:
+        raise ConfigError(f"{profile_file}: gpu_memory_gib is not set; give the memory of one GPU (e.g. 80 for an "
+                          f"H100 80GB), in the profile or with --cluster-set gpu_memory_gib=80")
+    nodes, _ = profile.resources("main")
+    gpus, model = nodes * profile.gpus_per_node, train.model
+    fitting, sized = plan_layouts(model, gpus, profile.gpus_per_node, train.parallel.global_batch_size,
+                                  train.precision.dtype, profile.gpu_memory_gib, profile.memory_headroom)
+    head = (f"{model.num_layers} layers, hidden {model.hidden_size}, {human(model_parameters(model))} parameters, "
+            f"seq {model.seq_length}, global batch {train.parallel.global_batch_size}, {train.precision.dtype}; "
+            f"{nodes} nodes x {profile.gpus_per_node} GPUs of {profile.gpu_memory_gib:g} GiB "
+            f"({profile.memory_headroom:.0%} kept free)")
+    if not fitting:
+        return (f"{head}\nnone of {sized} layouts fits, even with full recompute: add nodes, lower "
+                f"micro-batch or sequence length, or use GPUs with more memory")
+    return (f"{head}\n{len(fitting)} of {sized} layouts fit; GiB per GPU on the most loaded pipeline stage, best "
+            f"(*) = least bubble and recompute, then fewest model-parallel ranks\n\n{format_table(fitting, top)}")
+
+
+def model_parameters(model) -> int:
+    return sum(p.numel for p in chunk_parameters(model, Layout(), 0))
 

@@ -47,8 +47,9 @@ def null_tokenizer_library() -> str:
 def async_save_kwargs() -> dict:
     """Arguments for ``dist_checkpointing.save(..., async_sharded_save=True)``. From 0.17 on megatron-core
     defaults to nvidia-resiliency-ext's writer ("nvrx"); lrpath hands the write request to its own writer
-    process and reads megatron-core's write-bucket layout from it (:mod:`lrpath_megatron.checkpoint`), so it
-    asks for megatron-core's own asynchronous writer, the one that layout was audited for."""
+    process and reads megatron-core's write-bucket layout from it
+    (:mod:`lrpath_megatron.checkpoint.write_requests`), so it asks for megatron-core's own asynchronous
+    writer, the one that layout was audited for."""
     from megatron.core import dist_checkpointing
 
     return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}

@@ -1,7 +1,8 @@
 """LR-triggered data blends: which corpora a step samples from, as a function of that step's LR.
 
 A policy is a list of stages (``config.MixStage``): the first is active from the start, each later one
-has a threshold ``lr_below`` (a number, or relative to the path's peak such as ``"eta_max/5"``). The
+has a threshold ``lr_below`` (a number, or relative to the path's peak such as ``"eta_max/5"``). A stage is
+labelled in logs and metrics by its ``name``, or else by what triggers it (:func:`trigger_label`). The
 active stage at a step is the last whose threshold the LR has come down to (``lr <= threshold``, counted
 from the path's peak so that a warmup does not trigger it; a multi-step drop may land exactly on the
 threshold). With ``ramp_steps`` > 1 the weights move linearly over that many steps, starting at the
@@ -78,7 +79,8 @@ def resolve_stages(mix: MixConfig, corpora: list[str], eta_max: float, where: st
         raise ConfigError(f"{where}.stages is empty; give at least one stage (or leave {where} out)")
     if mix.ramp_steps < 0:
         raise ConfigError(f"{where}.ramp_steps={mix.ramp_steps} must be >= 0")
-    stages: list[Stage] = []
+    thresholds: list[Optional[float]] = []
+    weights: list[dict] = []
     for i, stage in enumerate(mix.stages):
         here = f"{where}.stages[{i}]"
         if i == 0 and stage.lr_below is not None:
@@ -86,13 +88,30 @@ def resolve_stages(mix: MixConfig, corpora: list[str], eta_max: float, where: st
         if i > 0 and stage.lr_below is None:
             raise ConfigError(f"{here}.lr_below is missing: every stage after the first needs an LR threshold")
         threshold = None if i == 0 else parse_threshold(stage.lr_below, eta_max, f"{here}.lr_below")
-        if i > 1 and threshold >= stages[-1].threshold:
+        if i > 1 and threshold >= thresholds[-1]:
             raise ConfigError(
                 f"{here}.lr_below={stage.lr_below!r} ({threshold:.6g}) must be below the previous stage's "
-                f"threshold ({stages[-1].threshold:.6g}): the LR decays, so thresholds must decrease"
+                f"threshold ({thresholds[-1]:.6g}): the LR decays, so thresholds must decrease"
             )
-        stages.append(Stage(f"stage{i}", threshold, normalize_weights(stage.weights, corpora, f"{here}.weights")))
-    return stages
+        thresholds.append(threshold)
+        weights.append(normalize_weights(stage.weights, corpora, f"{here}.weights"))
+        if stage.name is not None and not stage.name.strip():
+            raise ConfigError(f"{here}.name is empty; give the stage a name, or leave name out to label it by "
+                              f"what triggers it")
+    labels = [stage.name or trigger_label(i, thresholds) for i, stage in enumerate(mix.stages)]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise ConfigError(f"{where}.stages[{labels.index(label)}] and {where}.stages[{i}] are both labelled "
+                              f"{label!r}; give them distinct names")
+    return [Stage(label, threshold, w) for label, threshold, w in zip(labels, thresholds, weights)]
+
+
+def trigger_label(index: int, thresholds: list[Optional[float]]) -> str:
+    """The label of an unnamed stage: the LR that makes it active (the first stage: the LR above the next
+    stage's threshold, counted from the peak; a stage alone is active on all steps)."""
+    if index > 0:
+        return f"lr<={thresholds[index]:g}"
+    return f"lr>{thresholds[1]:g}" if len(thresholds) > 1 else "all"
 
 
 class MixSchedule:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from typing import Callable
 
@@ -38,6 +39,8 @@ STATE_VERSION = 2
 LEGACY_STATE_VERSION = 1
 # How far the sum of a step's weights may be from 1 (the policy normalises; floats round).
 WEIGHT_SUM_TOLERANCE = 1e-9
+# How states written before blend stages had names call an unnamed stage: by its index.
+INDEXED_STAGE = re.compile(r"stage\d+")
 
 
 def stable_corpus_hash(name: str) -> int:
@@ -228,7 +231,7 @@ class MixingSampler:
         self.step = int(state["step"])
         self.cursors = {c: int(state["cursors"].get(c, 0)) for c in self.corpora}
         self.epochs = {c: int(state["epochs"].get(c, 0)) for c in self.corpora}
-        self.stage = state["stage"]
+        self.stage = self._saved_stage(state["stage"])
         if version == LEGACY_STATE_VERSION:
             self._load_legacy_blend(state, source)
         else:
@@ -239,6 +242,17 @@ class MixingSampler:
             self.counts = {c: int(state["counts"].get(c, 0)) for c in self.corpora}
         self._perms.clear()
         self._reset_stats()
+
+    def _saved_stage(self, saved: str | None) -> str | None:
+        """The label the policy gives the stage a state records. A path's own state records the stage of the
+        step before its step, which an :data:`INDEXED_STAGE` label names by index: that step's label now. A
+        branch's first state is its parent's, from before the branch's steps: kept as saved."""
+        if saved is None or self.step == 0 or not INDEXED_STAGE.fullmatch(saved):
+            return saved
+        try:
+            return self.weights_at_step(self.step - 1)[0]
+        except ValueError:
+            return saved
 
     def _load_legacy_blend(self, state: dict, source: str) -> None:
         """A version-1 state counted samples per stage (restarting at every label change) against the

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lrpath_megatron import schedules
 from lrpath_megatron.plan import Plan
+from lrpath_megatron.plan.costs import span
 
 _POINTS_PER_PATH = 1500
 
@@ -92,7 +93,8 @@ def draw_plan(plan: Plan, out: str | Path) -> Path:
 
     costs = plan.costs()
     ax.set_title(f"{Path(plan.source).name or 'plan'}: {len(plan.versions)} versions, "
-                 f"cost {costs['cost_ratio_vs_ptfs']:.2f} x PTFS, {costs['cost_ratio_vs_cpt']:.2f} x CPT",
+                 f"cost {span(costs['cost_ratio_vs_ptfs'], '{:.2f}'.format)} x PTFS, "
+                 f"{span(costs['cost_ratio_vs_cpt'], '{:.2f}'.format)} x CPT",
                  fontsize=11)
     ax.set_xlabel(f"tokens{f' ({unit})' if unit else ''}  [{tps:,} tokens per step]")
     ax.set_ylabel("learning rate")

@@ -1,10 +1,9 @@
-"""Forecasts of a plan's releases before they train, from the validation losses of what trained so far.
+"""Forecasts of a plan's releases before they train, from the validation losses of what trained so far
+(:mod:`lrpath_megatron.observations`), and the choice of a decay_steps: auto release made from them.
 
-Observations: every validation loss in the metrics of the main path and of the branches (``val_loss_per_corpus``
-records; the record of step ``s`` is after ``s + 1`` updates), plus ``lrpath eval --json`` results of their
-checkpoints. Each observation is placed in the version whose data it follows: a main-path point in the
-segment (start, end] of version ``v`` and any point of ``v``'s branch belong to ``v``, with areas counted
-from the segment's start (the data switch; see :class:`forecast.Curve`).
+Each observation is placed in the version whose data it follows: a main-path point in the segment
+(start, end] of version ``v`` and any point of ``v``'s branch belong to ``v``, with areas counted from the
+segment's start (the data switch; see :class:`forecast.Curve`).
 
 Targets: per version its evaluation blend (the mean loss over the corpora of D_1..D_v: what the version
 must know), and every corpus alone. A release is forecast from the main path's LR up to its fork and its
@@ -13,20 +12,19 @@ whose forecast is within ``tolerance`` of the longest one's is marked.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from lrpath_megatron.config import ConfigError
+from lrpath_megatron import plan_decisions
+from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, fit_law
-from lrpath_megatron.metrics import read_metrics
+from lrpath_megatron.observations import Observation, known_before, observations
 from lrpath_megatron.plan import Plan
-from lrpath_megatron.run_layout import RunLayout
+from lrpath_megatron.plan.auto_decay import AUTO_DECAY_FRACTIONS
+from lrpath_megatron.schedules import BRANCH_SHAPES
 from lrpath_megatron.status import release_status
 
 BLEND = "blend"  # the target: each version's evaluation blend
@@ -36,41 +34,28 @@ BLEND = "blend"  # the target: each version's evaluation blend
 class ForecastConfig:
     law: LawConfig = field(default_factory=LawConfig)
     tolerance: float = 0.005  # relative: a decay this close to the longest candidate's forecast is enough
-    fractions: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # candidate decays, of the version's steps
+    fractions: tuple = AUTO_DECAY_FRACTIONS  # candidate decays, of the version's steps
     shapes: tuple = ()  # candidate shapes beside each release's own
 
-
-@dataclass(frozen=True)
-class Observation:
-    path: str  # "main" or a version's branch
-    step: int  # updates done
-    per_corpus: dict
-
-
-def observations(plan: Plan, run_dir: Path, eval_files: list = ()) -> list[Observation]:
-    """Every validation loss of the plan's paths under ``run_dir``: from the metrics and from ``lrpath eval``
-    JSON files (checkpoints named by their path under the run directory, symlinks resolved)."""
-    layout = RunLayout(Path(run_dir))
-    # Merge releases are written under their version's name too.
-    names = list(dict.fromkeys([s.name for s in plan.paths()] + [v.name for v in plan.versions]))
-    found: dict = {}
-    for name in names:
-        for r in read_metrics(layout.path(name)):
-            if r.get("val_loss_per_corpus"):
-                found[(name, r["step"] + 1)] = r["val_loss_per_corpus"]
-    roots = {layout.path(n).checkpoints.resolve(): n for n in names}
-    for f in eval_files:
-        for ckpt, r in json.loads(Path(f).read_text()).items():
-            name = roots.get(Path(ckpt).resolve().parent)
-            if name is not None:
-                found[(name, r["step"])] = r["val_loss_per_corpus"]
-    return [Observation(n, s, pc) for (n, s), pc in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    def validate(self) -> "ForecastConfig":
+        if not 0 < self.tolerance < 1:
+            raise LrpathError(f"--tolerance {self.tolerance}: give a fraction in (0, 1), e.g. 0.005")
+        bad = [s for s in self.shapes if s not in BRANCH_SHAPES]
+        if bad:
+            raise LrpathError(f"--shapes {','.join(bad)}: choose from {', '.join(BRANCH_SHAPES)}")
+        return self
 
 
 def path_lrs(plan: Plan, name: str, end: int) -> np.ndarray:
     """The LR of updates 0..end-1 of path ``name``: the main path's before its fork."""
     spec, main = plan.path(name), plan.path("main")
     return np.array([main.lr(i) if i < spec.fork_step else spec.lr(i) for i in range(end)])
+
+
+def variant_lrs(plan: Plan, fork: int, end: int, lr) -> np.ndarray:
+    """The LR of updates 0..end-1 of a branch with schedule ``lr`` leaving the main path at ``fork``."""
+    main = plan.path("main")
+    return np.array([main.lr(i) if i < fork else lr(i) for i in range(end)])
 
 
 def seen_corpora(plan: Plan, index: int) -> list[str]:
@@ -109,53 +94,37 @@ def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_l
     return curves
 
 
-def variant(plan: Plan, index: int, decay_steps: int, shape: Optional[str] = None) -> Plan:
-    """``plan`` with version ``index`` released by a decay of ``decay_steps`` (and ``shape``); a changed shape
-    drops the settings of the old one. Raises ConfigError where the plan does not allow it."""
-    versions = list(plan.config.versions)
-    r = versions[index].release
-    changes = dict(decay_steps=decay_steps, decay_tokens=None, decay_fraction=None, decay_bounds=None)
-    if shape is not None and shape != (r.shape or "cosine"):
-        changes.update(shape=shape, stable_fraction=None, drop_points=None, drop_factors=None)
-    versions[index] = dataclasses.replace(versions[index], release=dataclasses.replace(r, **changes))
-    return Plan(plan.train_config, dataclasses.replace(plan.config, versions=versions), plan.source)
-
-
 def forecast_release(fit, plan: Plan, index: int) -> tuple[float, float]:
     v = plan.versions[index]
     return fit.predict(path_lrs(plan, v.name, v.branch_end), v.start_step, v.name)
+
+
+def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] = None) -> dict:
+    """Per decay length version ``index`` may take (in ``shape``): (loss, sd, branch steps); lengths the
+    plan does not allow are left out."""
+    v, out = plan.versions[index], {}
+    for n in lengths:
+        variant = plan.decay_variant(v.name, n, shape)
+        if variant is not None:
+            fork, end, lr = variant
+            out[n] = (*fit.predict(variant_lrs(plan, fork, end, lr), v.start_step, v.name), end - fork)
+    return out
 
 
 def candidates(fit, plan: Plan, index: int, config: ForecastConfig) -> list[dict]:
     """Forecasts for candidate decays of version ``index``; per shape, the shortest within tolerance is
     marked ``enough``."""
     v = plan.versions[index]
-    shapes = list(dict.fromkeys([v.release.shape, *config.shapes]))
     lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} | {v.release.decay_steps})
     rows = []
-    for shape in shapes:
-        shape_rows = []
-        for n in lengths:
-            try:
-                alt = variant(plan, index, n, shape)
-            except ConfigError:
-                continue  # e.g. a tail decay longer than the version's data
-            loss, sd = forecast_release(fit, alt, index)
-            shape_rows.append({"shape": shape, "decay_steps": n, "branch_steps": alt.versions[index].branch_end
-                               - alt.versions[index].release.step, "loss": loss, "sd": sd, "enough": False})
+    for shape in dict.fromkeys([v.release.shape, *config.shapes]):
+        shape_rows = [{"shape": shape, "decay_steps": n, "branch_steps": own, "loss": loss, "sd": sd, "enough": False}
+                      for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
         if shape_rows:
             longest = max(shape_rows, key=lambda r: r["decay_steps"])["loss"]
-            enough = next(r for r in shape_rows if r["loss"] <= longest * (1 + config.tolerance))
-            enough["enough"] = True
+            next(r for r in shape_rows if r["loss"] <= longest * (1 + config.tolerance))["enough"] = True
         rows += shape_rows
     return rows
-
-
-def known_before(plan: Plan, obs: list[Observation], step: int) -> list[Observation]:
-    """What exists when a branch forks at main-path ``step``: main-path points up to it and the branches
-    that finished by then."""
-    ends = {v.name: v.branch_end for v in plan.versions}
-    return [o for o in obs if (o.step <= step if o.path == "main" else ends[o.path] <= step)]
 
 
 def backtest(plan: Plan, obs: list[Observation], index: int, target: str = BLEND) -> tuple[float, float]:
@@ -171,35 +140,32 @@ def release_loss(plan: Plan, obs: list[Observation], index: int) -> Optional[dic
 
 
 def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = ForecastConfig()) -> dict:
-    """The decay length of version ``name`` (decay_steps: auto): among the plan's candidates the shortest whose
-    forecast is within ``config.tolerance`` of the longest's, from the observations made up to the earliest
-    candidate fork (so the choice does not depend on when the branch is launched). Without a fit: the
-    longest candidate, with the reason. Recorded in ``RUN/<name>/decay_choice.json`` once and reused."""
-    record = RunLayout(Path(run_dir)).path(name).decay_choice
-    if record.is_file():
-        return json.loads(record.read_text())
-    base = plan.with_choices(run_dir)  # earlier auto branches as they were trained
+    """The decay length of version ``name`` (decay_steps: auto): among its candidates the shortest whose
+    forecast is within ``config.tolerance`` of the longest's, from what the choice reads
+    (plan_decisions.choice_inputs); without a fit (the first version: no finished decay yet), the longest,
+    with the reason. Made once, when all its inputs exist (otherwise refused, nothing recorded), recorded
+    in ``RUN/<name>/decay_choice.json`` and reused."""
+    base = plan_decisions.with_choices(plan, run_dir)  # earlier auto branches as they were trained
+    if name not in base.decay_candidates:
+        return base.auto_decays[name].choice
+    inputs = plan_decisions.choice_inputs(base, run_dir, name)
+    plan_decisions.require_inputs(inputs, name)
     index = next(v.index for v in base.versions if v.name == name)
-    lengths = plan.decay_candidates[name]
-    variants = {n: base.with_decay(name, n) for n in lengths}
-    first_fork = min(p.versions[index].release.step for p in variants.values())
-    known = known_before(base, observations(base, run_dir), first_fork)
-    choice = {"decay_steps": lengths[-1], "observations_up_to_step": first_fork, "observations": len(known),
+    lengths = base.decay_candidates[name]
+    choice = {"version": name, "decay_steps": lengths[-1], "plan_hash": base.plan_hash(),
+              "bounds": list(base.auto_decays[name].bounds), "lengths": lengths, **inputs.record(),
               "tolerance": config.tolerance}
     try:
-        fit = fit_law(curves_for(base, known, BLEND, index), config.law)
-        predicted = {n: forecast_release(fit, variants[n], index) for n in lengths}
+        fit = fit_law(curves_for(base, inputs.observations, BLEND, index), config.law)
+        predicted = forecast_decays(fit, base, index, lengths)
         longest = predicted[lengths[-1]][0]
         pick = next(n for n in lengths if predicted[n][0] <= longest * (1 + config.tolerance))
         choice.update(decay_steps=pick, predicted_loss=predicted[pick][0], predicted_sd=predicted[pick][1],
                       fit=fit.to_dict(), candidates=[{"decay_steps": n, "loss": x, "sd": sd}
-                                                     for n, (x, sd) in predicted.items()])
+                                                     for n, (x, sd, _) in predicted.items()])
     except ForecastError as exc:
         choice["no_forecast"] = f"{exc}; the longest allowed decay is taken"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")  # every rank writes the same choice
-    tmp.write_text(json.dumps(choice, indent=1, sort_keys=True))
-    os.replace(tmp, record)
+    plan_decisions.write(run_dir, name, choice)
     return choice
 
 
@@ -208,7 +174,9 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
     """Per decay release not released yet: per target (the version's blend, each corpus) the fit, the
     forecast of the configured decay and, for the blend, the candidates; or why there is no fit. Per
     release whose decay a forecast chose (decay_steps: auto): that forecast, and its error once released."""
-    plan = plan.with_choices(run_dir)
+    if not Path(run_dir).is_dir():
+        raise LrpathError(f"no run at {run_dir}: nothing trained there to forecast from")
+    plan = plan_decisions.with_choices(plan, run_dir)
     obs = observations(plan, run_dir, eval_files)
     corpora = plan.corpus_names
     out = {"plan": plan.source, "run_dir": str(run_dir), "observations": len(obs), "tolerance": config.tolerance,
@@ -218,9 +186,9 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
         released = release_status(plan, run_dir, v.name).released
         row = {"version": v.name, "method": v.release.method, "released": released,
                "decay_steps": v.release.decay_steps, "shape": v.release.shape, "targets": {}}
-        chosen = RunLayout(Path(run_dir)).path(v.name).decay_choice
-        if chosen.is_file():
-            row["decay_choice"] = json.loads(chosen.read_text())
+        auto = plan.auto_decays.get(v.name)
+        if auto is not None and auto.choice is not None:
+            row["decay_choice"] = dict(auto.choice)
             measured = release_loss(plan, obs, v.index)
             seen = seen_corpora(plan, v.index)
             if "predicted_loss" in row["decay_choice"] and measured and all(c in measured for c in seen):

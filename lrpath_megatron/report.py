@@ -17,6 +17,8 @@ from pathlib import Path
 from lrpath_megatron.forecast import ForecastError
 from lrpath_megatron.metrics import read_metrics
 from lrpath_megatron.plan import Plan
+from lrpath_megatron.plan.costs import span
+from lrpath_megatron.plan_decisions import with_choices
 from lrpath_megatron.plan_plot import draw_plan
 from lrpath_megatron.release_forecast import (
     BLEND, ForecastConfig, backtest, forecast_plan, observations, release_loss, seen_corpora)
@@ -130,7 +132,7 @@ def _forecast_image(points: list) -> str:
 
 def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) -> Path:
     run_dir = Path(run_dir)
-    plan = plan.with_choices(run_dir)  # decay_steps: auto releases as their branches chose
+    plan = with_choices(plan, run_dir)  # decay_steps: auto releases as their branches chose
     obs = observations(plan, run_dir, eval_files)
     corpora = plan.corpus_names
     costs = plan.costs()
@@ -141,16 +143,18 @@ def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) ->
         pc = release_loss(plan, obs, v.index)
         loss_rows.append([v.name, v.release.method] + [f"{pc[c]:.4f}" if pc and c in pc else "-" for c in corpora])
     gflop = 1e9
-    cost_rows = [[r["name"], f"{r['tokens']:,}", f"{r['tokens'] * costs['flops_per_token'] / gflop:,.1f}",
-                  f"{r['cumulative_tokens']:,}", f"{r['ptfs_cumulative_tokens']:,}", f"{r['cpt_cumulative_tokens']:,}",
-                  f"{r['cumulative_ratio_vs_ptfs']:.3f}", f"{r['cumulative_ratio_vs_cpt']:.3f}"]
-                 for r in costs["versions"]]
+    count, ratio = "{:,.0f}".format, "{:.3f}".format
+    cost_rows = [[r["name"], span(r["tokens"], count),
+                  span([t * costs["flops_per_token"] / gflop for t in r["tokens"]], "{:,.1f}".format),
+                  span(r["cumulative_tokens"], count), f"{r['ptfs_cumulative_tokens']:,}",
+                  f"{r['cpt_cumulative_tokens']:,}", span(r["cumulative_ratio_vs_ptfs"], ratio),
+                  span(r["cumulative_ratio_vs_cpt"], ratio)] for r in costs["versions"]]
     f_rows, points = _forecast_rows(plan, run_dir, obs, forecasts)
     parts = [
         f"<h1>{html.escape(Path(plan.source).name or 'plan')}: run report</h1>",
         f"<p>run directory {html.escape(str(run_dir))}, plan hash {costs['plan_hash']}, "
-        f"{costs['tokens_per_step']:,} tokens per step; total {costs['total_tokens']:,} tokens = "
-        f"{costs['cost_ratio_vs_ptfs']:.3f} x PTFS, {costs['cost_ratio_vs_cpt']:.3f} x CPT.</p>",
+        f"{costs['tokens_per_step']:,} tokens per step; total {span(costs['total_tokens'], count)} tokens = "
+        f"{span(costs['cost_ratio_vs_ptfs'], ratio)} x PTFS, {span(costs['cost_ratio_vs_cpt'], ratio)} x CPT.</p>",
         "<h2>Version tree and LR paths</h2>", _img(_tree_image(plan), "version tree"),
         "<h2>Loss per path</h2>", _img(_loss_image(plan, run_dir), "loss curves"),
         "<h2>Validation loss per release and corpus</h2>",

@@ -4,7 +4,7 @@ A plan's run directory holds one directory per path (``RUN/main``, ``RUN/v2``, `
 releases under their version's name, and adapter updates under ``RUN/adapt/<method>/<version>``. A
 stand-alone run's directory is itself one path directory. Inside a path directory::
 
-    checkpoints/iter_NNNNNNN/   checkpoints (see checkpoint_layout), ``checkpoints/latest``
+    checkpoints/iter_NNNNNNN/   checkpoints (see checkpoint.layout), ``checkpoints/latest``
     fork.json                   the parent checkpoint a branch started from
     hf_import/                  the Hugging Face model an init_from names, imported once
     hf/                         a release exported as a Hugging Face model (plan.export.hf)
@@ -16,7 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lrpath_megatron.checkpoint_layout import FORK, iter_name
+FORK = "fork.json"  # in a branch's directory: the parent checkpoint it started from
+
+
+def iter_name(step: int) -> str:
+    """The directory name of the checkpoint after ``step`` steps."""
+    return f"iter_{step:07d}"
 
 
 def _entry(name: str, doc: str) -> property:

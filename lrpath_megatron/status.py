@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from lrpath_megatron.checkpoint_layout import find_resumable, is_complete, iter_name
+from lrpath_megatron.checkpoint.layout import find_resumable, is_complete
 from lrpath_megatron.metrics import read_metrics
 from lrpath_megatron.path import PathSpec
 from lrpath_megatron.plan import Plan
-from lrpath_megatron.run_layout import RunLayout
+from lrpath_megatron.plan_decisions import with_choices
+from lrpath_megatron.run_layout import RunLayout, iter_name
 
 DONE, PARTIAL, READY, WAITING, NOT_STARTED = "done", "partial", "ready", "waiting", "not started"
 
@@ -126,7 +127,7 @@ def release_status(plan: Plan, run_dir: Path, version: str) -> ReleaseStatus:
 
 def run_status(plan: Plan, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
-    trained = plan.with_choices(run_dir)  # decay_steps: auto branches at the lengths they chose
+    trained = with_choices(plan, run_dir)  # decay_steps: auto branches at the lengths they chose
     paths = [path_status(spec, RunLayout(run_dir), plan.tokens_per_step) for spec in trained.paths()]
     releases = [release_status(trained, run_dir, v.name) for v in plan.versions]
     return RunStatus(plan.source, str(run_dir), plan.plan_hash(), plan.tokens_per_step, paths, releases)

@@ -1,9 +1,10 @@
 """The training loop of one path: megatron-core GPTModel + DDP + Megatron optimizer, LR from the path.
 
-Read top-down: a :class:`~lrpath_megatron.path.PathRun` says what to train; :class:`Trainer` asks its
-:class:`~lrpath_megatron.checkpointer.Checkpointer` where to start, builds the parallel model, restores
-state, and runs steps until the path ends, a ``--stop-at-step`` is reached, or a signal asks it to save
-and leave.
+Read top-down: a :class:`~lrpath_megatron.path.PathRun` says what to train; :class:`Trainer` imports a
+Hugging Face ``init_from`` (:func:`~lrpath_megatron.hf.start.with_imported_origin`), asks its
+:class:`~lrpath_megatron.checkpoint.policy.Checkpointer` where to start, builds the parallel model,
+restores state, and runs steps until the path ends, a ``--stop-at-step`` is reached, or a signal asks it
+to save and leave.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch
 from megatron.core import parallel_state
 
 from lrpath_megatron import distributed, forward, ranks
-from lrpath_megatron.checkpointer import Checkpointer
+from lrpath_megatron.checkpoint.policy import Checkpointer
 from lrpath_megatron.config import TrainConfig
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import EXIT_REQUEUE, LrpathError
+from lrpath_megatron.hf.start import with_imported_origin
 from lrpath_megatron.metrics import MetricsLogger, peak_flops
 from lrpath_megatron.model import build_model_chunks, check_parallel_features, transformer_config
 from lrpath_megatron.parallel_training import check_levers, wrap_for_training
@@ -28,8 +30,7 @@ from lrpath_megatron.path import WEIGHTS, PathRun
 class Trainer:
     def __init__(self, cfg: TrainConfig, run: PathRun, stop_at_step: int | None = None):
         self.cfg, self.run, self.path = cfg, run, run.path
-        self.checkpointer = Checkpointer(cfg, run, stop_at_step, log=self._print)
-        self.end = self.checkpointer.end
+        self.stop_at_step = stop_at_step
         self._signal: int | None = None
 
     # ---------------------------------------------------------------------------------------- set-up
@@ -52,6 +53,10 @@ class Trainer:
                                     vocab_size=cfg.model.vocab_size)
         self.valid_data = ValidData(cfg.data, cfg.model.seq_length, p.micro_batch_size, cfg.data.seed,
                                     vocab_size=cfg.model.vocab_size)
+        # Collective: the import of a Hugging Face origin, once the data opened, before the policy chooses.
+        self.run = with_imported_origin(self.run, cfg)
+        self.checkpointer = Checkpointer(cfg, self.run, self.stop_at_step, log=self._print)
+        self.end = self.checkpointer.end
         self.start = start = self.checkpointer.choose_start()
         self._build_model_and_optimizer()
         state = self.checkpointer.load(start, self.model, self.optimizer)

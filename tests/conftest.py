@@ -119,7 +119,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def stored_tensors(ckpt: Path, part: str = "model") -> dict:
     """Every floating tensor of a checkpoint's dist checkpoint ``part`` (model or optimizer), read whole
     from the DCP files (layout-independent)."""
-    from lrpath_megatron.merge import DcpTensorReader
+    from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
 
     reader = DcpTensorReader(Path(ckpt) / part)
     return {fqn: reader.read(fqn, [0] * len(md.size), list(md.size))

@@ -224,7 +224,8 @@ def test_lpft_phases_split_any_path(tmp_path):
 @pytest.fixture(scope="module")
 def released(demo_data, tmp_path_factory):
     """A tiny plan and its v1 release (main path to v1's fork + v1's decay branch)."""
-    from lrpath_megatron.adapters.runner import load_adapt_plan
+    from lrpath_megatron.adapters.update import load_adapt_plan
+    from lrpath_megatron.plan_runs import run_for
     from lrpath_megatron.trainer import run_path
 
     root = tmp_path_factory.mktemp("adapt_run")
@@ -249,27 +250,29 @@ def released(demo_data, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MASTER_PORT", str(free_port()))
     loaded, adapt = load_adapt_plan(root / "plan.yaml")
-    run_path(loaded.train_config, loaded.run_for("main", root), stop_at_step=12)
-    run_path(loaded.train_config, loaded.run_for("v1", root))
+    run_path(loaded.train_config, run_for(loaded, "main", root), stop_at_step=12)
+    run_path(loaded.train_config, run_for(loaded, "v1", root))
     yield root, loaded, adapt
     mp.undo()
 
 
 def _update(released, version: str, method: str):
-    from lrpath_megatron.adapters.runner import resolve_update, run_update
+    from lrpath_megatron.adapt import run_update
+    from lrpath_megatron.adapters.update import resolve_update
 
     root, plan, adapt = released
     return run_update(resolve_update(plan, adapt, version, method, root), progress=False)
 
 
 def _weights(cfg, ckpt: Path) -> dict:
-    from lrpath_megatron import checkpoint, distributed
+    from lrpath_megatron import distributed
+    from lrpath_megatron.checkpoint.tensors import load_model
     from lrpath_megatron.model import build_model
 
     distributed.initialize(cfg.parallel, cfg.seed)
     try:
         model = build_model(cfg.model, cfg.parallel, cfg.precision)
-        checkpoint.load_model(ckpt, model)
+        load_model(ckpt, model)
         return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.numel()}
     finally:
         distributed.shutdown()
@@ -319,7 +322,8 @@ def _check_hf_export_of_update(plan, update, base: Path) -> None:
 
 
 def test_conpet_static_carries_one_adapter_with_replay(released):
-    from lrpath_megatron.adapters.runner import resolve_update, run_update
+    from lrpath_megatron.adapt import run_update
+    from lrpath_megatron.adapters.update import resolve_update
 
     root, plan, adapt = released
     with pytest.raises(LrpathError, match="v2's adapter .* is missing"):
@@ -384,7 +388,9 @@ def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
     import shlex
 
     from lrpath_megatron import cli
-    from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
+    from lrpath_megatron.adapt import run_update
+    from lrpath_megatron.adapters.update import load_adapt_plan, resolve_update
+    from lrpath_megatron.plan_runs import run_for
     from lrpath_megatron.trainer import run_path
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -406,7 +412,7 @@ def test_update_of_a_merge_release(demo_data, tmp_path, monkeypatch):
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     loaded, adapt = load_adapt_plan(tmp_path / "plan.yaml")
-    run_path(loaded.train_config, loaded.run_for("main", tmp_path), stop_at_step=8)
+    run_path(loaded.train_config, run_for(loaded, "main", tmp_path), stop_at_step=8)
     with pytest.raises(LrpathError, match="base release v1 is not in .* then merge it") as missing:
         resolve_update(loaded, adapt, "v2", "lora", tmp_path)
     merge_command = str(missing.value).split("then merge it (`")[1].split("`")[0]

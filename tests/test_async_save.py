@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, lrpath_command, losses, run_lrpath, side_by_side, stored_tensors, tiny_config
-from lrpath_megatron import checkpoint_layout
+from lrpath_megatron.checkpoint import layout
 from lrpath_megatron.errors import EXIT_REQUEUE
 
 STEPS = 6
@@ -36,7 +36,7 @@ def foreground(config, tmp_path_factory) -> Path:
 
 
 def _checkpoints(run_dir: Path) -> dict[int, Path]:
-    return {checkpoint_layout.read_manifest(c)["step"]: c for c in (run_dir / "checkpoints").glob("iter_*")}
+    return {layout.read_manifest(c)["step"]: c for c in (run_dir / "checkpoints").glob("iter_*")}
 
 
 def _start_ranks(args: list[str], world: int) -> list[subprocess.Popen]:
@@ -68,10 +68,10 @@ def test_background_writes_equal_foreground_ones_through_a_signal_mid_write(conf
     out, err = ranks[0].communicate(timeout=300)
     ranks[1].wait(timeout=60)
     assert [rank.returncode for rank in ranks] == [EXIT_REQUEUE] * 2, err[-3000:]
-    saved = checkpoint_layout.find_latest(tmp_path / "checkpoints")
-    stopped = checkpoint_layout.read_manifest(saved)["step"]
+    saved = layout.find_latest(tmp_path / "checkpoints")
+    stopped = layout.read_manifest(saved)["step"]
     assert stopped < STEPS and f"signal received: saved at step {stopped}" in out
-    assert checkpoint_layout.checkpoint_at(tmp_path / "checkpoints", in_flight) is not None  # waited for, committed
+    assert layout.checkpoint_at(tmp_path / "checkpoints", in_flight) is not None  # waited for, committed
     assert not any((tmp_path / "checkpoints").glob(".tmp_iter_*"))
 
     out = run_lrpath(args, nproc=2).stdout
@@ -119,8 +119,8 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_once_space_is_free
     assert f"to {ckpts} failed: no space left on the device" in error[0]
     assert "the run resumes from iter_0000002" in error[0], error[0]
     assert "Traceback" not in failed.stderr
-    assert checkpoint_layout.find_latest(ckpts).name == "iter_0000002"
-    assert checkpoint_layout.verify(ckpts / "iter_0000002") == []
+    assert layout.find_latest(ckpts).name == "iter_0000002"
+    assert layout.verify(ckpts / "iter_0000002") == []
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     # Saves by wall time too: an interval every step outlasts saves each step.
@@ -135,14 +135,14 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_once_space_is_free
 def test_staging_that_does_not_fit_in_shared_memory_is_refused_with_its_size(tmp_path, monkeypatch):
     """A background write stages its tensors in /dev/shm: one that cannot hold them (a container's 64 MiB
     default) is refused before anything is allocated, naming what it needs and the two ways out."""
-    from lrpath_megatron import checkpoint_process
+    from lrpath_megatron.checkpoint import writer_process
     from lrpath_megatron.errors import LrpathError
 
-    monkeypatch.setattr(checkpoint_process, "SHARED_MEMORY", tmp_path)
+    monkeypatch.setattr(writer_process, "SHARED_MEMORY", tmp_path)
     huge = torch.empty(1 << 50, dtype=torch.float32, device="meta")  # 4 PiB, no memory behind it
     with pytest.raises(LrpathError, match=r"shared memory .* 4294967296\.0 MiB: enlarge it .*--shm-size.* "
                                           r"checkpoint.async_save: false"):
-        checkpoint_process.WriterProcess._allocate({(0, 0, 0): huge})
+        writer_process.WriterProcess._allocate({(0, 0, 0): huge})
     small = torch.arange(6.0)
-    staged = checkpoint_process.WriterProcess._allocate({(0, 0, 0): small})[(0, 0, 0)]
+    staged = writer_process.WriterProcess._allocate({(0, 0, 0): small})[(0, 0, 0)]
     assert staged.is_shared() and staged.shape == small.shape and staged.dtype == small.dtype

@@ -264,7 +264,7 @@ def test_a_version_1_state_continues_exactly_where_the_blend_is_constant():
     (25, legacy_state(25, {"old": 184, "new": 216}, "stage1", {"old": 24, "new": 56})),  # half way through
 ])
 def test_a_version_1_state_saved_in_a_ramp_is_refused_naming_the_checkpoint(step, state):
-    with pytest.raises(LrpathError, match=rf"checkpoints/iter_{step:07d} \(step {step}\).*stage 'stage1' was "
+    with pytest.raises(LrpathError, match=rf"checkpoints/iter_{step:07d} \(step {step}\).*stage 'lr<=0\.0002' was "
                                           r"ramping \(from step 20\).*saved before step 20"):
         resumed(state, ramp_policy(), step, step + 1)
 
@@ -273,10 +273,10 @@ def test_a_switch_during_a_ramp_starts_from_the_blend_in_force():
     mix = MixConfig([MixStage(None, {"a": 1}), MixStage(0.5, {"b": 1}), MixStage(0.3, {"c": 1})], 6)
     lr = lambda step: 1.0 if step < 6 else 0.4 if step < 8 else 0.2  # noqa: E731
     policy = MixSchedule(resolve_stages(mix, ["a", "b", "c"], 1.0, "mix"), 6, lr, 0, 20)
-    assert policy.weights_at_step(7) == ("stage1", pytest.approx({"a": 2 / 3, "b": 1 / 3}))
-    # One sixth of the way from {a: 2/3, b: 1/3} to {c: 1}, not from stage1's own {b: 1}.
-    assert policy.weights_at_step(8) == ("stage2", pytest.approx({"a": 5 / 9, "b": 5 / 18, "c": 1 / 6}))
-    assert policy.weights_at_step(13) == ("stage2", {"c": 1.0})
+    assert policy.weights_at_step(7) == ("lr<=0.5", pytest.approx({"a": 2 / 3, "b": 1 / 3}))
+    # One sixth of the way from {a: 2/3, b: 1/3} to {c: 1}, not from the second stage's own {b: 1}.
+    assert policy.weights_at_step(8) == ("lr<=0.3", pytest.approx({"a": 5 / 9, "b": 5 / 18, "c": 1 / 6}))
+    assert policy.weights_at_step(13) == ("lr<=0.3", {"c": 1.0})
 
 
 def test_the_sampler_takes_normalised_blends_only():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, losses, lrpath_command, run_lrpath, tiny_config
-from lrpath_megatron import checkpoint_layout
+from lrpath_megatron.checkpoint import layout
 from lrpath_megatron.errors import EXIT_REQUEUE
 
 
@@ -78,7 +78,7 @@ def test_branch_forks_from_the_main_checkpoint_and_decays_to_eta_min(plan_file, 
     main, v1 = uninterrupted["main"], uninterrupted["v1"]
     assert sorted(main) == list(range(24))  # main ends at the last fork (v2's) in this plan
     assert sorted(v1) == list(range(12, 20))  # v1 forks at step 12 and decays for 8 steps
-    manifest = checkpoint_layout.read_manifest(checkpoint_layout.find_latest(run / "v1" / "checkpoints"))
+    manifest = layout.read_manifest(layout.find_latest(run / "v1" / "checkpoints"))
     assert manifest["parent"] == str(run / "main" / "checkpoints" / "iter_0000012")
     assert manifest["parent_path"] == "main" and manifest["fork_step"] == 12
     records = [json.loads(line) for line in (run / "v1" / "metrics.jsonl").read_text().splitlines()]
@@ -110,8 +110,8 @@ def test_sigterm_saves_at_the_current_step_and_asks_for_requeue(demo_data, tmp_p
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err[-2000:]
     done = len(losses(tmp_path / "run"))
-    latest = checkpoint_layout.find_latest(tmp_path / "run" / "checkpoints")
-    assert latest.name == checkpoint_layout.iter_name(done)
+    latest = layout.find_latest(tmp_path / "run" / "checkpoints")
+    assert latest.name == layout.iter_name(done)
     run_lrpath([*args, "--stop-at-step", str(done + 2)])
     assert sorted(losses(tmp_path / "run")) == list(range(done + 2))  # continues, no step lost or repeated
 
@@ -124,7 +124,7 @@ def test_kill9_during_saves_never_exposes_a_partial_checkpoint(demo_data, tmp_pa
     cfg = tiny_config(demo_data, tmp_path / "c.yaml", checkpoint={"save_interval": 1},
                       schedule={"train_steps": 100000, "warmup_steps": 2})
     kill_during_saves(cfg, tmp_path / "run", points=3, seed=11)
-    step = int(checkpoint_layout.find_latest(tmp_path / "run" / "checkpoints").name.split("_")[1])
+    step = int(layout.find_latest(tmp_path / "run" / "checkpoints").name.split("_")[1])
     out = run_lrpath(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--stop-at-step", str(step + 1)])
     assert f"resumed at step {step}" in out.stdout
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_lrpath
-from lrpath_megatron import checkpoint_layout
-from lrpath_megatron.checkpoint_layout import prune, remove_stale_temporaries
+from lrpath_megatron.checkpoint import layout
+from lrpath_megatron.checkpoint.layout import prune, remove_stale_temporaries
 from test_status_export import stored_tensors, tiny_plan
 
 
@@ -18,9 +18,9 @@ def _kinds(root: Path) -> dict[int, bool]:
     """step -> whether the checkpoint holds optimizer state (from the directory and from the manifest)."""
     out = {}
     for ckpt in sorted(root.glob("iter_*")):
-        manifest = checkpoint_layout.read_manifest(ckpt)
+        manifest = layout.read_manifest(ckpt)
         assert manifest["optimizer_state"] == (ckpt / "optimizer").is_dir(), ckpt
-        out[manifest["step"]] = checkpoint_layout.has_optimizer_state(ckpt)
+        out[manifest["step"]] = layout.has_optimizer_state(ckpt)
     return out
 
 
@@ -36,25 +36,25 @@ def test_merge_inputs_hold_weights_only_and_a_resume_trains_them_again_bitwise(d
     assert _kinds(ckpts) == {12: True, 20: False, 22: False, 24: True}
     ratio = _size(ckpts / "iter_0000020") / _size(ckpts / "iter_0000024")
     assert ratio < 0.4  # fp32 weights vs weights + two Adam moments
-    before = {s: stored_tensors(ckpts / checkpoint_layout.iter_name(s)) for s in (20, 22, 24)}
+    before = {s: stored_tensors(ckpts / layout.iter_name(s)) for s in (20, 22, 24)}
 
     # What a kill -9 between the saves of steps 22 and 24 leaves: the newest checkpoint is weights-only.
     shutil.rmtree(ckpts / "iter_0000024")
-    assert checkpoint_layout.find_latest(ckpts).name == "iter_0000022"
+    assert layout.find_latest(ckpts).name == "iter_0000022"
     status = run_lrpath(["status", str(plan), "--run-dir", str(run)]).stdout
     assert "continue (from iter_0000012: the newer checkpoints hold weights only)" in status
     out = run_lrpath(["train", str(plan), "--path", "main", "--run-dir", str(run)]).stdout
     assert "resumed at step 12" in out
     for step, tensors in before.items():
-        again = stored_tensors(ckpts / checkpoint_layout.iter_name(step))
+        again = stored_tensors(ckpts / layout.iter_name(step))
         assert tensors.keys() == again.keys()
         assert all(torch.equal(tensors[k], again[k]) for k in tensors), step
 
     # The merge reads the weights-only inputs; the released version is complete.
     merged = run / "v2" / "checkpoints" / "iter_0000024"
-    run_lrpath(["merge", *(str(ckpts / checkpoint_layout.iter_name(s)) for s in (20, 22, 24)), "--weights", "linear",
+    run_lrpath(["merge", *(str(ckpts / layout.iter_name(s)) for s in (20, 22, 24)), "--weights", "linear",
                 "--out", str(merged), "--no-progress"])
-    assert [i["step"] for i in checkpoint_layout.read_manifest(merged)["inputs"]] == [20, 22, 24]
+    assert [i["step"] for i in layout.read_manifest(merged)["inputs"]] == [20, 22, 24]
 
 
 def test_keep_last_deletes_only_old_resume_points_and_a_weights_only_release_is_final(demo_data, tmp_path):
@@ -76,11 +76,11 @@ def test_keep_last_deletes_only_old_resume_points_and_a_weights_only_release_is_
 
 
 def _fake(root: Path, step: int, optimizer: bool) -> None:
-    ckpt = root / checkpoint_layout.iter_name(step)
+    ckpt = root / layout.iter_name(step)
     (ckpt / "model").mkdir(parents=True)
     if optimizer:
         (ckpt / "optimizer").mkdir()
-    (ckpt / checkpoint_layout.MANIFEST).write_text(json.dumps({"step": step}))
+    (ckpt / layout.MANIFEST).write_text(json.dumps({"step": step}))
 
 
 @pytest.mark.parametrize("keep, left", [(1, {5, 15, 30, 40}), (2, {5, 15, 20, 30, 40})])

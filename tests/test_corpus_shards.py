@@ -13,7 +13,7 @@ from lrpath_megatron import cli
 from lrpath_megatron.config import CorpusConfig, DataConfig
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.data_tools.corpus_meta import write_meta
-from lrpath_megatron.data_tools.inspect_data import inspect_dataset
+from lrpath_megatron.inspect_data import inspect_dataset
 from lrpath_megatron.errors import LrpathError
 
 SEQ, GBS, MBS = 16, 8, 2

@@ -17,13 +17,14 @@ import pytest
 
 from lrpath_megatron import cli
 from lrpath_megatron.config import ConfigError
-from lrpath_megatron.data import split_string
 from lrpath_megatron.data_tools import demo, make_corpora, tokenizer
-from lrpath_megatron.data_tools.inspect_data import held_out_range, inspect_dataset
-from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
+from lrpath_megatron.data_tools.preprocess import preprocess
+from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig
 from lrpath_megatron.data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
 from lrpath_megatron.data_tools.versions import parse_version, split_versions
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.held_out import held_out_range, split_string
+from lrpath_megatron.inspect_data import inspect_dataset
 from lrpath_megatron.mcore_api import null_tokenizer_library
 from conftest import COMPAT_PYTHON, run_lrpath
 from test_data import BROKEN, broken_pair
@@ -327,7 +328,7 @@ def test_tokenizer_type_means_megatron_lms_sentencepiece_or_is_refused(small_mod
     except ModuleNotFoundError:  # 0.17 on; Megatron-LM's defaults for the arguments it reads
         from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
-    from lrpath_megatron.commands.data import SENTENCEPIECE_TYPES
+    from lrpath_megatron.data_tools.tokenizer_types import SENTENCEPIECE_TYPES
 
     texts = ["  Indented\tline\n<|sep|> and </s> <s> <pad> as text", "déjà vu 中 😀\n\n"]
     src = _write_jsonl(tmp_path / "in.jsonl", texts)

@@ -15,9 +15,11 @@ import yaml
 from lrpath_megatron import schedules
 from lrpath_megatron.cli import main as lrpath
 from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, areas, fit_law
-from lrpath_megatron.checkpointer import Checkpointer
+from lrpath_megatron.checkpoint.policy import Checkpointer
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.plan import MainPause, load_plan
+from lrpath_megatron.plan_decisions import with_choices
+from lrpath_megatron.plan_runs import run_for
 from lrpath_megatron.release_forecast import path_lrs
 from lrpath_megatron.status import run_status
 
@@ -128,6 +130,30 @@ def test_refusals_say_what_is_missing():
 CORPORA = ("docs", "code_a", "code_b")
 
 
+def write_path(plan, run: Path, name: str, steps: range, group_of) -> None:
+    """Append the law's validation losses of path ``name`` at ``steps`` to its metrics and mark its last step
+    checkpointed (what status and the choice read of a checkpoint: its manifest)."""
+    d = run / name
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in steps:
+        v = group_of(s)
+        loss = law(path_lrs(plan, name, s), v.start_step, v.name)
+        lines.append(json.dumps({"step": s - 1, "path": name, "loss": loss, "val_loss": loss,
+                                 "val_loss_per_corpus": {c: loss for c in CORPORA}}))
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    ckpt = d / "checkpoints" / f"iter_{steps[-1]:07d}"
+    (ckpt / "optimizer").mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"step": steps[-1]}))
+
+
+def main_to(plan, run: Path, step: int) -> None:
+    """The main path trained on from its last checkpoint to ``step`` (evaluated every 10 steps)."""
+    at = max(int(p.name[5:]) for p in (run / "main" / "checkpoints").glob("iter_*"))
+    write_path(plan, run, "main", range(at + 10, step + 1, 10), lambda s: plan.versions[(s - 1) // 100])
+
+
 @pytest.fixture
 def law_run(tmp_path) -> tuple[Path, Path]:
     """A 3-version plan (100 steps each, knee decays of 40 steps on the tail) with metrics written from the
@@ -136,6 +162,7 @@ def law_run(tmp_path) -> tuple[Path, Path]:
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 512},
         "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
         "data": {"corpora": [{"name": n, "prefix": str(tmp_path / n)} for n in CORPORA]},
+        "logging": {"eval_interval": 10},
         "plan": {"main": {"eta_max": ETA_MAX, "eta_min": ETA_MIN, "warmup_steps": 5, "replay": 0.2},
                  "versions": [{"name": f"v{i + 1}", "corpora": [c], "steps": 100,
                                "release": {"method": "decay", "shape": "knee", "decay_steps": 40}}
@@ -144,25 +171,10 @@ def law_run(tmp_path) -> tuple[Path, Path]:
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(plan))
     p, run = load_plan(plan_path), tmp_path / "run"
-
-    def write(name: str, steps: range, group_of) -> None:
-        d = run / name
-        d.mkdir(parents=True)
-        lines = []
-        for s in steps:
-            v = group_of(s)
-            loss = law(path_lrs(p, name, s), v.start_step, v.name)
-            lines.append(json.dumps({"step": s - 1, "path": name, "loss": loss, "val_loss": loss,
-                                     "val_loss_per_corpus": {c: loss for c in CORPORA}}))
-        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        ckpt = d / "checkpoints" / f"iter_{steps[-1]:07d}"  # what status reads of a checkpoint (no weights)
-        (ckpt / "optimizer").mkdir(parents=True)
-        (ckpt / "manifest.json").write_text(json.dumps({"step": steps[-1]}))
-
-    write("main", range(10, 241, 10), lambda s: p.versions[(s - 1) // 100])
+    write_path(p, run, "main", range(10, 241, 10), lambda s: p.versions[(s - 1) // 100])
     for v in p.versions[:2]:
         fork = p.path(v.name).fork_step
-        write(v.name, range(fork + 5, v.branch_end + 1, 5), lambda s, v=v: v)
+        write_path(p, run, v.name, range(fork + 5, v.branch_end + 1, 5), lambda s, v=v: v)
     return plan_path, run
 
 
@@ -225,10 +237,14 @@ def test_auto_decay_takes_the_forecasts_choice_and_records_it(law_run):
     # The main path saves at every candidate's (effective) fork: half a knee decay after its nominal fork.
     assert {300 - n // 2 for n in plan.decay_candidates["v3"]} <= plan.path("main").save_steps
     assert fixed.plan_hash() != plan.plan_hash()
+    main_to(plan, run, 250)  # the earliest candidate fork, where the main path stops for the choice
 
-    run_ = plan.run_for("v3", run)
+    run_ = run_for(plan, "v3", run)
     choice = json.loads((run / "v3" / "decay_choice.json").read_text())
     assert run_.lineage["decay_choice"] == choice and run_.lineage["plan_hash"] == plan.plan_hash()
+    assert (choice["plan_hash"], choice["bounds"], choice["lengths"]) == (plan.plan_hash(), [10, 100],
+                                                                         plan.decay_candidates["v3"])
+    assert choice["observations_up_to_step"] == 250 and choice["reads_branches"] == ["v1", "v2"]
     n = choice["decay_steps"]
     assert run_.path.fork_step == 300 - n // 2 and run_.path.end_step == 300
     # The shortest candidate whose forecast is within 0.5% of the longest's; by the true law (the metrics are
@@ -239,10 +255,10 @@ def test_auto_decay_takes_the_forecasts_choice_and_records_it(law_run):
     assert all(predicted[c] == pytest.approx(truth[c], rel=0.001) for c in truth)
     assert truth[n] <= truth[100] * 1.006
     # Deterministic and kept: a resume reuses the record; the same metrics choose the same again.
-    assert plan.run_for("v3", run).lineage["decay_choice"] == choice
+    assert run_for(plan, "v3", run).lineage["decay_choice"] == choice
     (run / "v3" / "decay_choice.json").unlink()
-    assert plan.run_for("v3", run).lineage["decay_choice"] == choice
-    assert plan.with_choices(run).versions[2].release.decay_steps == n
+    assert run_for(plan, "v3", run).lineage["decay_choice"] == choice
+    assert with_choices(plan, run).versions[2].release.decay_steps == n
     # `lrpath status` shows the branch where it forked as chosen
     assert next(p for p in run_status(plan, run).paths if p.name == "v3").fork_step == 300 - n // 2
 
@@ -253,39 +269,40 @@ def test_the_main_path_waits_for_the_choice_that_ends_it(law_run):
     plan_path, run = law_run
     plan = load_plan(auto_plan(plan_path))
     assert plan.main_pause == MainPause("v3", 250, ("v1", "v2"), 180)
-    before = plan.run_for("main", run)  # the main path is at step 240
+    before = run_for(plan, "main", run)  # the main path is at step 240
     assert before.pause[0] == 250 and before.path.end_step == 295
     assert Checkpointer(plan.train_config, before).end == 250
     assert "stops at step 250 until version v3 chooses" in before.pause[1]
     assert not (run / "v3" / "decay_choice.json").exists()
-    at_pause = run / "main" / "checkpoints" / "iter_0000250"
-    at_pause.mkdir()
-    (at_pause / "manifest.json").write_text(json.dumps({"step": 250}))
+    main_to(plan, run, 250)
     (run / "v2" / "checkpoints").rename(run / "v2" / "aside")
-    with pytest.raises(LrpathError, match="v2 have not finished"):
-        plan.run_for("main", run)
+    with pytest.raises(LrpathError, match="not there yet: branch v2 to its end at step 200"):
+        run_for(plan, "main", run)
+    assert not (run / "v3" / "decay_choice.json").exists()
     (run / "v2" / "aside").rename(run / "v2" / "checkpoints")
-    after = plan.run_for("main", run)
+    after = run_for(plan, "main", run)
     choice = json.loads((run / "v3" / "decay_choice.json").read_text())
     assert after.pause is None and after.lineage["plan_hash"] == plan.plan_hash()
     assert after.path.end_step == 300 - choice["decay_steps"] // 2
     assert Checkpointer(plan.train_config, after).end == after.path.end_step
     # The branch takes that choice and forks where the main path ends.
-    branch = plan.run_for("v3", run)
+    branch = run_for(plan, "v3", run)
     assert branch.lineage["decay_choice"] == choice and branch.path.fork_step == after.path.end_step
     # A longer decay forks earlier (a knee ending at 300): the main path ends there, the plan costs it so.
     (run / "v3" / "decay_choice.json").write_text(json.dumps({**choice, "decay_steps": 60}))
-    assert plan.run_for("main", run).path.end_step == 270 == plan.run_for("v3", run).path.fork_step
-    assert plan.with_choices(run).costs()["main"]["steps"] == 270 and plan.costs()["main"]["steps"] == 295
+    assert run_for(plan, "main", run).path.end_step == 270 == run_for(plan, "v3", run).path.fork_step
+    assert with_choices(plan, run).costs()["main"]["steps"] == 270 and plan.costs()["main"]["steps"] == 295
 
 
-def test_auto_decay_without_data_takes_the_longest_and_says_why(law_run):
+def test_the_first_version_has_no_forecast_and_takes_the_longest(law_run):
     plan_path, run = law_run
-    plan = load_plan(auto_plan(plan_path, decay_bounds=[20, 60]))
-    assert plan.decay_candidates["v3"] == [20, 30, 40, 50, 60]
-    for name in ("v1", "v2"):  # no finished decay: C is not identifiable
-        shutil.rmtree(run / name)
-    choice = plan.run_for("v3", run).lineage["decay_choice"]
+    data = yaml.safe_load(plan_path.read_text())
+    data["plan"]["versions"][0]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto",
+                                              "decay_bounds": [20, 60]}
+    (plan_path.parent / "v1auto.yaml").write_text(yaml.safe_dump(data))
+    plan = load_plan(plan_path.parent / "v1auto.yaml")
+    assert plan.decay_candidates["v1"] == [20, 30, 40, 50, 60]
+    choice = run_for(plan, "v1", run).lineage["decay_choice"]  # no decay has finished before v1's: C is unknown
     assert choice["decay_steps"] == 60 and "annealing term C" in choice["no_forecast"]
 
 
@@ -293,6 +310,10 @@ def test_auto_decay_without_data_takes_the_longest_and_says_why(law_run):
     ({"decay_steps": 40, "decay_bounds": [10, 20]}, "decay_bounds applies to decay_steps: auto only"),
     ({"decay_steps": "auto", "decay_bounds": [1, 20]}, "must be \\[min, max\\] steps"),
     ({"decay_steps": "long"}, "must be a number of steps or auto"),
+    # a cosine decay of 100 steps on the tail forks at the version's start, before the main path evaluated it
+    ({"shape": "cosine", "decay_bounds": [10, 100]},
+     "a decay of 100 steps forks at step 200, before the main path has evaluated the version 2 times \\(at step "
+     "220 with logging.eval_interval=10\\).*the longest that fits is 80"),
 ])
 def test_auto_decay_refusals(law_run, release, message):
     from lrpath_megatron.config import ConfigError
@@ -300,6 +321,89 @@ def test_auto_decay_refusals(law_run, release, message):
     plan_path, _ = law_run
     with pytest.raises(ConfigError, match=message):
         load_plan(auto_plan(plan_path, **release))
+
+
+def test_auto_decay_on_the_demo_plan_leaves_out_what_no_forecast_can_choose(tmp_path, capsys):
+    """Every demo release as {decay_steps: auto, data: tail}: the longest decay of v1 would fork at step 0,
+    inside the warmup, and a version's longest ones before the main path evaluated it twice."""
+    data = yaml.safe_load((Path(__file__).parent.parent / "examples" / "demo_plan.yaml").read_text())
+    for v in data["plan"]["versions"]:
+        v["release"] = {"method": "decay", "decay_steps": "auto", "data": "tail"}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(data))
+    args = ["plan", str(tmp_path / "auto.yaml")]
+    assert lrpath([*args, "--set", "logging.eval_interval=10"]) == 0
+    out = capsys.readouterr().out
+    assert "v1: decay auto leaves out 80 steps: it forks at step 0, inside the main path's warmup" in out
+    assert "v2: decay auto leaves out 80 steps: it forks at step 80, before the main path has evaluated" in out
+    assert "v1       decay:cosine  auto 32..72" in out
+    assert lrpath([*args, "--set", "logging.eval_interval=40"]) == 2  # one clear line, no traceback
+    assert "has no length to choose from" in capsys.readouterr().err
+
+
+def test_a_tail_cosine_choice_sees_its_version(law_run):
+    """With the default bounds the longest tail decay forked at the version's start, so the choice saw nothing
+    of the version and always took the longest; now every candidate forks after two evaluations of it."""
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path, shape="cosine"))
+    auto = plan.auto_decays["v3"]
+    assert auto.candidates == (10, 20, 30, 40, 50, 60, 80) and auto.fork_span == (220, 290)
+    assert [d["decay_steps"] for d in auto.dropped] == [100]
+    choice = run_for(plan, "v3", run).lineage["decay_choice"]
+    assert "no_forecast" not in choice and choice["decay_steps"] < 80
+    assert choice["observations_up_to_step"] == 220 and choice["reads_branches"] == ["v1", "v2"]
+
+
+def test_a_choice_waits_for_its_inputs_and_is_the_same_in_any_launch_order(law_run, tmp_path):
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path))
+    main_to(plan, run, 250)
+    # Nothing trained yet: refused, nothing recorded (a record made now would read nothing).
+    with pytest.raises(LrpathError, match="not there yet: the main path to step 250 \\(it is at no checkpoint\\)"):
+        run_for(plan, "v3", tmp_path / "empty")
+    assert not (tmp_path / "empty" / "v3" / "decay_choice.json").exists()
+    # Order 1: v3 before v1 has finished -> refused; after v1 -> the choice.
+    first = tmp_path / "order1"
+    shutil.copytree(run, first)
+    shutil.rmtree(first / "v1")
+    with pytest.raises(LrpathError, match="not there yet: branch v1 to its end at step 100"):
+        run_for(plan, "v3", first)
+    assert not (first / "v3" / "decay_choice.json").exists()
+    shutil.copytree(run / "v1", first / "v1")
+    one = run_for(plan, "v3", first).lineage["decay_choice"]
+    # Order 2: everything it reads first.
+    two = run_for(plan, "v3", run).lineage["decay_choice"]
+    assert one == two
+    # The job graphs start v3's branch only after the branches its choice reads.
+    from lrpath_megatron.launch.jobs import build_jobs
+
+    jobs = {j.key: j for j in build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays,
+                                         plan.main_pause)}
+    assert {"v1", "v2"} <= set(jobs["v3"].waits_for)
+
+
+def test_a_recorded_choice_that_does_not_match_is_refused(law_run):
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path))
+    main_to(plan, run, 250)
+    record = run / "v3" / "decay_choice.json"
+    choice = run_for(plan, "v3", run).lineage["decay_choice"]
+    for change, message in (({"decay_steps": 5}, "decay_steps 5 is not one of the release's candidates"),
+                            ({"decay_steps": 37}, "decay_steps 37 is not one of the release's candidates"),
+                            ({"plan_hash": "0123456789abcdef"}, "plan_hash 0123456789abcdef \\(the plan's: "),
+                            ({"lengths": [10, 100]}, "lengths \\[10, 100\\]")):
+        record.write_text(json.dumps({**choice, **change}))
+        with pytest.raises(LrpathError, match=message):
+            run_for(plan, "v3", run)
+        with pytest.raises(LrpathError, match=message):
+            with_choices(plan, run)
+    # The observations it read changed (a main-path loss before the fork): refused, naming the digests.
+    record.write_text(json.dumps(choice))
+    metrics = run / "main" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[3] = lines[3].replace('"val_loss_per_corpus": {"docs": ', '"val_loss_per_corpus": {"docs": 1')
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LrpathError, match="the observations it read .* are not the run's now"):
+        run_for(plan, "v3", run)
 
 
 def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, tmp_path):
@@ -315,6 +419,7 @@ def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, 
     versions = data["plan"]["versions"]
     versions[0]["release"] = versions[1]["release"]  # the merge of steps 8, 10, 12
     versions[1]["release"] = {"method": "decay", "shape": "cosine", "decay_steps": "auto", "decay_bounds": [2, 6]}
+    data["logging"]["eval_interval"] = 2  # the choice at step 18 reads v2's evaluations at 14, 16 and 18
     path.write_text(yaml.safe_dump(data))
     plan, run = load_plan(path), tmp_path / "run"
     assert plan.main_pause == MainPause("v2", 18, (), 12) and plan.main_end == 22
@@ -327,7 +432,7 @@ def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, 
         return sorted(json.loads((c / "manifest.json").read_text())["step"] for c in checkpoints.glob("iter_*"))
 
     assert saved() == [8, 10, 12, 18] and not (run / "v2" / "decay_choice.json").exists()
-    again = plan.run_for("main", run)  # what the second run trains
+    again = run_for(plan, "main", run)  # what the second run trains
     choice = json.loads((run / "v2" / "decay_choice.json").read_text())
     assert choice["observations_up_to_step"] == 18 and again.pause is None
-    assert again.path.end_step == 24 - choice["decay_steps"] == plan.run_for("v2", run).path.fork_step
+    assert again.path.end_step == 24 - choice["decay_steps"] == run_for(plan, "v2", run).path.fork_step

@@ -127,8 +127,9 @@ def _logits(model, tokens: torch.Tensor):
 def lrpath_logits(cfg, ckpt: Path, tokens: torch.Tensor, adapter: Path | None = None) -> torch.Tensor:
     """Logits of checkpoint ``ckpt`` (with LoRA ``adapter`` loaded on it) in this process, one rank, as
     lrpath evaluates it: the model built from ``cfg`` in its precision."""
-    from lrpath_megatron import checkpoint, distributed
+    from lrpath_megatron import distributed
     from lrpath_megatron.adapters.lora import load_adapter
+    from lrpath_megatron.checkpoint.tensors import load_model
     from lrpath_megatron.model import build_model, transformer_config, with_precision
 
     cfg = replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
@@ -137,7 +138,7 @@ def lrpath_logits(cfg, ckpt: Path, tokens: torch.Tensor, adapter: Path | None = 
     try:
         tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
         model = with_precision(build_model(cfg.model, cfg.parallel, cfg.precision, tcfg), tcfg)
-        checkpoint.load_model(ckpt, model)
+        load_model(ckpt, model)
         if adapter is not None:
             load_adapter(model, adapter, seed=cfg.seed)
         return _logits(model, tokens)[..., :cfg.model.vocab_size].float()
@@ -151,7 +152,8 @@ def _megatron_worker(rank: int, world: int, port: int, jobs: list, result_file: 
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
-    from lrpath_megatron import checkpoint, distributed, ranks
+    from lrpath_megatron import distributed, ranks
+    from lrpath_megatron.checkpoint import tensors
     from lrpath_megatron.export import read_checkpoint
     from lrpath_megatron.model import build_model
 
@@ -162,12 +164,12 @@ def _megatron_worker(rank: int, world: int, port: int, jobs: list, result_file: 
                                             micro_batch_size=2, global_batch_size=8))
         distributed.initialize(cfg.parallel, cfg.seed)
         model = build_model(cfg.model, cfg.parallel, cfg.precision)
-        checkpoint.load_model(Path(job["ckpt"]), model)
+        tensors.load_model(Path(job["ckpt"]), model)
         logits = _logits(model, IDS)
         results[job["name"]] = next(x for x in ranks.gather(logits) if x is not None)
         if job.get("save"):
-            checkpoint.save(Path(job["save"]), 0, model, None, {"step": 0}, {"config": to_dict(cfg)},
-                            save_optimizer=False)
+            tensors.save(Path(job["save"]), 0, model, None, {"step": 0}, {"config": to_dict(cfg)},
+                         save_optimizer=False)
         parallel_state.destroy_model_parallel()
     if rank == 0:
         torch.save(results, result_file)
@@ -248,7 +250,7 @@ def test_tp2_pp2_loads_imports_and_saves_what_exports_bitwise(hf, megatron, tmp_
         # an import is laid out as megatron-core saves: the same keys, shapes and dtypes. (Its common state
         # is a common.pt, as megatron-core 0.16 writes it and every release reads it; 0.17 on keep theirs
         # as common_state/ objects inside the checkpoint instead.)
-        from lrpath_megatron.merge import DcpTensorReader
+        from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
 
         ours, theirs = ({k: v for k, v in DcpTensorReader(c / "model").metadata.state_dict_metadata.items()
                          if not k.startswith("common_state/")} for c in (hf[source].ckpt, saved))
@@ -259,7 +261,7 @@ def test_tp2_pp2_loads_imports_and_saves_what_exports_bitwise(hf, megatron, tmp_
 
 @pytest.mark.parametrize("dtype, stored", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 def test_half_precision_weights_are_kept_exactly(tmp_path, dtype, stored):
-    from lrpath_megatron.checkpoint_layout import read_manifest
+    from lrpath_megatron.checkpoint.layout import read_manifest
 
     source = tmp_path / "source"
     _hf_model("Qwen2ForCausalLM", {}, seed=7).to(dtype).save_pretrained(source)
@@ -294,7 +296,7 @@ def test_import_records_the_model_and_the_tokenizer_goes_back_out(hf, tmp_path):
     import yaml
     from transformers import AutoTokenizer
 
-    from lrpath_megatron.checkpoint_layout import read_manifest, verify
+    from lrpath_megatron.checkpoint.layout import read_manifest, verify
     from lrpath_megatron.config import from_dict
 
     ckpt = hf["llama_tied"].ckpt
@@ -414,8 +416,8 @@ def test_export_refuses_models_no_hf_architecture_computes():
 # The new model settings leave existing checkpoints and plans as they were
 # --------------------------------------------------------------------------------------------------
 def test_checkpoints_saved_before_the_new_model_settings_still_match(tmp_path):
-    from lrpath_megatron.checkpoint import check_model
-    from lrpath_megatron.checkpoint_layout import model_differences
+    from lrpath_megatron.checkpoint.layout import model_differences
+    from lrpath_megatron.checkpoint.tensors import check_model
 
     current = to_dict(ModelConfig(num_layers=4))
     old = {k: v for k, v in current.items() if k not in LATER_MODEL_FIELDS}

@@ -480,6 +480,7 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
                                               "decay_bounds": [6, 20], "data": "tail"}
     plan["plan"]["versions"][1]["release"] = {"method": "decay", "shape": "knee", "decay_steps": "auto",
                                               "decay_bounds": [4, 20], "data": "tail", "fork_step": 36}
+    plan["logging"]["eval_interval"] = 2  # the choices read validation losses
     path, run, out = tmp_path / "auto.yaml", tmp_path / "run", tmp_path / "out"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     loaded = load_plan(path)
@@ -493,7 +494,8 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
         # v2 alone decides how far the main path trains (to its latest candidate fork, 46, at most): the main
         # path stops at v2's earliest fork until v1, which the choice reads, has finished
         Job("main", "main", 38, 46, None, "main@38", pause=pause),
-        Job("v2", "v2", 38, 56, None, "main", auto=AutoSpec((4, 20), (38, 46))),
+        # ... and so does v2's branch: whichever SLURM starts first, the choice reads the same
+        Job("v2", "v2", 38, 56, None, "main", auto=AutoSpec((4, 20), (38, 46)), reads=("v1",)),
     ]
     main = loaded.path("main")
     for job in (j for j in jobs if j.auto):  # every candidate fork is saved before the segment the branch waits for ends
@@ -508,7 +510,7 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
     assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
     printed = capsys.readouterr().out
     assert "job v2: path v2 decay auto in [4, 20] steps (forks between step 38 and 46, chosen from the run up to step 38) " \
-           "after main" in printed
+           "after main, v1" in printed
     assert "job main: path main steps 38..46 at most: version v2 chooses its decay length first, the main path " \
            "ends at its fork after main@38, v1" in printed
     submit_sh = (out / "submit.sh").read_text()

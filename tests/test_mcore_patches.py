@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from lrpath_megatron import cpu_compat, mcore_patches
-from lrpath_megatron.mcore_patches import McorePatchError, Patch
+from lrpath_megatron import cpu_compat, mcore_audit, mcore_patches
+from lrpath_megatron.mcore_audit import McorePatchError, Patch
 
 pytestmark = pytest.mark.compat  # the megatron-core compatibility lane runs it too
 
@@ -14,16 +14,16 @@ ALL = (*mcore_patches.PATCHES, cpu_compat.CPU_RNG)
 L2_NORM = "megatron.core.utils:local_multi_tensor_l2_norm"
 
 
-INSTALLED = mcore_patches.installed_version()
+INSTALLED = mcore_audit.installed_version()
 
 
 def test_every_patch_was_audited_for_the_installed_megatron_core():
-    assert INSTALLED in mcore_patches.AUDITED
+    assert INSTALLED in mcore_audit.AUDITED
     for patch in ALL:
-        assert set(patch.audited) == set(mcore_patches.AUDITED), patch.name
+        assert set(patch.audited) == set(mcore_audit.AUDITED), patch.name
         # Compared against this release's own digests, even when an earlier check in this process passed.
         internals = patch.audited[INSTALLED]
-        assert [mcore_patches._difference(path, digest) for path, digest in internals.items()] == \
+        assert [mcore_audit._difference(path, digest) for path, digest in internals.items()] == \
             [None] * len(internals), patch.name
         assert patch.differences() == []
         patch.check()

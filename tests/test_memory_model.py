@@ -135,11 +135,12 @@ def test_plan_layout_command_lists_the_fitting_layouts_best_first(tmp_path):
     assert out[0].startswith("24 layers, hidden 2048, 1.35B parameters") and "4 nodes x 8 GPUs of 80 GiB" in out[0]
     rows = out[out.index(next(line for line in out if line.startswith("-  "))) + 1:]
     assert len(rows) == 3 and rows[0].startswith("*  TP1 PP1 DP32") and not rows[1].startswith("*")
-    from lrpath_megatron.commands.plan import layout_report
+    from lrpath_megatron.launch.profile import load_profile
+    from lrpath_megatron.layout_planner import layout_report
     from lrpath_megatron.plan import load_plan
 
     with pytest.raises(ConfigError, match="gpu_memory_gib is not set; give the memory of one GPU"):
-        layout_report(load_plan(args[1]).train_config, args[4], ["gpu_memory_gib=null"], 3)
+        layout_report(load_plan(args[1]).train_config, load_profile(args[4], ["gpu_memory_gib=null"]), args[4], 3)
     with pytest.raises(ConfigError, match="logging.eval_batches=6 .* data_parallel=2 ranks, .* multiple of 4"):
         ParallelConfig(pipeline_parallel=2, virtual_pipeline=2).check_eval_batches(6, 2)
     ParallelConfig(pipeline_parallel=2, virtual_pipeline=2).check_eval_batches(4, 2)

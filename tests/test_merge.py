@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lrpath_megatron.checkpoint_layout import verify
+from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
+from lrpath_megatron.checkpoint.layout import verify
 from lrpath_megatron.cli import main as cli_main
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.merge import MCORE_SIDE_FILES, DcpTensorReader, merge_checkpoints
+from lrpath_megatron.merge import MCORE_SIDE_FILES, merge_checkpoints
 from lrpath_megatron.merge_weights import (
     coefficients_from_multipliers,
     merge_release,

@@ -216,3 +216,52 @@ def test_a_trained_run_logs_the_configured_blend_through_a_ramp_and_a_resume(dem
             expected[corpus] += 8 * w
         realised.update(records[step]["samples_per_corpus"])
         assert all(abs(realised[c] - expected[c]) <= 5 / 6 + 1e-9 for c in ("docs", "code_a", "code_b")), step
+
+
+def named_and_unnamed_stages():
+    from lrpath_megatron.config import MixConfig, MixStage
+
+    return MixConfig([MixStage(None, dict(STAGES[0][1])), MixStage("eta_max/5", dict(STAGES[1][1])),
+                      MixStage(ETA_MAX / 20, {"new": 1.0}, name="new only")])
+
+
+def test_a_stage_is_labelled_by_its_name_or_else_by_what_triggers_it():
+    from lrpath_megatron.config import ConfigError, MixConfig, MixStage
+    from lrpath_megatron.mix_policy import resolve_stages
+
+    stages = resolve_stages(named_and_unnamed_stages(), list(SIZES), ETA_MAX, "mix")
+    assert [s.label for s in stages] == ["lr>6e-05", "lr<=6e-05", "new only"]
+    alone = resolve_stages(MixConfig([MixStage(None, {"new": 1.0})]), list(SIZES), ETA_MAX, "mix")
+    assert [s.label for s in alone] == ["all"]
+    twice = MixConfig([MixStage(None, {"new": 1.0}, name="x"), MixStage(1e-4, {"code": 1.0}, name="x")])
+    with pytest.raises(ConfigError, match=r"mix.stages\[0\] and mix.stages\[1\] are both labelled 'x'"):
+        resolve_stages(twice, list(SIZES), ETA_MAX, "mix")
+    with pytest.raises(ConfigError, match=r"mix.stages\[0\].name is empty"):
+        resolve_stages(MixConfig([MixStage(None, {"new": 1.0}, name=" ")]), list(SIZES), ETA_MAX, "mix")
+
+
+def test_an_unset_stage_name_is_left_out_of_the_serialised_config():
+    """Configs, manifests and plan hashes of blends that name no stage read as they did before names."""
+    from lrpath_megatron.config import MixConfig, from_dict, to_dict
+
+    mix = named_and_unnamed_stages()
+    assert [sorted(s) for s in to_dict(mix)["stages"]] == [["lr_below", "weights"], ["lr_below", "weights"],
+                                                          ["lr_below", "name", "weights"]]
+    assert from_dict(MixConfig, to_dict(mix)) == mix
+
+
+def test_a_state_that_names_its_stage_by_index_resumes_in_that_stage():
+    """A state written before stages had names records an unnamed stage as stage<index>: it resumes in the
+    stage of that label, with no switch."""
+    from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
+
+    policy = MixSchedule(resolve_stages(named_and_unnamed_stages(), list(SIZES), ETA_MAX, "mix"), 0, cosine_lr,
+                         0, STEPS).weights_at_step
+    sampler = MixingSampler(SIZES, policy, GBS, seed=3)
+    run(sampler, 0, SWITCH + 5)
+    state = json.loads(json.dumps(sampler.state_dict())) | {"stage": "stage1"}
+    resumed = MixingSampler(SIZES, policy, GBS, seed=3)
+    resumed.load_state_dict(state)
+    assert run(resumed, SWITCH + 5, SWITCH + 10) == run(sampler, SWITCH + 5, SWITCH + 10)
+    stats = resumed.pop_stats()
+    assert stats["events"] == [] and stats["stage_samples"] == {"lr<=6e-05": 5 * GBS}

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lrpath_megatron import cli
 from lrpath_megatron.config import ConfigError, MixConfig, MixStage, ModelConfig, TrainConfig
+from lrpath_megatron.corpus_shards import check_corpora
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, resolve_stages
 from lrpath_megatron.plan import MainPause, Plan, load_plan
@@ -26,6 +27,7 @@ def tiny(**release) -> dict:
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 128},
         "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
         "data": {"corpora": [{"name": n, "prefix": f"runs/demo/data/{n}"} for n in ("docs", "code_a", "code_b")]},
+        "logging": {"eval_interval": 10},
         "plan": {
             "main": {"eta_max": 1e-3, "eta_min": 1e-4, "warmup_steps": 10, "replay": 0.2},
             "versions": [{"name": f"v{i + 1}", "corpora": [c], "steps": 100, "release": dict(rel)}
@@ -44,15 +46,15 @@ def test_paper_plans_cost_of_ptfs():
                                        ("paper_4versions_multistep.yaml", "multistep", 9600, 0.436)):
         plan = load_plan(EXAMPLES / name)
         costs = plan.costs()
-        assert costs["total_steps"] == 116000 - 3 * shared
-        assert costs["cost_ratio_vs_ptfs"] == pytest.approx(ratio, abs=1e-12)
+        assert costs["total_steps"] == [116000 - 3 * shared] * 2  # [fewest, most]: nothing to choose
+        assert costs["cost_ratio_vs_ptfs"] == pytest.approx([ratio] * 2, abs=1e-12)
         assert [v["shared_steps"] for v in costs["versions"]] == [shared] * 4
         assert costs["tokens_saved_by_effective_forks"] == 3 * shared * costs["tokens_per_step"]
         assert [p.name for p in plan.paths()] == ["main", "v1", "v2", "v3", "v4"]
         assert {p.release.shape for p in plan.paths()[1:]} == {shape}
         nominal = load_plan(EXAMPLES / name, ["plan.fork=nominal"]).costs()
-        assert nominal["cost_ratio_vs_ptfs"] == pytest.approx(0.58, abs=1e-12)
-        assert nominal["cost_ratio_vs_cpt"] == pytest.approx(1.45, abs=1e-12)
+        assert nominal["cost_ratio_vs_ptfs"] == pytest.approx([0.58] * 2, abs=1e-12)
+        assert nominal["cost_ratio_vs_cpt"] == pytest.approx([1.45] * 2, abs=1e-12)
 
 
 def test_demo_plan_is_tiny_and_uses_demo_corpora():
@@ -63,7 +65,7 @@ def test_demo_plan_is_tiny_and_uses_demo_corpora():
     assert {c.name: c.prefix.startswith("runs/demo/data/") for c in cfg.data.corpora} == \
         {"docs": True, "code_a": True, "code_b": True}
     assert plan.tokens_per_step == 1024
-    assert 200 <= plan.costs()["total_steps"] <= 600
+    assert 200 <= plan.costs()["total_steps"][0] <= 600
     assert [v.corpora for v in plan.versions] == [{"docs": 1.0}, {"code_a": 1.0}, {"code_b": 1.0}]
     # The config the paths train with records the plan's LRs.
     assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (plan.eta_max, plan.eta_min) == (3e-3, 3e-4)
@@ -116,23 +118,23 @@ def test_lr_triggered_mix_switches_and_ramps():
                       {"lr_below": 1.5e-4, "weights": {"code_b": 1}}],
            "ramp_steps": 2}
     v1 = Plan.from_dict(tiny(mix=mix)).path("v1")  # cosine 1e-3 -> 1e-4 over steps 60..99
-    assert v1.switch_steps == [(91, "stage1"), (94, "stage2")]
+    assert v1.switch_steps == [(91, "lr<=0.0002"), (94, "lr<=0.00015")]
     assert v1.lr_at_step(90) > 2e-4 >= v1.lr_at_step(91)  # eta_max/5
     assert v1.lr_at_step(93) > 1.5e-4 >= v1.lr_at_step(94)
-    assert v1.weights_at_step(60) == v1.weights_at_step(90) == ("stage0", {"docs": 0.5, "code_a": 0.5})
+    assert v1.weights_at_step(60) == v1.weights_at_step(90) == ("lr>0.0002", {"docs": 0.5, "code_a": 0.5})
     label, w = v1.weights_at_step(91)  # first of 2 ramp steps: half way
-    assert label == "stage1" and w == pytest.approx({"docs": 0.25, "code_a": 0.625, "code_b": 0.125})
-    assert v1.weights_at_step(92) == v1.weights_at_step(93) == ("stage1", {"code_a": 0.75, "code_b": 0.25})
+    assert label == "lr<=0.0002" and w == pytest.approx({"docs": 0.25, "code_a": 0.625, "code_b": 0.125})
+    assert v1.weights_at_step(92) == v1.weights_at_step(93) == ("lr<=0.0002", {"code_a": 0.75, "code_b": 0.25})
     assert v1.weights_at_step(94)[1] == pytest.approx({"code_a": 0.375, "code_b": 0.625})
-    assert v1.weights_at_step(99) == ("stage2", {"code_b": 1.0})
+    assert v1.weights_at_step(99) == ("lr<=0.00015", {"code_b": 1.0})
 
 
 def test_mix_policy_on_a_warmup_schedule_counts_from_the_peak():
     lr = lambda s: min(s, 10) / 10 if s <= 10 else 1.0 - (s - 10) / 100  # noqa: E731
     stages = resolve_stages(MixConfig([MixStage(None, {"a": 1}), MixStage(0.5, {"b": 1})]), ["a", "b"], 1.0, "mix")
     policy = MixSchedule(stages, 0, lr, peak_step=10, end_step=110)
-    assert policy.weights_at_step(3) == ("stage0", {"a": 1.0})  # low LR during warmup does not switch
-    assert policy.switch_steps == [(60, "stage1")]
+    assert policy.weights_at_step(3) == ("lr>0.5", {"a": 1.0})  # low LR during warmup does not switch
+    assert policy.switch_steps == [(60, "lr<=0.5")]
 
 
 @pytest.mark.parametrize("stages,match", [
@@ -286,7 +288,7 @@ def test_merge_release_costs_no_training_and_marks_a_save_step():
     assert 200 in plan.path("main").save_steps
     assert plan.path("main").weights_only_steps == {170, 180, 190}
     assert plan.versions[1].release.merge["save_steps"] == [170, 180, 190, 200]
-    assert plan.costs()["versions"][1]["tokens"] == 0
+    assert plan.costs()["versions"][1]["tokens"] == [0, 0]
     with pytest.raises(LrpathError, match="released by merge"):
         plan.path("v2")
 
@@ -300,11 +302,11 @@ def test_merge_release_settings_are_validated():
 
 def test_costs_cumulate_main_and_branches_against_ptfs_and_cpt():
     costs = Plan.from_dict(tiny()).costs()
-    assert costs["main"]["steps"] == 260 and costs["branch_tokens"] == 120 * TPS
+    assert costs["main"]["steps"] == 260 and costs["branch_tokens"] == [120 * TPS] * 2
     assert costs["ptfs_tokens"] == (100 + 200 + 300) * TPS and costs["cpt_tokens"] == 300 * TPS
-    assert costs["cost_ratio_vs_ptfs"] == pytest.approx(380 / 600)
-    assert [v["cumulative_tokens"] for v in costs["versions"]] == [100 * TPS, 240 * TPS, 380 * TPS]
-    assert costs["total_flops"] == costs["total_tokens"] * costs["flops_per_token"]
+    assert costs["cost_ratio_vs_ptfs"] == pytest.approx([380 / 600] * 2)
+    assert [v["cumulative_tokens"] for v in costs["versions"]] == [[100 * TPS] * 2, [240 * TPS] * 2, [380 * TPS] * 2]
+    assert costs["total_flops"] == [t * costs["flops_per_token"] for t in costs["total_tokens"]]
 
 
 def test_flops_per_token_is_megatron_formula():
@@ -327,10 +329,10 @@ def test_check_data_reports_missing_prefixes(tmp_path):
         corpus["prefix"] = str(tmp_path / corpus["name"])
     plan = Plan.from_dict(data)  # validation does not need the files
     with pytest.raises(LrpathError, match="code_a"):
-        plan.check_data()
+        check_corpora(plan.train_config, plan.used_corpora())
     for offset, name in enumerate(("docs", "code_a", "code_b")):
         write_corpus(str(tmp_path / name), num_docs=3, offset=offset)  # check_data reads the index
-    plan.check_data()
+    check_corpora(plan.train_config, plan.used_corpora())
 
 
 def test_cli_plan_json_and_plot(tmp_path, capsys):
@@ -481,12 +483,14 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     assert decided.main_pause is None and decided.main_end == 240 and max(decided.path("main").save_steps) == 240
     costs = plan.costs()
     assert costs["undecided"] == ["v1", "v2", "v3"]
-    assert costs["versions"][0]["tokens_range"] == [10 * TPS, 30 * TPS]
+    assert costs["versions"][0]["tokens"] == [10 * TPS, 30 * TPS]
     # fewest: v3's shortest decay forks at 230, where the main path then ends; most: its longest, from 250
-    assert costs["total_tokens_range"] == [(230 + 30) * TPS, (250 + 90) * TPS]
-    assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2"), "others_end": 190}
+    assert costs["total_tokens"] == [(230 + 30) * TPS, (250 + 90) * TPS]
+    assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2"), "others_end": 190,
+                                   "note": plan.main_pause.describe()}
     assert costs["versions"][2]["decay_auto"] == {"bounds": [20, 60], "candidates": [20, 30, 40, 50, 60],
-                                                  "fork_steps": [230, 250], "chosen": None, "choice": None}
+                                                  "dropped": [], "fork_steps": [230, 250], "chosen": None,
+                                                  "choice": None}
     # A fixed fork leaves 80 steps of tail data: default bounds stop there, written ones past it are refused.
     data = auto_tiny()
     del data["plan"]["versions"][2]["release"]["decay_bounds"]
@@ -511,6 +515,6 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     v3 = costs["versions"][2]
     assert costs["undecided"] == ["v1", "v2"] and costs["plan_hash"] == plan.plan_hash()
     assert v3["decay_steps"] == 40 and v3["fork_step"] == 240 and v3["decay_auto"]["chosen"] == 40
-    assert "tokens_range" in costs["versions"][0] and costs["main"]["steps"] == 240  # to v3's choice
+    assert costs["versions"][0]["tokens"] == [10 * TPS, 30 * TPS] and costs["main"]["steps"] == 240  # to v3's choice
     assert cli.main(["plan", str(path), "--run-dir", str(run)]) == 0
     assert "v3: decay auto in [20, 60] steps chose 40: forecast 3.2500 ± 0.0100" in capsys.readouterr().out

@@ -17,7 +17,8 @@ from lrpath_megatron.config import ConfigError
 from lrpath_megatron.data_tools import demo, fast_paths
 from lrpath_megatron.data_tools.corpus_meta import read_corpus_meta
 from lrpath_megatron.data_tools.encoders import Encoder, fast_available
-from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
+from lrpath_megatron.data_tools.preprocess import preprocess
+from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig
 from lrpath_megatron.data_tools.sample_check import draw_sample
 from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 from lrpath_megatron.errors import LrpathError

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import losses, run_lrpath, side_by_side, stored_tensors, tiny_config
-from lrpath_megatron import checkpoint_layout
+from lrpath_megatron.checkpoint.layout import find_latest
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_loss_falls_on_real_text(reference):
 @pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_run_bitwise(config, reference, tmp_path):
     run_lrpath(["train", str(config), "--run-dir", str(tmp_path), "--stop-at-step", "17"])
-    assert checkpoint_layout.find_latest(tmp_path / "checkpoints").name == "iter_0000017"
+    assert find_latest(tmp_path / "checkpoints").name == "iter_0000017"
     assert sorted(losses(tmp_path)) == list(range(17))
     out = run_lrpath(["train", str(config), "--run-dir", str(tmp_path)])
     assert "resumed at step 17" in out.stdout
@@ -177,13 +177,13 @@ def test_lr_triggered_switch_shows_in_the_log(demo_data, tmp_path):
     switch = next(s for s in range(4, 30) if lr(s) <= 3.0e-3 / 5)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [e for r in records for e in r["events"]]
-    assert events == [f"step {switch}: data mix switches from stage 'stage0' to 'stage1', "
+    assert events == [f"step {switch}: data mix switches from stage 'lr>0.0006' to 'lr<=0.0006', "
                       f"weights {{'code_a': 0.75, 'docs': 0.25}}"]
     assert sum(sum(r["samples_per_corpus"].values()) for r in records) == 30 * 8  # every sample counted once
     first, last = records[0], records[-1]
-    assert first["stage"] == "stage0" and first["mix_fractions"]["docs"] == pytest.approx(0.75, abs=0.05)
+    assert first["stage"] == "lr>0.0006" and first["mix_fractions"]["docs"] == pytest.approx(0.75, abs=0.05)
     assert first["mfu"] is None and "mfu" not in format_line(first)  # no known peak on CPU
-    assert last["stage"] == "stage1" and last["mix_fractions"]["code_a"] == pytest.approx(0.75, abs=0.05)
+    assert last["stage"] == "lr<=0.0006" and last["mix_fractions"]["code_a"] == pytest.approx(0.75, abs=0.05)
 
 
 DIST_OPT = ["--set", "parallel.use_distributed_optimizer=true"]
@@ -267,10 +267,11 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
     eval` at one process reads the last checkpoint and gets the validation loss the interleaved run logged."""
     import torch
 
+    from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
     from lrpath_megatron.export import read_checkpoint
     from lrpath_megatron.hf.convert import hf_shapes
     from lrpath_megatron.hf.exporter import _hf_tensors
-    from lrpath_megatron.merge import DcpTensorReader, merge_checkpoints
+    from lrpath_megatron.merge import merge_checkpoints
     from lrpath_megatron.merge_weights import merge_weights
 
     vpp = _from_initial(initial, tmp_path / "vpp")

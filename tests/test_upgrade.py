@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import COMPAT_PYTHON, REPO, losses, run_lrpath, stored_tensors
-from lrpath_megatron.checkpoint_layout import read_manifest
+from lrpath_megatron.checkpoint.layout import read_manifest
 from lrpath_megatron.mcore_api import versions
 
 OLD = "0.16.1"

@@ -82,7 +82,8 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     """Write ``out_dir/{domain}.jsonl``, the tokenizer and ``{domain}_text_document.bin/.idx``; returns
     ``{"prefixes", "tokens", "documents", "vocab_size", "source"}`` (also saved as increments.json).
     Reuses a finished build in ``out_dir``."""
-    from lrpath_megatron.data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
+    from lrpath_megatron.data_tools.preprocess import preprocess
+    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
     from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -72,10 +72,10 @@ class Method:
 def build_methods(fractions: list[float], shapes: list[str], branch_data: list[str], merge_weights: str,
                   merge_checkpoints: int, mains: list[str], steps_per_version: int,
                   decays: tuple = ("fixed",)) -> list[Method]:
-    """``decays``: ``fixed`` (one method per fraction) and/or ``auto`` (decay_steps: auto, the release forecast
-    choosing between 10% of a version and the largest fraction: the same ceiling as the longest fixed decay)."""
+    """``decays``: ``fixed`` (one method per fraction) and/or ``auto`` (decay_steps: auto at its default bounds:
+    the release forecast choosing among the plan's candidate lengths, 10%..100% of a version, less those whose
+    branch would fork inside the warmup or before the main path evaluated the version twice)."""
     methods = [Method("ptfs", "ptfs"), Method("cpt", "cpt")]
-    bounds = [max(2, round(0.1 * steps_per_version)), round(max(fractions) * steps_per_version)]
     for main in mains:
         for shape in shapes:
             for data in branch_data:
@@ -83,8 +83,7 @@ def build_methods(fractions: list[float], shapes: list[str], branch_data: list[s
                     release = {"method": "decay", "shape": shape, "decay_fraction": f, "data": data}
                     methods.append(Method(f"switch/{main}-main/{shape}-{data}-{f:g}", "switch", main, release))
                 if "auto" in decays:
-                    release = {"method": "decay", "shape": shape, "decay_steps": "auto", "decay_bounds": bounds,
-                               "data": data}
+                    release = {"method": "decay", "shape": shape, "decay_steps": "auto", "data": data}
                     methods.append(Method(f"switch/{main}-main/{shape}-{data}-auto", "switch", main, release))
         for f in fractions:
             window = max(merge_checkpoints - 1, round(f * steps_per_version))
@@ -262,7 +261,9 @@ class Benchmark:
 
     def as_trained(self, m: Method):
         """The plan of a switch method with the decay lengths its decay_steps: auto branches chose."""
-        return self.loaded[m.slug].with_choices(self.run / "switch" / m.slug)
+        from lrpath_megatron.plan_decisions import with_choices
+
+        return with_choices(self.loaded[m.slug], self.run / "switch" / m.slug)
 
     def evaluate(self) -> dict:
         """{method: {version: lrpath eval result}}; one `lrpath eval` over the checkpoints not evaluated yet
@@ -302,7 +303,7 @@ class Benchmark:
         elif m.kind == "main":
             cumulative = [v.end_step * base["tokens_per_step"] for v in self.loaded["baselines"].versions]
         else:
-            cumulative = [r["cumulative_tokens"] for r in self.as_trained(m).costs()["versions"]]
+            cumulative = [r["cumulative_tokens"][0] for r in self.as_trained(m).costs()["versions"]]
         return cumulative, base["ptfs_tokens"]
 
 
@@ -407,7 +408,7 @@ def _parameters(model) -> int:
 def _versions() -> dict:
     import torch
 
-    from lrpath_megatron.checkpoint import code_version
+    from lrpath_megatron.checkpoint.layout import code_version
     from lrpath_megatron.mcore_api import versions
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -500,8 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="release lengths as fractions of a version's steps (branch decay, merge window)")
     p.add_argument("--shapes", type=lambda s: s.split(","), default=["cosine"], help="branch decay shapes")
     p.add_argument("--decay", type=lambda s: tuple(s.split(",")), default=("fixed",),
-                   help="fixed (a decay per --fractions), auto (decay_steps: auto, the release forecast choosing up "
-                        "to the largest fraction) or fixed,auto side by side; auto needs validation losses on the "
+                   help="fixed (a decay per --fractions), auto (decay_steps: auto at its default bounds, the release "
+                        "forecast choosing the length) or fixed,auto side by side; auto needs validation losses on the "
                         "main path: logging.eval_interval is set to a tenth of a version if the plan has none")
     p.add_argument("--branch-data", type=lambda s: s.split(","),
                    help="branch data: tail, replay, lrmix (default: all on cpu, tail,replay on gpu)")

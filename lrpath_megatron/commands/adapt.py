@@ -24,7 +24,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lrpath_megatron.adapters.runner import load_adapt_plan, resolve_update, run_update
+    from lrpath_megatron.adapt import run_update
+    from lrpath_megatron.adapters.update import load_adapt_plan, resolve_update
     from lrpath_megatron.config import config_source
 
     plan, adapt = load_adapt_plan(args.plan, args.overrides)

@@ -17,16 +17,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lrpath_megatron.commands.train import resolve
+    from lrpath_megatron.load_run import load_run
 
     run_dir = Path(args.run_dir)
-    cfg, path_run = resolve(args.plan, args.version, run_dir, args.overrides)
+    cfg, path_run = load_run(args.plan, args.version, run_dir, args.overrides)
     if path_run.origin.checkpoint is None:
         from lrpath_megatron.errors import LrpathError
 
         raise LrpathError(f"{args.version!r} is the main path, not a branch; use lrpath train --path main")
-    from lrpath_megatron.checkpoint_layout import record_fork
-    from lrpath_megatron.checkpointer import Checkpointer
+    from lrpath_megatron.checkpoint.layout import record_fork
+    from lrpath_megatron.checkpoint.policy import Checkpointer
 
     Checkpointer(cfg, path_run).check_fork_step()
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 :mod:`lrpath_megatron.data_tools`.
 
 Flags shared with Megatron-LM's ``tools/preprocess_data.py`` keep their names and meaning; ``--tokenizer-type``
-is accepted for its command lines only (see :data:`TOKENIZER_TYPES`).
+is accepted for its command lines only (:mod:`lrpath_megatron.data_tools.tokenizer_types`).
 """
 from __future__ import annotations
 
@@ -16,15 +16,8 @@ from collections import Counter
 from dataclasses import asdict
 
 from lrpath_megatron.config import ConfigError
+from lrpath_megatron.data_tools.tokenizer_types import TOKENIZER_TYPES, check_tokenizer_type
 from lrpath_megatron.errors import LrpathError
-
-# Megatron-LM's tools/preprocess_data.py (core_v0.16.1, default tokenizer system) builds one and the same
-# SentencePiece tokenizer for these types: ids of the model as is, EOD = its eos id. That is what preprocess
-# does, so the flag only keeps Megatron-LM command lines working; other types are not SentencePiece models.
-SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
-# Its HuggingFaceTokenizer: a tokenizer.json (or a directory holding one), EOD = the tokenizer's eos.
-HF_TYPE = "HuggingFaceTokenizer"
-TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, HF_TYPE)
 
 
 def _tokenizer_type(value: str) -> str:
@@ -33,15 +26,6 @@ def _tokenizer_type(value: str) -> str:
             f"{value!r} is not supported: preprocess reads a SentencePiece .model or a Hugging Face tokenizer.json "
             f"(--tokenizer-model); accepted for Megatron-LM compatibility: {', '.join(TOKENIZER_TYPES)}")
     return value
-
-
-def check_tokenizer_type(tokenizer_type: str | None, model: str) -> None:
-    """The type must name the kind of file --tokenizer-model is (a Megatron-LM command line that mixes them
-    would tokenize differently there)."""
-    is_hf = os.path.isdir(model) or model.endswith(".json")
-    if tokenizer_type and (tokenizer_type == HF_TYPE) != is_hf:
-        raise ConfigError(f"--tokenizer-type {tokenizer_type} does not match --tokenizer-model {model}: use "
-                          f"{HF_TYPE} with a tokenizer.json (or its directory), a SentencePiece type with a .model")
 
 
 def _verify(value: str) -> int:
@@ -184,7 +168,8 @@ def _train_tokenizer(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from lrpath_megatron.data_tools.preprocess import PreprocessConfig, preprocess
+    from lrpath_megatron.data_tools.preprocess import preprocess
+    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig
 
     check_tokenizer_type(args.tokenizer_type, args.tokenizer_model)
     cfg = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
@@ -198,18 +183,13 @@ def _preprocess(args) -> int:
     summary = preprocess(cfg)
     print(summary.format())
     if args.summary_json:
-        data = asdict(summary) | {"problems": [str(p) for p in summary.problems],
-                                  "tokens_per_second": summary.tokens_per_second,
-                                  "verification": asdict(summary.verification)
-                                  | {"rate": summary.verification.rate,
-                                     "examples": [str(m) for m in summary.verification.examples]}}
         with open(args.summary_json, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(summary.to_json(), f, indent=2)
     return 0
 
 
 def _inspect(args) -> int:
-    from lrpath_megatron.data_tools.inspect_data import inspect_dataset
+    from lrpath_megatron.inspect_data import inspect_dataset
 
     prefix = args.prefix[0] if len(args.prefix) == 1 else args.prefix
     report = inspect_dataset(prefix, args.tokenizer_model, args.valid_fraction, args.samples, args.max_chars,

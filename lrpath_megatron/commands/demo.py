@@ -17,6 +17,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from lrpath_megatron.data_tools.demo import prepare_demo_data
     from lrpath_megatron.launch.local import plan_commands, run_local
+    from lrpath_megatron.corpus_shards import check_corpora
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.status import format_status, run_status
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     data = prepare_demo_data(run_dir / "data")
     print("demo corpora (tokens): " + ", ".join(f"{k} {v:,}" for k, v in data["tokens"].items()))
     plan = load_plan(DEMO_PLAN)
-    plan.check_data()
+    check_corpora(plan.train_config, plan.used_corpora())
     run_local(plan_commands(plan, DEMO_PLAN, [], run_dir, args.nproc_per_node))
     print(format_status(run_status(plan, run_dir)))
     from lrpath_megatron.report import write_report

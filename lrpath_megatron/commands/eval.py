@@ -39,7 +39,7 @@ def run(args) -> int:
             print(f"{ckpt[-48:]:<48} {r['val_loss']:>7.4f} "
                   + " ".join(f"{r['val_loss_per_corpus'][c]:>10.4f}" for c in corpora))
         if args.json_out:
-            from lrpath_megatron.checkpoint_layout import write_json_atomic
+            from lrpath_megatron.checkpoint.layout import write_json_atomic
 
             Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(args.json_out), results)

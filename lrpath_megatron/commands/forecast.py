@@ -27,21 +27,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lrpath_megatron.errors import LrpathError
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.release_forecast import ForecastConfig, forecast_plan, format_forecast, plot_forecast
-    from lrpath_megatron.schedules import BRANCH_SHAPES
 
-    if not 0 < args.tolerance < 1:
-        raise LrpathError(f"--tolerance {args.tolerance}: give a fraction in (0, 1), e.g. 0.005")
-    bad = [s for s in args.shapes if s not in BRANCH_SHAPES]
-    if bad:
-        raise LrpathError(f"--shapes {','.join(bad)}: choose from {', '.join(BRANCH_SHAPES)}")
-    if not Path(args.run_dir).is_dir():
-        raise LrpathError(f"no run at {args.run_dir}: nothing trained there to forecast from")
-    plan = load_plan(args.plan, args.overrides)
-    result = forecast_plan(plan, Path(args.run_dir), ForecastConfig(tolerance=args.tolerance, shapes=args.shapes),
-                           args.eval_json)
+    config = ForecastConfig(tolerance=args.tolerance, shapes=args.shapes).validate()
+    result = forecast_plan(load_plan(args.plan, args.overrides), Path(args.run_dir), config, args.eval_json)
     print(json.dumps(result, indent=1) if args.json else format_forecast(result))
     if args.plot:
         plot_forecast(result, Path(args.plot))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lrpath_megatron.checkpoint_layout import is_complete, read_manifest
+from lrpath_megatron.checkpoint.layout import is_complete, read_manifest
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.merge_weights import SPEC_HELP, merge_weights
 

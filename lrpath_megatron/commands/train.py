@@ -5,8 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lrpath_megatron.config import config_source, load_train_config, read_yaml
-from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.config import config_source
 
 
 def register(sub) -> None:
@@ -35,29 +34,11 @@ def step_number(text: str) -> int:
 
 
 def run(args) -> int:
+    from lrpath_megatron.load_run import load_run
     from lrpath_megatron.trainer import run_path
 
-    cfg, path_run = resolve(args.config, args.path, Path(args.run_dir), args.overrides)
+    cfg, path_run = load_run(args.config, args.path, Path(args.run_dir), args.overrides)
     with config_source(args.config, args.overrides):  # settings checked only at run time, e.g. the world size
         code = run_path(cfg, path_run, args.stop_at_step)
     sys.stdout.flush()
     return code
-
-
-def resolve(config_path: str, path: str | None, run_dir: Path, overrides: list[str]):
-    """(TrainConfig, PathRun) for a stand-alone config or one path of a plan."""
-    if "plan" in read_yaml(config_path):
-        from lrpath_megatron.plan import load_plan
-
-        plan = load_plan(config_path, overrides)
-        if path is None:
-            names = ", ".join(p.name for p in plan.paths())
-            raise LrpathError(f"{config_path} is a version plan: choose a path with --path ({names})")
-        return plan.train_config, plan.run_for(path, run_dir)
-    if path is not None:
-        raise LrpathError(f"--path {path}: {config_path} is not a version plan (it has no 'plan' section)")
-    from lrpath_megatron.path import standalone_run
-
-    cfg = load_train_config(config_path, overrides)
-    with config_source(config_path, overrides):
-        return cfg, standalone_run(cfg, run_dir)

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lrpath_megatron.data_tools.preprocess import PreprocessConfig, output_prefix, preprocess
+from lrpath_megatron.data_tools.preprocess import preprocess
+from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
 from lrpath_megatron.data_tools.tokenizer import Tokenizer, TokenizerSpec, train_tokenizer
 
 # data/ of the source tree: the package is installed editable (pip install -e .).

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Iterator
 
 from lrpath_megatron.data_tools import inputs as inp
-from lrpath_megatron.data_tools import preprocess as pp
 from lrpath_megatron.data_tools.corpus_meta import (check_same_tokenizer, file_checksums, meta_path,
                                                     read_corpus_meta, write_meta)
 from lrpath_megatron.data_tools.encoders import Encoder
 from lrpath_megatron.data_tools.indexed_writer import DatasetWriter
+from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
+from lrpath_megatron.data_tools.preprocess_run import (Summary, dataset_meta, prepare, remove_files, run_tasks,
+                                                       summarize, switch_if_differs)
 from lrpath_megatron.data_tools.sample_check import FirstDifference
+from lrpath_megatron.data_tools.tokenize_worker import WORKER, UnitResult, Verification, tokenize_unit
 from lrpath_megatron.errors import LrpathError
 
 
@@ -42,13 +45,13 @@ def _intact(prefix: str, meta) -> bool:
         return False
 
 
-def complete_parts(cfg: pp.PreprocessConfig, base: dict, file_index: int, path: str,
+def complete_parts(cfg: PreprocessConfig, base: dict, file_index: int, path: str,
                    check: bool = True) -> list:
     """Sidecars of the leading complete shards of input ``file_index`` (of the first key).
 
     A shard made with another tokenizer, backend, --shard-tokens or input is an error naming it: a corpus
     is never a mix. ``check=False`` trusts the sidecars (another task checked its own shards)."""
-    outputs = {k: pp.output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
+    outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
     kept = []
     while True:
         prefixes = {k: shard_prefix(o, file_index, len(kept)) for k, o in outputs.items()}
@@ -77,10 +80,10 @@ class _ShardWriter:
     """Writes the documents of one input file into consecutive shards, each committed when the next
     document arrives (or the file ends), so the last shard of a file is known when it is committed."""
 
-    def __init__(self, cfg: pp.PreprocessConfig, base: dict, file_index: int, path: str, part: int,
+    def __init__(self, cfg: PreprocessConfig, base: dict, file_index: int, path: str, part: int,
                  first_line: int):
         self.cfg, self.base, self.file_index, self.path = cfg, base, file_index, path
-        self.outputs = {k: pp.output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
+        self.outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
         self.part, self.first_line, self.written = part, first_line, 0
         self.builders, self.docs, self.tokens, self.end_line = None, 0, Counter(), first_line
 
@@ -89,7 +92,7 @@ class _ShardWriter:
         if self.builders and self.cfg.shard_tokens and self.tokens[first_key] >= self.cfg.shard_tokens:
             self.commit(last=False)
         if self.builders is None:
-            self.builders = {k: DatasetWriter(self._prefix(k) + ".bin.tmp", pp._WORKER["dtype"])
+            self.builders = {k: DatasetWriter(self._prefix(k) + ".bin.tmp", WORKER["dtype"])
                              for k in self.cfg.json_keys}
         for key, ids in ids_by_key.items():
             self.builders[key].add_documents(ids, (ids.size,))
@@ -120,29 +123,29 @@ class _ShardWriter:
     def abort(self) -> None:
         for key, builder in (self.builders or {}).items():
             builder.data_file.close()
-        pp._remove([self._prefix(k) + ext for k in self.cfg.json_keys for ext in (".bin.tmp", ".idx.tmp")])
+        remove_files([self._prefix(k) + ext for k in self.cfg.json_keys for ext in (".bin.tmp", ".idx.tmp")])
 
 
-def process_file(item: tuple) -> pp.UnitResult:
+def process_file(item: tuple) -> UnitResult:
     """Shards of one input file, resuming after its complete shards. Runs in a worker (or in-process)."""
     file_index, path, base = item
-    cfg, progress = pp._WORKER["cfg"], pp._WORKER["progress"]
+    cfg, progress = WORKER["cfg"], WORKER["progress"]
     kept = [] if cfg.overwrite else complete_parts(cfg, base, file_index, path)
     if kept and kept[-1].source["last"]:
         progress.add(nbytes=os.path.getsize(path))
-        return pp.UnitResult(file_index, path, 0, 0, {}, [], {}, shards=(0, len(kept)))
+        return UnitResult(file_index, path, 0, 0, {}, [], {}, shards=(0, len(kept)))
     skip = kept[-1].source["end_line"] - 1 if kept else 0
     # Temporary files of a run killed while writing this file's shards (never complete: they are rebuilt).
-    pp._remove([str(p) for o in cfg.json_keys for p in
-                Path(pp.output_prefix(cfg.output_prefix, o)).parent.glob(
-                    f"{Path(pp.output_prefix(cfg.output_prefix, o)).name}_{file_index:05d}_*.tmp*")])
+    remove_files([str(p) for o in cfg.json_keys for p in
+                  Path(output_prefix(cfg.output_prefix, o)).parent.glob(
+                      f"{Path(output_prefix(cfg.output_prefix, o)).name}_{file_index:05d}_*.tmp*")])
     writer = _ShardWriter(cfg, base, file_index, path, len(kept), skip + 1)
-    total = pp.UnitResult(file_index, path, 0, 0, {}, [], {})
+    total = UnitResult(file_index, path, 0, 0, {}, [], {})
     tokens, line_base = Counter(), 0
     try:
         for unit in inp.iter_units([path], cfg.chunk_bytes, cfg.json_keys):
             unit.index = file_index  # seeds the verification sample: the same for any --workers
-            result = pp.tokenize_unit(unit, lambda line, ids: writer.add(line_base + line, ids),
+            result = tokenize_unit(unit, lambda line, ids: writer.add(line_base + line, ids),
                                       max(0, skip - line_base))
             for p in result.problems:
                 p.line += line_base if p.line else 0
@@ -169,7 +172,7 @@ def process_file(item: tuple) -> pp.UnitResult:
     return total
 
 
-def write_manifests(cfg: pp.PreprocessConfig, base: dict, files: list) -> bool:
+def write_manifests(cfg: PreprocessConfig, base: dict, files: list) -> bool:
     """The corpus manifest of each key, once every input file's shards are complete (any task may)."""
     per_file = []
     for i, path in enumerate(files):
@@ -178,7 +181,7 @@ def write_manifests(cfg: pp.PreprocessConfig, base: dict, files: list) -> bool:
             return False
         per_file.append(parts)
     for key in cfg.json_keys:
-        output = pp.output_prefix(cfg.output_prefix, key)
+        output = output_prefix(cfg.output_prefix, key)
         shards = [read_corpus_meta(shard_prefix(output, i, p.source["part"]))
                   for i, parts in enumerate(per_file) for p in parts]
         shards = [m for m in shards if m.documents]
@@ -190,32 +193,32 @@ def write_manifests(cfg: pp.PreprocessConfig, base: dict, files: list) -> bool:
     return True
 
 
-def _raise_differences(results: Iterator[pp.UnitResult], enc: Encoder) -> Iterator[pp.UnitResult]:
+def _raise_differences(results: Iterator[UnitResult], enc: Encoder) -> Iterator[UnitResult]:
     try:
         yield from results
     except FirstDifference as found:  # --verify all, its line already in the file (process_file)
         raise found.failure(enc) from None
 
 
-def preprocess_shards(cfg: pp.PreprocessConfig, outputs: dict, switched: str = "") -> pp.Summary:
-    setup = pp.prepare(cfg, switched)
+def preprocess_shards(cfg: PreprocessConfig, outputs: dict, switched: str = "") -> Summary:
+    setup = prepare(cfg, switched)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    base = pp.dataset_meta(setup, cfg, 0, 0)
+    base = dataset_meta(setup, cfg, 0, 0)
     mine = [(i, f, base) for i, f in enumerate(setup.files) if i % cfg.task_count == cfg.task_index]
-    documents, tokens, problems, verification = 0, Counter(), list(setup.problems), pp.Verification()
+    documents, tokens, problems, verification = 0, Counter(), list(setup.problems), Verification()
     written = kept = 0
-    results = pp.run_tasks(cfg, process_file, iter(mine), setup, "")
+    results = run_tasks(cfg, process_file, iter(mine), setup, "")
     try:
         for result in _raise_differences(results, setup.encoder):
             documents += result.documents
             tokens.update(result.tokens)
             problems += result.problems
             verification.merge(result.verification, cfg.max_listed)
-            pp.switch_if_differs(setup, verification)
+            switch_if_differs(setup, verification)
             written, kept = written + result.shards[0], kept + result.shards[1]
     finally:
         results.close()
         setup.bar.close()
-    summary = pp.summarize(cfg, setup, documents, tokens, problems, outputs, verification, (written, kept))
+    summary = summarize(cfg, setup, documents, tokens, problems, outputs, verification, (written, kept))
     write_manifests(cfg, base, setup.files)
     return summary

@@ -17,8 +17,8 @@ import numpy as np
 import yaml
 
 from lrpath_megatron.config import ConfigError
-from lrpath_megatron.data_tools.inspect_data import held_out_range
-from lrpath_megatron.data_tools.preprocess import output_prefix
+from lrpath_megatron.data_tools.preprocess_config import output_prefix
+from lrpath_megatron.held_out import held_out_range
 from lrpath_megatron.indexed import open_indexed
 
 

@@ -1,6 +1,6 @@
 """A LoRA update (``lrpath adapt``) as one model: its base checkpoint's tensors with the adapter merged in,
 ``W + alpha / r * B A`` per target linear (and the adapter's output layer when it trained one), read through
-the same interface as the base's :class:`merge.DcpTensorReader`, one layer at a time.
+the same interface as the base's :class:`checkpoint.dist_files.DcpTensorReader`, one layer at a time.
 
 The adapter is stored at its global (unsplit) shapes in the layouts of the base's tensors (GLU ``fc1`` rows
 as [gate; up] in both), so the product adds to the stored base tensor as it is.
@@ -14,7 +14,7 @@ import torch
 
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.hf.convert import LAYERS
-from lrpath_megatron.merge import DcpTensorReader
+from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
 
 ADAPTER_DIR = "adapter"  # run_layout.AdaptDirs.adapter: the exported adapter beside the update's checkpoints
 

@@ -1,9 +1,9 @@
 """``lrpath hf export``: an lrpath checkpoint (trainer checkpoint at any TP/PP, merge output, HF import, LoRA
 update merged into its base) as a Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` and vLLM load.
 
-The dist checkpoint is read directly (the merge's :class:`DcpTensorReader`), one layer at a time whatever
-TP/PP it was saved at: no model is built and no process group started, so memory holds one layer. The
-directory is assembled under a temporary name and renamed into place at the end.
+The dist checkpoint is read directly (:class:`checkpoint.dist_files.DcpTensorReader`), one layer at a time
+whatever TP/PP it was saved at: no model is built and no process group started, so memory holds one layer.
+The directory is assembled under a temporary name and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from lrpath_megatron.checkpoint_layout import MANIFEST
+from lrpath_megatron.checkpoint.dist_files import DcpTensorReader
+from lrpath_megatron.checkpoint.layout import MANIFEST, MODEL_DIR
 from lrpath_megatron.config import ModelConfig
 from lrpath_megatron.data_tools.encoders import HF_FILE
 from lrpath_megatron.errors import LrpathError
@@ -30,7 +31,6 @@ from lrpath_megatron.hf.convert import (
 )
 from lrpath_megatron.hf.importer import HF_FILES_DIR, HF_SIDE_FILES
 from lrpath_megatron.hf.safetensors_files import write_safetensors
-from lrpath_megatron.merge import MODEL_DIR, DcpTensorReader
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size
 
@@ -217,7 +217,7 @@ def _hf_origin(ckpt: Path, manifest: dict) -> tuple[dict, Path]:
     """The open model a checkpoint descends from (its ``hf_source``: path, architecture, config.json) and
     the import checkpoint that recorded it, found along the parents (a branch's fork, a main path's
     init_from, a merge's last input); ({}, ckpt) for a model trained here from scratch."""
-    from lrpath_megatron.checkpoint_layout import is_complete, read_manifest
+    from lrpath_megatron.checkpoint.layout import is_complete, read_manifest
     from lrpath_megatron.hf.importer import read_hf_config
     from lrpath_megatron.hf.start import is_hf_dir
 

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from tqdm import tqdm
 
-from lrpath_megatron.checkpoint_layout import MANIFEST, sha256_file, write_json_atomic
+from lrpath_megatron.checkpoint.dist_files import DEFAULT_GROUP_BYTES, chunk_item, write_dist
+from lrpath_megatron.checkpoint.layout import MANIFEST, MODEL_DIR, code_version, sha256_file, write_json_atomic
 from lrpath_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.hf.architectures import model_from_hf
@@ -44,7 +45,6 @@ from lrpath_megatron.hf.convert import (
 )
 from lrpath_megatron.hf.safetensors_files import HfWeights
 from lrpath_megatron.mcore_api import versions
-from lrpath_megatron.merge import DEFAULT_GROUP_BYTES, MODEL_DIR, chunk_item, write_dist
 
 HF_FILES_DIR = "hf"
 MODEL_YAML = "model.yaml"
@@ -217,8 +217,6 @@ def _copy_side_files(hf_dir: Path, dest: Path) -> list[str]:
 
 def _manifest(ckpt: Path, cfg: TrainConfig, hf_dir: Path, arch: str, raw: dict, dtype: torch.dtype,
               side_files: list[str]) -> dict:
-    from lrpath_megatron.checkpoint import code_version
-
     return {
         "kind": "hf_import",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,16 +1,20 @@
 """A path that starts from a Hugging Face model directory (``plan.main.init_from`` or
 ``checkpoint.init_from`` naming config.json + safetensors): the model is imported once into the path's
 directory (:attr:`run_layout.PathDirs.hf_import`) and the path starts from that checkpoint, as from any
-``lrpath hf import`` output. Reruns, resumes and the other ranks reuse the import.
+``lrpath hf import`` output. Reruns, resumes and the other ranks reuse the import. The trainer resolves
+its run's origin here (:func:`with_imported_origin`) before the checkpoint policy chooses a start, so
+the policy sees lrpath checkpoints only.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from lrpath_megatron import ranks
-from lrpath_megatron.checkpoint_layout import is_complete, model_differences, read_manifest
+from lrpath_megatron.checkpoint.layout import find_resumable, is_complete, model_differences, read_manifest
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.path import WEIGHTS, PathRun, Start
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -54,3 +58,16 @@ def imported_checkpoint(hf_dir: Path, cfg: TrainConfig, target: Path, name: str,
         print(f"[{name}] imported {hf_dir} into {target}", flush=True)
     ranks.barrier()
     return target
+
+
+def with_imported_origin(run: PathRun, cfg: TrainConfig) -> PathRun:
+    """Collective: ``run``, its origin a Hugging Face model directory replaced by that model's import
+    (:func:`imported_checkpoint`); any other run as it is. A path that resumes from a checkpoint of its own
+    reads neither: it names the import it started from."""
+    origin = run.origin
+    if origin.kind != WEIGHTS or not is_hf_dir(origin.checkpoint):
+        return run
+    if find_resumable(run.dirs.checkpoints) is not None:
+        return dataclasses.replace(run, origin=Start(WEIGHTS, run.dirs.hf_import))
+    imported = imported_checkpoint(origin.checkpoint, cfg, run.dirs.hf_import, run.name, run.source)
+    return dataclasses.replace(run, origin=Start(WEIGHTS, imported))

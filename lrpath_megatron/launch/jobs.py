@@ -9,9 +9,9 @@ release step: by then every main-path checkpoint it merges exists. Every segment
 path's latest checkpoint, so the chain is exactly one main-path run cut at those steps.
 
 A decay_steps: auto release chooses its decay length, and so its fork, from what is known at its earliest
-candidate fork. Its branch waits for the segment that ends at the latest fork any of its candidates takes;
-the main path has saved every earlier candidate fork by then (the plan saves them all), so whichever length
-it chooses, its fork checkpoint exists. When that release alone decides how far the main path trains
+candidate fork. Its branch waits for the segment that ends at the latest fork any of its candidates takes
+and for the earlier branches its choice reads; the main path has saved every earlier candidate fork by then
+(the plan saves them all), so whichever length it chooses, its fork checkpoint exists. When that release alone decides how far the main path trains
 (plan.MainPause), the main path is cut at its earliest candidate fork and the next segment also waits for
 the branches the choice reads: it chooses first, then trains only to the chosen fork.
 """
@@ -69,11 +69,15 @@ class Job:
     # set for the main-path segment after a MainPause: it also waits for the branches the choice reads, makes
     # the choice, and ends at the chosen fork (end_step is the latest it may be)
     pause: Optional[MainPause] = None
+    # an undecided auto branch also waits for the branches its choice reads: the choice is then the same
+    # whichever job the scheduler starts first
+    reads: tuple = ()
 
     @property
     def waits_for(self) -> tuple:
         """Keys of the jobs this one starts after (afterok)."""
-        return ((self.after,) if self.after else ()) + (self.pause.needs if self.pause else ())
+        return tuple(dict.fromkeys(((self.after,) if self.after else ()) + (self.pause.needs if self.pause else ())
+                                   + self.reads))
 
     @property
     def kind(self) -> str:
@@ -153,7 +157,7 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
         if b.name in undecided:  # spans every candidate: the time check then holds whichever it chooses
             d = undecided[b.name]
             jobs.append(Job(b.name, b.name, d.fork_span[0], max(end for _, end in d.forks.values()), None,
-                            segment_of[waits[b.name]], auto=AutoSpec(d.bounds, d.fork_span)))
+                            segment_of[waits[b.name]], auto=AutoSpec(d.bounds, d.fork_span), reads=d.reads))
         else:
             jobs.append(Job(b.name, b.name, b.fork_step, b.end_step, None, segment_of[b.fork_step]))
     for r in merges:

@@ -20,9 +20,10 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
                   profile_overrides: Sequence[str], run_dir: str | Path, out_dir: str | Path) -> Rendered:
     """Validate everything first (plan, profile, their fit), then write the scripts into ``out_dir``."""
     from lrpath_megatron.plan import load_plan
+    from lrpath_megatron.plan_decisions import with_choices
 
     # decay_steps: auto branches that chose in run_dir (a resubmission) wait for their chosen fork only
-    plan = load_plan(plan_file, list(overrides)).with_choices(Path(run_dir))
+    plan = with_choices(load_plan(plan_file, list(overrides)), Path(run_dir))
     paths = plan.paths()
     jobs: list[Job] = build_jobs(paths, plan.releases(), plan.config.export, plan.auto_decays, plan.main_pause)
     profile = load_profile(profile_file, list(profile_overrides))

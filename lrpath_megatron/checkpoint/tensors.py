@@ -13,7 +13,8 @@ Layout of one checkpoint (``iter_NNNNNNN`` = steps completed)::
 Everything is written under ``.tmp_iter_NNNNNNN`` and renamed when complete; ``latest`` is replaced after
 the rename. A process killed at any point leaves either the previous checkpoint or the new one visible,
 never half of one. :func:`save` writes in the foreground; :func:`stage` and :func:`commit` let
-:mod:`checkpoint_writer` write the tensors in the background in between.
+:mod:`writer` write the tensors in the background in between (:mod:`write_requests` reads megatron-core's
+write requests). :mod:`layout` knows the files without torch.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -33,12 +33,15 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lrpath_megatron import ranks
-from lrpath_megatron.checkpoint_layout import LATEST, MANIFEST, iter_name, model_differences, read_manifest, sha256_file, verify, write_json_atomic, write_text_atomic
+from lrpath_megatron.checkpoint.layout import (LATEST, MANIFEST, model_differences, read_manifest, sha256_file, verify,
+                                               write_json_atomic, write_text_atomic)
+from lrpath_megatron.checkpoint.write_requests import join
 from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mcore_api import align_scheduler_bounds, async_save_kwargs, check_readable
 from lrpath_megatron.mcore_patches import (gathered_state_offsets, prepare_torch_adam_load, restore_steps,
                                          results_queue_dies_with_trainer)
+from lrpath_megatron.run_layout import iter_name
 
 # The distributed optimizer's state in its canonical per-parameter form, so a checkpoint resumes at any
 # TP/PP/DP (megatron-core 0.16's default, fully_sharded_model_space, cannot be saved by its own
@@ -134,36 +137,8 @@ def stage(root: Path, step: int, model, optimizer, trainer_state: dict, manifest
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
-    request = _one_request(requests, tmp / f"{DIGESTS_PREFIX}{rank}.json")
+    request = join(requests, tmp / f"{DIGESTS_PREFIX}{rank}.json")
     return StagedSave(step, tmp, root / iter_name(step), request, manifest, save_optimizer)
-
-
-def _one_request(requests: list[AsyncRequest], digests: Path) -> AsyncRequest:
-    """The write requests of the parts (model, optimizer) as one, its tensors in host memory now
-    (megatron-core's preload: copies from a GPU; CPU tensors stay where they are: a background write
-    copies them into its staging buffers when it is handed over). Every part's writers report through the
-    one result queue of the process, which each part's finalization reads in turn: the parts are written
-    one after the other by one process, in the order they are finalized. Then the same process writes the
-    sha256 of the files it wrote to ``digests``, for the manifest: hashing a large checkpoint would
-    otherwise stall training in :func:`commit`."""
-    parts = []
-    for request in requests:
-        args = list(request.async_fn_args)
-        if request.preload_fn is not None:
-            args[1] = request.preload_fn()  # the write buckets, staged
-        if request.async_fn is not None:  # None: nothing of this part to write on this rank
-            parts.append((request.async_fn, args, request.async_fn_kwargs))
-    return AsyncRequest(write_parts, (parts, digests), [fn for request in requests for fn in request.finalize_fns])
-
-
-def write_parts(parts: list, digests: Path) -> None:
-    for write, args, kwargs in parts:
-        write(*args, **kwargs)
-    written = [Path(bucket[0]) for _, args, _ in parts for bucket in args[1]]  # (file path, key, data)
-    try:
-        write_json_atomic(digests, {str(f.relative_to(digests.parent)): sha256_file(f) for f in written})
-    except OSError:  # the write failed (its finalization says so) or left no room for the record: then
-        pass  # commit hashes these files itself
 
 
 def commit(staged: StagedSave) -> Path:
@@ -296,15 +271,3 @@ def check_model(ckpt: Path, model: dict, what: str, fix: str) -> dict:
         changes = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in diff)
         raise LrpathError(f"cannot {what} {ckpt}: the model differs ({changes}); {fix}")
     return manifest
-
-
-def code_version() -> str:
-    """The package version plus the git commit of the source tree when there is one."""
-    from lrpath_megatron import __version__
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+{commit}" if commit else __version__

@@ -1,11 +1,11 @@
 """Writing checkpoints, in the foreground or in the background (``checkpoint.async_save``), and what a
 failed write means to the user.
 
-A background write is megatron-core's asynchronous dist-checkpointing: :func:`checkpoint.stage` plans the
-write, the rank's writer process (:mod:`checkpoint_process`, started with the run) gets a copy of the
+A background write is megatron-core's asynchronous dist-checkpointing: :func:`tensors.stage` plans the
+write, the rank's writer process (:mod:`writer_process`, started with the run) gets a copy of the
 state and writes it with megatron-core's write function while training goes on, and megatron-core's
 finalization (collective) gathers every rank's result once every rank's process is done. Only then
-:func:`checkpoint.commit` makes the checkpoint visible. One write is in flight at a time.
+:func:`tensors.commit` makes the checkpoint visible. One write is in flight at a time.
 
 Collective: every rank calls every method at the same step.
 """
@@ -21,10 +21,12 @@ from typing import Callable, Iterator
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lrpath_megatron import checkpoint, checkpoint_layout, ranks
-from lrpath_megatron.checkpoint import StagedSave
-from lrpath_megatron.checkpoint_layout import iter_name
-from lrpath_megatron.checkpoint_process import WriterProcess
+from lrpath_megatron import ranks
+from lrpath_megatron.checkpoint import layout, tensors
+from lrpath_megatron.run_layout import iter_name
+from lrpath_megatron.checkpoint.tensors import StagedSave
+from lrpath_megatron.checkpoint.write_requests import handover
+from lrpath_megatron.checkpoint.writer_process import WriterProcess
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mcore_patches import results_queue_dies_with_trainer
 
@@ -43,22 +45,22 @@ class CheckpointWriter:
         results_queue_dies_with_trainer()
         self._pending: tuple[StagedSave, Callable[[Path], None]] | None = None
         self._deleting: threading.Thread | None = None
-        latest = checkpoint_layout.find_latest(self.root)
+        latest = layout.find_latest(self.root)
         self._last_size = _size(latest) if latest is not None else 0
 
     def write(self, step: int, stage: Callable[[], StagedSave], on_commit: Callable[[Path], None]) -> None:
-        """The checkpoint at ``step`` that ``stage()`` captures (:func:`checkpoint.stage`); ``on_commit(it)``
+        """The checkpoint at ``step`` that ``stage()`` captures (:func:`tensors.stage`); ``on_commit(it)``
         runs on every rank once it is visible. In the background only with ``checkpoint.async_save``: then
         call :meth:`poll` every step and :meth:`wait` before anything that needs it on disk."""
         assert self._pending is None, "one checkpoint write at a time: wait() first"
         with self._explained(step):
             staged = stage()
             if self._process is not None:
-                self._process.submit(*staged.request.async_fn_args)
+                self._process.submit(*handover(staged.request))
                 self._pending = (staged, on_commit)
                 return
             staged.request.execute_sync()
-            final = checkpoint.commit(staged)
+            final = tensors.commit(staged)
         self._committed(final, on_commit)
 
     def poll(self) -> None:
@@ -93,10 +95,10 @@ class CheckpointWriter:
         """Rank 0: remove pruned checkpoints (already renamed out of sight). In the background with background
         writes: freeing a large checkpoint's files takes the kernel a while, which would stall training."""
         if self._process is None:
-            checkpoint_layout.delete_dirs(dirs)
+            layout.delete_dirs(dirs)
             return
         self._join_deletes()
-        self._deleting = threading.Thread(target=checkpoint_layout.delete_dirs, args=(dirs,), daemon=True)
+        self._deleting = threading.Thread(target=layout.delete_dirs, args=(dirs,), daemon=True)
         self._deleting.start()
 
     def _join_deletes(self) -> None:
@@ -124,7 +126,7 @@ class CheckpointWriter:
             self._pending = None
             for finalize in staged.request.finalize_fns:  # megatron-core's: raises every rank's write errors
                 finalize()
-            final = checkpoint.commit(staged)
+            final = tensors.commit(staged)
         self._committed(final, on_commit)
 
     def _committed(self, final: Path, on_commit: Callable[[Path], None]) -> None:
@@ -145,7 +147,7 @@ class CheckpointWriter:
             raise LrpathError(self.describe_failure(exc, step)) from None
 
     def _resume_point(self) -> str:
-        resumable = checkpoint_layout.find_resumable(self.root)
+        resumable = layout.find_resumable(self.root)
         return (f"nothing is lost: the run resumes from {resumable.name}" if resumable is not None
                 else "no complete checkpoint yet: the run starts from the beginning")
 

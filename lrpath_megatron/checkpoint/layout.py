@@ -1,5 +1,5 @@
 """The on-disk layout of checkpoints, without torch: names, completeness, ``latest``, manifests, fork
-references, checksums. Light enough for ``lrpath status`` next to a running job; :mod:`checkpoint`
+references, checksums. Light enough for ``lrpath status`` next to a running job; :mod:`tensors`
 writes and reads the tensors.
 
 A checkpoint ``iter_NNNNNNN`` (steps completed) counts once its ``manifest.json`` exists: it is written
@@ -11,18 +11,17 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
 from lrpath_megatron.config import with_model_defaults
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.run_layout import iter_name
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-
-
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
+MODEL_DIR = "model"  # the model's dist checkpoint inside a checkpoint (trained, merged or imported)
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -101,9 +100,6 @@ def model_differences(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
-FORK = "fork.json"
-
-
 def read_fork(record_file: Path) -> dict | None:
     """A path's fork record (parent checkpoint, fork step, parent manifest digest), None before it forked."""
     path = Path(record_file)
@@ -165,9 +161,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # Named per process: ranks that write the same file at once each replace it whole.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def code_version() -> str:
+    """The package version plus the git commit of the source tree when there is one (for manifests)."""
+    from lrpath_megatron import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__

@@ -19,12 +19,13 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
+from lrpath_megatron.checkpoint.write_requests import replace_tensors, write_parts
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.process_lifetime import die_with_parent, forks_die_with_this_process
 
 SHARED_MEMORY = Path("/dev/shm")
 
@@ -45,16 +46,15 @@ class WriterProcess:
         atexit.register(self.abort)  # before multiprocessing's own exit handler, which would wait for it
 
     def submit(self, parts: list, digests: Path) -> None:
-        """Copy every tensor of the write requests ``parts`` (megatron-core's write function, its arguments
-        with the write buckets second, its keyword arguments) into its shared buffer and queue the write.
-        A buffer crosses to the process once; later saves send its key."""
+        """Copy every tensor of the write ``parts`` (:func:`write_requests.handover`) into its shared buffer
+        and queue the write. A buffer crosses to the process once; later saves send its key."""
         tensors: dict[tuple, torch.Tensor] = {}
 
         def to_key(key: tuple, tensor: torch.Tensor) -> tuple:
             tensors[key] = tensor
             return key
 
-        keyed_parts = _replace_tensors(parts, to_key)
+        keyed_parts = replace_tensors(parts, to_key)
         new = self._allocate({key: tensor for key, tensor in tensors.items()
                               if key not in self._buffers or self._buffers[key].shape != tensor.shape
                               or self._buffers[key].dtype != tensor.dtype})
@@ -99,24 +99,8 @@ class WriterProcess:
             self._proc.join()
 
 
-def _replace_tensors(parts: list, replace: Callable[[tuple, Any], Any]) -> list:
-    """The write requests ``parts`` (write function, arguments with the write buckets second, keyword
-    arguments) with each tensor of their buckets replaced by ``replace(key, tensor)``; key = (part, bucket,
-    item), the same for the same state at every save."""
-    def bucket(p: int, b: int, file_name, storage_key, byte_items, items) -> tuple:
-        return file_name, storage_key, (byte_items, [(item, replace((p, b, t), tensor))
-                                                     for t, (item, tensor) in enumerate(items)])
-
-    return [(write, [args[0], [bucket(p, b, f, key, byte_items, items)
-                               for b, (f, key, (byte_items, items)) in enumerate(args[1])], *args[2:]], kwargs)
-            for p, (write, args, kwargs) in enumerate(parts)]
-
-
 def _serve(todo, done, parent_pid: int) -> None:
     """The writer process: one write at a time, each reported as None (written) or its failure."""
-    from lrpath_megatron.checkpoint import write_parts
-    from lrpath_megatron.distributed import die_with_parent, forks_die_with_this_process
-
     # SLURM signals every process of a job step (USR1 before the time limit, TERM on preemption): the
     # trainer answers with a save that waits for this write, so it must not stop here.
     for signum in (signal.SIGUSR1, signal.SIGTERM):
@@ -129,7 +113,7 @@ def _serve(todo, done, parent_pid: int) -> None:
         buffers.update(new)
         start = time.perf_counter()
         try:
-            write_parts(_replace_tensors(parts, lambda _, key: buffers[key]), Path(digests))
+            write_parts(replace_tensors(parts, lambda _, key: buffers[key]), Path(digests))
             done.put(None)
         except Exception as exc:  # reported to the trainer, which stops the run with it
             done.put(f"{type(exc).__name__}: {exc} (after {time.perf_counter() - start:.1f} s)")

@@ -11,24 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lrpath_megatron.corpus_shards import open_shards
-from lrpath_megatron.data import split_string
-from lrpath_megatron.errors import LrpathError
-
-
-def held_out_range(num_docs: int, valid_fraction: float) -> tuple[int, int]:
-    """Document range [begin, end) megatron-core's dataset builder uses as the validation split."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
-    if not 0 < valid_fraction < 1:
-        raise LrpathError(f"--valid-fraction={valid_fraction} must be in (0, 1)")
-    bookends = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_string(valid_fraction)))[1]
-    if bookends is None:
-        return num_docs, num_docs
-    # The rounding of BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
-    return int(round(bookends[0] * num_docs)), int(round(bookends[1] * num_docs))
+from lrpath_megatron.held_out import held_out_range
 
 
 @dataclass

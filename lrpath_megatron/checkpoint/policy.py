@@ -1,6 +1,8 @@
 """The checkpoint policy of one path: where it starts, whether a checkpoint may be continued, which steps
 save and with what, the manifest, pruning, and what to do about damage. The trainer keeps the loop and
-asks; :mod:`checkpoint` moves the tensors and :mod:`checkpoint_layout` knows the files.
+asks; :mod:`writer` writes (in the foreground or the background), :mod:`tensors` moves the tensors and
+:mod:`layout` knows the files. A run's origin is an lrpath checkpoint here: the trainer imports a Hugging
+Face ``init_from`` before it asks.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lrpath_megatron import checkpoint, checkpoint_layout, ranks
-from lrpath_megatron.checkpoint_writer import CheckpointWriter
+from lrpath_megatron import ranks
+from lrpath_megatron.checkpoint import layout, tensors
+from lrpath_megatron.checkpoint.writer import CheckpointWriter
 from lrpath_megatron.config import TrainConfig, to_dict
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.hf.start import imported_checkpoint, is_hf_dir
 from lrpath_megatron.mcore_api import versions
 from lrpath_megatron.path import FORK, RESUME, SCRATCH, WEIGHTS, PathRun, Start
 
@@ -38,25 +40,21 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------ the start
     def choose_start(self) -> Start:
-        """The path's newest checkpoint training can continue from, else its origin (a Hugging Face model
-        directory imported first: collective then). Refuses, before anything is built or written, a start
-        this run cannot continue. A newer weights-only checkpoint (a merge input) is trained again,
-        identically; a weights-only one at or past the stop means: done."""
+        """The path's newest checkpoint training can continue from, else its origin. Refuses, before
+        anything is built or written, a start this run cannot continue. A newer weights-only checkpoint (a
+        merge input) is trained again, identically; a weights-only one at or past the stop means: done."""
         self.check_fork_step()
-        own = checkpoint_layout.find_latest(self.root)
-        if own is not None and checkpoint_layout.read_manifest(own)["step"] < self.end:
-            own = checkpoint_layout.find_resumable(self.root)
+        own = layout.find_latest(self.root)
+        if own is not None and layout.read_manifest(own)["step"] < self.end:
+            own = layout.find_resumable(self.root)
         start = Start(RESUME, own) if own is not None else self.run.origin
         if start.kind == SCRATCH:
             return start
-        if start.kind == WEIGHTS and is_hf_dir(start.checkpoint):
-            start = Start(WEIGHTS, imported_checkpoint(start.checkpoint, self.cfg, self.run.dirs.hf_import,
-                                                       self.run.name, self.run.source))
-        if start.kind == WEIGHTS and not checkpoint_layout.is_complete(start.checkpoint):
+        if start.kind == WEIGHTS and not layout.is_complete(start.checkpoint):
             raise LrpathError(self._not_a_checkpoint(start.checkpoint))
         if start.kind != RESUME:  # complete, and the same checkpoint the path started from before (if it did)
-            checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step,
-                                          write=False)
+            layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step,
+                               write=False)
         self._check_compatible(start)
         return start
 
@@ -64,7 +62,7 @@ class Checkpointer:
         """A branch continues from the step it forked at; a plan that now forks it elsewhere (``plan.fork``,
         or changed release settings) would train another branch into the same directory."""
         record, path = self.run.dirs.fork_record, self.run.path
-        recorded = checkpoint_layout.read_fork(record) if self.run.origin.kind == FORK else None
+        recorded = layout.read_fork(record) if self.run.origin.kind == FORK else None
         if recorded is None:
             return
         forked, now = recorded["fork_step"], path.fork_step
@@ -82,7 +80,7 @@ class Checkpointer:
 
     def _not_a_checkpoint(self, ckpt: Path) -> str:
         return (f"path {self.run.name!r} starts from the weights of {ckpt}, which is not a complete lrpath "
-                f"checkpoint (no {checkpoint_layout.MANIFEST}) nor a Hugging Face model directory (no config.json); "
+                f"checkpoint (no {layout.MANIFEST}) nor a Hugging Face model directory (no config.json); "
                 f"give an iter_NNNNNNN directory, an `lrpath hf import` output or a Hugging Face model directory")
 
     def damaged_fix(self, start: Start) -> str:
@@ -95,7 +93,7 @@ class Checkpointer:
 
     def _check_compatible(self, start: Start) -> None:
         source = self.run.source
-        manifest = checkpoint.check_model(
+        manifest = tensors.check_model(
             start.checkpoint, to_dict(self.cfg.model), "resume from" if start.own else "branch from",
             f"use the model settings of the {source} it was trained with (or a new --run-dir for a different model)")
         if not start.own:
@@ -124,22 +122,22 @@ class Checkpointer:
         if start.kind in (SCRATCH, WEIGHTS):
             return None
         # An own checkpoint without optimizer state is the end of a finished path: nothing to continue.
-        load_optimizer = (checkpoint_layout.has_optimizer_state(start.checkpoint) if start.own
+        load_optimizer = (layout.has_optimizer_state(start.checkpoint) if start.own
                           else not start.fresh_optimizer)
-        return checkpoint.load(start.checkpoint, model, optimizer, load_optimizer=load_optimizer,
-                               restore_rng=start.own, fix=self.damaged_fix(start))
+        return tensors.load(start.checkpoint, model, optimizer, load_optimizer=load_optimizer,
+                            restore_rng=start.own, fix=self.damaged_fix(start))
 
     def load_weights(self, start: Start, module) -> None:
-        checkpoint.load_model(start.checkpoint, module, fix=self.damaged_fix(start))
+        tensors.load_model(start.checkpoint, module, fix=self.damaged_fix(start))
 
     def prepare(self, start: Start, step: int, is_rank0: bool) -> None:
         """Once the start is loaded: the checkpoint directory, without leftovers of killed saves, and the
         branch's reference to its fork checkpoint; then the schedule digest up to ``step``."""
         if is_rank0:
             self.root.mkdir(parents=True, exist_ok=True)
-            checkpoint_layout.remove_stale_temporaries(self.root)
+            layout.remove_stale_temporaries(self.root)
             if start.kind in (FORK, WEIGHTS):
-                checkpoint_layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step)
+                layout.record_fork(self.run.dirs.fork_record, start.checkpoint, self.run.path.fork_step)
         if self.digest is None:  # not resumed from an own checkpoint (which computed it)
             self.digest = self._schedule_digest(step)
         self.writer = CheckpointWriter(self.root, self.cfg.checkpoint.async_save,
@@ -194,7 +192,7 @@ class Checkpointer:
         return step == self.end or self._interval(step) or step not in path.weights_only_steps
 
     def has_checkpoint(self, step: int) -> bool:
-        return checkpoint_layout.checkpoint_at(self.root, step) is not None
+        return layout.checkpoint_at(self.root, step) is not None
 
     def time_due(self) -> bool:
         """This rank's wall clock says a save is due (``checkpoint.save_interval_minutes``); the trainer
@@ -215,7 +213,7 @@ class Checkpointer:
             "schedule_digest": self.digest.hexdigest()[:16],
             "schedule_inputs": self._schedule_inputs(),
             "config": to_dict(cfg),
-            "code_version": checkpoint.code_version(),
+            "code_version": layout.code_version(),
             "versions": versions(),
             "parent": str(run.origin.checkpoint) if run.origin.checkpoint else None,
             "consumed_samples": step * cfg.parallel.global_batch_size,
@@ -226,8 +224,8 @@ class Checkpointer:
         if ranks.rank() == 0:
             self.writer.check_space(step)
         save_optimizer = self.saves_optimizer(step, for_resume)
-        self.writer.write(step, lambda: checkpoint.stage(self.root, step, model, optimizer, state, manifest,
-                                                         save_optimizer), self._committed)
+        self.writer.write(step, lambda: tensors.stage(self.root, step, model, optimizer, state, manifest,
+                                                      save_optimizer), self._committed)
         path = self.run.path
         if for_resume or step == self.end:
             self.writer.wait(f"step {step} is where the next start resumes")
@@ -258,5 +256,5 @@ class Checkpointer:
         if not keep:
             return []
         path = self.run.path
-        return checkpoint_layout.prune(self.root, keep, path.save_steps | path.weights_only_steps | {path.end_step},
-                                       self.writer.delete)
+        return layout.prune(self.root, keep, path.save_steps | path.weights_only_steps | {path.end_step},
+                            self.writer.delete)

@@ -1,0 +1,114 @@
+"""The decision record of a decay_steps: auto release, ``RUN/<version>/decay_choice.json``: what a choice
+reads, reading a record back (validated against the plan and the run), writing one atomically, and applying
+the recorded choices to a plan. Making a choice is the release forecast's (release_forecast.choose_decay).
+
+A choice reads the run up to its release's earliest candidate fork: the main path's scheduled evaluations up
+to there and the finished curves of the earlier branches that end by then (``Plan.choice_reads``). It is made
+only once all of that exists, so the same plan and the same metrics give the same choice whatever order the
+jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
+observations it read; a record that does not match the plan or the run is refused naming what differs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lrpath_megatron.checkpoint.layout import checkpoint_at, find_latest, read_manifest, write_json_atomic
+from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.observations import digest, known_before, observations, on_schedule
+from lrpath_megatron.plan import Plan
+from lrpath_megatron.run_layout import RunLayout
+
+
+@dataclass(frozen=True)
+class ChoiceInputs:
+    up_to_step: int  # the release's earliest candidate fork
+    reads: tuple  # the branches whose finished curves it reads
+    observations: list  # list[Observation]
+    missing: list  # what must run first, in words (empty: the choice can be made)
+
+    def record(self) -> dict:
+        """What a record says of its inputs."""
+        return {"observations_up_to_step": self.up_to_step, "observations": len(self.observations),
+                "observations_digest": digest(self.observations), "reads_branches": list(self.reads)}
+
+
+def record_file(run_dir: Path, name: str) -> Path:
+    return RunLayout(Path(run_dir)).path(name).decay_choice
+
+
+def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
+    """What the choice of undecided auto release ``name`` reads in ``run_dir`` (``plan``: with the earlier
+    releases' recorded choices applied) and what of it does not exist yet."""
+    layout, first = RunLayout(Path(run_dir)), plan.auto_decays[name].fork_span[0]
+    reads, missing = plan.choice_reads(name), []
+    latest = find_latest(layout.path("main").checkpoints)
+    at = read_manifest(latest)["step"] if latest is not None else None
+    if at is None or at < first:
+        missing.append(f"the main path to step {first} (it is at {'no checkpoint' if at is None else f'step {at}'})")
+    for n in reads:
+        if n in plan.decay_candidates:
+            missing.append(f"branch {n}, which chooses its own decay length first")
+        elif checkpoint_at(layout.path(n).checkpoints, plan.path(n).end_step) is None:
+            missing.append(f"branch {n} to its end at step {plan.path(n).end_step}")
+    known = on_schedule(plan, known_before(plan, observations(plan, run_dir), first))
+    return ChoiceInputs(first, reads, [o for o in known if o.path == "main" or o.path in reads], missing)
+
+
+def require_inputs(inputs: ChoiceInputs, name: str) -> None:
+    if inputs.missing:
+        raise LrpathError(
+            f"version {name} chooses its decay length (decay_steps: auto) from the run up to step "
+            f"{inputs.up_to_step}" + (f" and the finished branches {', '.join(inputs.reads)}" if inputs.reads else "")
+            + f"; not there yet: {'; '.join(inputs.missing)}. Train those first (`lrpath train PLAN --path NAME`, "
+            "or `lrpath launch`, which orders the jobs so); nothing was recorded")
+
+
+def read(plan: Plan, run_dir: Path, name: str) -> Optional[dict]:
+    """The recorded choice of undecided auto release ``name``, checked against ``plan`` (with the earlier
+    choices applied) and the run; None if there is none."""
+    f = record_file(run_dir, name)
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise LrpathError(f"{f} is not a decision record ({exc}); remove it to choose again") from None
+    auto, differs = plan.auto_decays[name], []
+    if record.get("decay_steps") not in auto.candidates:
+        differs.append(f"decay_steps {record.get('decay_steps')!r} is not one of the release's candidates "
+                       f"{list(auto.candidates)}")
+    if "plan_hash" in record:  # records of earlier releases of lrpath carry the length alone
+        expected = {"plan_hash": plan.plan_hash(), "bounds": list(auto.bounds), "lengths": list(auto.candidates)}
+        differs += [f"{k} {record.get(k)} (the plan's: {v})" for k, v in expected.items() if record.get(k) != v]
+        if not differs:
+            now = choice_inputs(plan, run_dir, name).record()
+            if now["observations_digest"] != record.get("observations_digest"):
+                differs.append(f"the observations it read ({record.get('observations')} losses up to step "
+                               f"{record.get('observations_up_to_step')}, digest {record.get('observations_digest')}) "
+                               f"are not the run's now ({now['observations']}, digest {now['observations_digest']})")
+    if differs:
+        raise LrpathError(f"{f}: the recorded decay_steps: auto choice of version {name} does not match: "
+                          f"{'; '.join(differs)}. Restore the plan and run it was made for, or remove the record "
+                          "to choose again (a branch already trained from it must then be retrained)")
+    return record
+
+
+def write(run_dir: Path, name: str, choice: dict) -> None:
+    f = record_file(run_dir, name)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(f, choice)  # every rank writes the same choice
+
+
+def with_choices(plan: Plan, run_dir: Path) -> Plan:
+    """``plan`` with the decay lengths its decay_steps: auto releases recorded in ``run_dir`` (the releases
+    as trained: their steps and costs), in version order: each record is checked against the plan with
+    the choices before it."""
+    for name in list(plan.decay_candidates):
+        record = read(plan, run_dir, name)
+        if record is not None:
+            plan = plan.with_decay(name, record["decay_steps"], record)
+    return plan
+

@@ -1,0 +1,56 @@
+"""A path of a plan as the trainer runs it in a run directory: where it starts (a fork checkpoint, imported
+weights or scratch), its lineage, and for decay_steps: auto releases the recorded choice, made here when the
+branch (or the main path at its pause) is the first to need it."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lrpath_megatron import plan_decisions
+from lrpath_megatron.checkpoint.layout import find_latest, read_manifest
+from lrpath_megatron.path import FORK, WEIGHTS, PathRun, Start
+from lrpath_megatron.plan import Plan
+from lrpath_megatron.release_forecast import choose_decay
+from lrpath_megatron.run_layout import RunLayout
+
+
+def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun:
+    """Path ``name`` as the trainer runs it in ``run_dir``: a path with a parent starts from the parent's
+    checkpoint at its fork step (optimizer state and data position included). The branch of a decay_steps:
+    auto version takes the release forecast's choice (recorded in ``run_dir`` and in its checkpoints'
+    manifests: the same metrics give the same choice, a resume reuses it)."""
+    run_dir = Path(run_dir)
+    if name in plan.decay_candidates:
+        choice = choose_decay(plan, name, run_dir)
+        run = _path_run(plan_decisions.with_choices(plan, run_dir), name, run_dir)
+        return dataclasses.replace(run, lineage={**run.lineage, "decay_choice": choice})
+    if name == "main" and plan.decay_candidates:
+        return _main_run(plan, run_dir)
+    return _path_run(plan, name, run_dir)
+
+
+def _path_run(plan: Plan, name: str, run_dir: Path) -> PathRun:
+    spec, layout = plan.path(name), RunLayout(run_dir)
+    origin = Start()
+    if spec.parent is not None:
+        origin = Start(FORK, layout.checkpoint(spec.parent, spec.fork_step))
+    elif name == "main" and plan.config.main.init_from is not None:
+        origin = Start(WEIGHTS, Path(plan.config.main.init_from))
+    lineage = {"plan_hash": plan.plan_hash(), "parent_path": spec.parent, "fork_step": spec.fork_step,
+               "release": dataclasses.asdict(spec.release) if spec.release else None}
+    return PathRun(spec, layout.path(name), origin, lineage=lineage, source="plan")
+
+
+def _main_run(plan: Plan, run_dir: Path) -> PathRun:
+    """The main path of a plan with undecided decay_steps: auto releases: it trains to the forks they
+    chose; before the choice that ends it (plan.MainPause) it stops at that release's earliest candidate
+    fork, and once there the choice is made here (refused, naming them, until the branches it reads have
+    finished)."""
+    decided = plan_decisions.with_choices(plan, run_dir)
+    pause = decided.main_pause
+    latest = find_latest(RunLayout(run_dir).path("main").checkpoints) if pause else None
+    if pause and latest is not None and read_manifest(latest)["step"] >= pause.step:
+        choose_decay(plan, pause.version, run_dir)
+        decided, pause = plan_decisions.with_choices(plan, run_dir), None
+    return dataclasses.replace(_path_run(decided, "main", run_dir),
+                               pause=(pause.step, pause.describe()) if pause else None)
