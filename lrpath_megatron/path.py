@@ -2,8 +2,9 @@
 
 :class:`PathSpec` is a path of a plan (or a stand-alone config) as steps, LR and data blend: what
 ``lrpath plan``, ``lrpath status`` and the launcher read. :class:`PathRun` binds it to a directory and
-says where it starts (:class:`Start`); the trainer runs exactly that. Plans build both
-(:meth:`lrpath_megatron.plan.Plan.run_for`), stand-alone configs through :func:`standalone_run`.
+says where it starts (:class:`Start`); the trainer runs exactly that. A plan's resolved paths are specs
+(:meth:`lrpath_megatron.plan.Plan.path`), bound to a run directory by
+:func:`lrpath_megatron.plan_runs.run_for`; stand-alone configs through :func:`standalone_run`.
 """
 from __future__ import annotations
 

@@ -28,10 +28,12 @@ class ChoiceInputs:
     reads: tuple  # the branches whose finished curves it reads
     observations: list  # list[Observation]
     missing: list  # what must run first, in words (empty: the choice can be made)
+    eval_interval: int  # the main path's scheduled evaluations it reads are every so many steps
 
     def record(self) -> dict:
         """What a record says of its inputs."""
         return {"observations_up_to_step": self.up_to_step, "observations": len(self.observations),
+                "eval_interval": self.eval_interval,
                 "observations_digest": digest(self.observations), "reads_branches": list(self.reads)}
 
 
@@ -54,7 +56,8 @@ def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
         elif checkpoint_at(layout.path(n).checkpoints, plan.path(n).end_step) is None:
             missing.append(f"branch {n} to its end at step {plan.path(n).end_step}")
     known = on_schedule(plan, known_before(plan, observations(plan, run_dir), first))
-    return ChoiceInputs(first, reads, [o for o in known if o.path == "main" or o.path in reads], missing)
+    return ChoiceInputs(first, reads, [o for o in known if o.path == "main" or o.path in reads], missing,
+                        plan.train_config.logging.eval_interval)
 
 
 def require_inputs(inputs: ChoiceInputs, name: str) -> None:
@@ -74,14 +77,16 @@ def read(plan: Plan, run_dir: Path, name: str) -> Optional[dict]:
         return None
     try:
         record = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LrpathError(f"{f} is not a decision record ({exc}); remove it to choose again") from None
-    auto, differs = plan.auto_decays[name], []
-    if record.get("decay_steps") not in auto.candidates:
-        differs.append(f"decay_steps {record.get('decay_steps')!r} is not one of the release's candidates "
-                       f"{list(auto.candidates)}")
+    if not isinstance(record, dict):
+        raise LrpathError(f"{f} is not a decision record (a JSON object); remove it to choose again")
+    auto, differs, n = plan.auto_decays[name], [], record.get("decay_steps")
+    if isinstance(n, bool) or not isinstance(n, int) or n not in auto.candidates:
+        differs.append(f"decay_steps {n!r} is not one of the release's candidates {list(auto.candidates)}")
     if "plan_hash" in record:  # records of earlier releases of lrpath carry the length alone
-        expected = {"plan_hash": plan.plan_hash(), "bounds": list(auto.bounds), "lengths": list(auto.candidates)}
+        expected = {"plan_hash": plan.plan_hash(), "bounds": list(auto.bounds), "lengths": list(auto.candidates),
+                    "eval_interval": plan.train_config.logging.eval_interval}
         differs += [f"{k} {record.get(k)} (the plan's: {v})" for k, v in expected.items() if record.get(k) != v]
         if not differs:
             now = choice_inputs(plan, run_dir, name).record()

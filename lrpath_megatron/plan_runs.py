@@ -4,14 +4,21 @@ branch (or the main path at its pause) is the first to need it."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from lrpath_megatron import plan_decisions
 from lrpath_megatron.checkpoint.layout import find_latest, read_manifest
+from lrpath_megatron.distributed import read_env
+from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.path import FORK, WEIGHTS, PathRun, Start
 from lrpath_megatron.plan import Plan
 from lrpath_megatron.release_forecast import choose_decay
 from lrpath_megatron.run_layout import RunLayout
+
+# How long the other ranks wait for global rank 0 to record a choice (megatron-core's default collective
+# timeout: a rank 0 that failed has ended the job by then).
+CHOICE_WAIT_S = 600
 
 
 def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun:
@@ -21,7 +28,7 @@ def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun:
     manifests: the same metrics give the same choice, a resume reuses it)."""
     run_dir = Path(run_dir)
     if name in plan.decay_candidates:
-        choice = choose_decay(plan, name, run_dir)
+        choice = _choice(plan, name, run_dir)
         run = _path_run(plan_decisions.with_choices(plan, run_dir), name, run_dir)
         return dataclasses.replace(run, lineage={**run.lineage, "decay_choice": choice})
     if name == "main" and plan.decay_candidates:
@@ -50,7 +57,21 @@ def _main_run(plan: Plan, run_dir: Path) -> PathRun:
     pause = decided.main_pause
     latest = find_latest(RunLayout(run_dir).path("main").checkpoints) if pause else None
     if pause and latest is not None and read_manifest(latest)["step"] >= pause.step:
-        choose_decay(plan, pause.version, run_dir)
+        _choice(plan, pause.version, run_dir)
         decided, pause = plan_decisions.with_choices(plan, run_dir), None
     return dataclasses.replace(_path_run(decided, "main", run_dir),
                                pause=(pause.step, pause.describe()) if pause else None)
+
+
+def _choice(plan: Plan, name: str, run_dir: Path) -> dict:
+    """The choice of auto release ``name``: made and recorded by global rank 0 alone (one fit, one writer);
+    the other ranks of the job read its record."""
+    if read_env().rank == 0:
+        return choose_decay(plan, name, run_dir)
+    record, deadline = plan_decisions.record_file(run_dir, name), time.monotonic() + CHOICE_WAIT_S
+    while not record.is_file():
+        if time.monotonic() > deadline:
+            raise LrpathError(f"rank 0 recorded no decay_steps: auto choice for version {name} at {record} within "
+                              f"{CHOICE_WAIT_S} s; its log says why")
+        time.sleep(0.5)
+    return plan_decisions.with_choices(plan, run_dir).auto_decays[name].choice

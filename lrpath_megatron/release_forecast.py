@@ -151,13 +151,15 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
     inputs = plan_decisions.choice_inputs(base, run_dir, name)
     plan_decisions.require_inputs(inputs, name)
     index = next(v.index for v in base.versions if v.name == name)
-    lengths = base.decay_candidates[name]
+    lengths = list(base.decay_candidates[name])
     choice = {"version": name, "decay_steps": lengths[-1], "plan_hash": base.plan_hash(),
               "bounds": list(base.auto_decays[name].bounds), "lengths": lengths, **inputs.record(),
               "tolerance": config.tolerance}
     try:
         fit = fit_law(curves_for(base, inputs.observations, BLEND, index), config.law)
         predicted = forecast_decays(fit, base, index, lengths)
+        if set(predicted) != set(lengths):  # every candidate is one the plan allows (Plan._screen)
+            raise LrpathError(f"version {name}: no forecast of decay lengths {sorted(set(lengths) - set(predicted))}")
         longest = predicted[lengths[-1]][0]
         pick = next(n for n in lengths if predicted[n][0] <= longest * (1 + config.tolerance))
         choice.update(decay_steps=pick, predicted_loss=predicted[pick][0], predicted_sd=predicted[pick][1],

@@ -406,6 +406,48 @@ def test_a_recorded_choice_that_does_not_match_is_refused(law_run):
         run_for(plan, "v3", run)
 
 
+def test_the_choice_reads_only_what_every_launch_has(law_run, tmp_path):
+    """A main-path job cut at a step between evaluations evaluates there too, and the main path trains on
+    past the earliest fork: neither changes what the choice reads, nor its record's digest."""
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path))
+    main_to(plan, run, 250)
+    other = tmp_path / "cut"
+    shutil.copytree(run, other)
+    write_path(plan, other, "main", range(247, 248), lambda s: plan.versions[2])  # an eval at a cut (247)
+    main_to(plan, other, 290)  # ... and the main path past the earliest fork
+    assert run_for(plan, "v3", run).lineage["decay_choice"] == run_for(plan, "v3", other).lineage["decay_choice"]
+
+
+@pytest.mark.parametrize("release, message", [
+    # a tail decay longer than the version's 100 steps, a replay decay longer than all 300 steps of data
+    ({"decay_bounds": [10, 150]}, "a decay of 150 steps is longer than the version's 100 steps of data"),
+    ({"data": "replay", "decay_bounds": [10, 500]}, "a decay of 500 steps is longer than all data so far"),
+    # with a fixed fork a knee's stable half moves longer decays later: short ones fork before the version's
+    # second evaluation
+    ({"fork_step": 205, "decay_bounds": [10, 90]}, "the shortest that fits is 30: raise decay_bounds' minimum"),
+])
+def test_bounds_the_plan_cannot_train_are_refused(law_run, release, message):
+    from lrpath_megatron.config import ConfigError
+
+    plan_path, _ = law_run
+    with pytest.raises(ConfigError, match=message):
+        load_plan(auto_plan(plan_path, **release))
+    default = {k: v for k, v in release.items() if k != "decay_bounds"}
+    auto = load_plan(auto_plan(plan_path, **default)).auto_decays["v3"]  # default bounds: left out, with why
+    assert all(d["why"] for d in auto.dropped) and max(auto.candidates) <= 300
+
+
+@pytest.mark.parametrize("text", ["[]", "{\"decay_steps\": 40.0}", "not json", "\udcff"])
+def test_a_damaged_record_is_refused(law_run, text):
+    plan_path, run = law_run
+    plan = load_plan(auto_plan(plan_path))
+    (run / "v3").mkdir(exist_ok=True)
+    (run / "v3" / "decay_choice.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(LrpathError, match="decay_choice.json(: the recorded| is not a decision record)"):
+        with_choices(plan, run)
+
+
 def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, tmp_path):
     """Real training: v2 (decay_steps: auto, cosine on the tail) alone decides how far the main path trains
     (v1 is a merge). The main path stops at v2's earliest candidate fork; run again (`lrpath launch --local`

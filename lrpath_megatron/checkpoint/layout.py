@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
@@ -161,8 +162,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    # Named per process: ranks that write the same file at once each replace it whole.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # Named per process (host and pid: containers on a shared filesystem repeat pids) so that writers of the
+    # same file at once each replace it whole.
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()

@@ -90,7 +90,8 @@ def first_forecastable_step(start: int, eval_interval: int) -> int:
 
 
 def why_not(fork: int, warmup_steps: int, forecastable: int, eval_interval: int) -> Optional[str]:
-    """Why a branch forking at main-path step ``fork`` cannot be a candidate, or None."""
+    """Why a branch forking at main-path step ``fork`` cannot be a candidate, or None (``forecastable`` 0:
+    the warmup alone is checked)."""
     if fork < warmup_steps:
         return f"forks at step {fork}, inside the main path's warmup (steps 0..{warmup_steps})"
     if fork < forecastable:
@@ -106,8 +107,14 @@ def keep_usable(lengths: list, forks: dict, why: dict, written_bounds, where: st
     usable = [n for n in lengths if not why[n]]
     if dropped and written_bounds is not None:
         first = dropped[0]
-        fits = f"the longest that fits is {usable[-1]}: lower decay_bounds to at most {usable[-1]}" if usable else \
-            "no length fits: fork later, evaluate more often (logging.eval_interval) or give decay_steps"
+        if not usable:
+            fits = "no length fits: fork later, evaluate more often (logging.eval_interval) or give decay_steps"
+        elif all(d["decay_steps"] > usable[-1] for d in dropped):
+            fits = f"the longest that fits is {usable[-1]}: lower decay_bounds' maximum to at most {usable[-1]}"
+        elif all(d["decay_steps"] < usable[0] for d in dropped):
+            fits = f"the shortest that fits is {usable[0]}: raise decay_bounds' minimum to at least {usable[0]}"
+        else:
+            fits = f"the lengths that fit are {usable}: give bounds within them"
         raise ConfigError(f"{where}.decay_bounds={written_bounds}: a decay of {first['decay_steps']} steps "
                           f"{first['why']}; {fits}")
     if not usable:

@@ -63,6 +63,7 @@ def plan_costs(plan) -> dict:
             # decay_steps: auto: the shortest candidate until the branch records its choice
             "decay_steps": v.release.decay_steps,
             "decay_tokens": v.release.decay_steps * tps,
+            "decay_candidates": plan.decay_candidates.get(v.name),  # decay_steps: auto, until it chose
             "release_step": v.branch_end,
             "branch_steps": list(own),
             "tokens": _scaled(own, tps),  # training this release adds beyond the main path

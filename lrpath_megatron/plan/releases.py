@@ -97,11 +97,9 @@ def resolve_release(i: int, written: ReleaseConfig, r: ReleaseConfig, name: str,
         if kind == "decay_fraction" and not 0 < value <= 1:
             raise ConfigError(f"{where}.decay_fraction={value} must be in (0, 1] (of the version's steps)")
         if value == "auto":
+            # Resolved at the shortest until the plan has screened every candidate (plan.auto_decay).
             candidates = candidate_lengths(r.decay_bounds, seg_steps, where)
-            # Resolved at the shortest that forks after the warmup (a longer one forks earlier); the plan
-            # screens every candidate (plan.auto_decay).
-            value = next((n for n in candidates if not moves_with_decay(r) or end - n >= grid.warmup_steps),
-                         candidates[0])
+            value = candidates[0]
         elif r.decay_bounds is not None:
             raise ConfigError(f"{where}.decay_bounds applies to decay_steps: auto only; remove it or set "
                               "decay_steps: auto")
@@ -123,8 +121,9 @@ def resolve_release(i: int, written: ReleaseConfig, r: ReleaseConfig, name: str,
         fork_step = {"fork_step": lambda x: x, "fork_tokens": grid.steps,
                      "fork_fraction": lambda x: start + grid.steps(x * seg_steps * grid.tokens_per_step)}[
             fork_field](value)
+    # An auto release's forks are checked against the warmup per candidate (plan.auto_decay says which).
     _check_fork(f"{where}.{fork_field} (step {fork_step})", fork_step, name, segment, data_end, previous_fork,
-                grid.warmup_steps)
+                grid.warmup_steps if candidates is None else 0)
     if candidates is not None and fork is not None and r.data == "tail" and fork_step + candidates[-1] > end:
         # A fixed fork leaves a tail branch end - fork steps of the version's data: the default bounds stop
         # there; written bounds that run past it are refused like a fixed decay that does.

@@ -65,8 +65,9 @@ class Plan:
             raise ConfigError("plan.export.tokenizer goes with the Hugging Face exports; set plan.export.hf: true "
                               "or remove it")
         candidates = self._resolve_versions()
-        if config.fork == "effective":
-            self.versions = [self._fork_effectively(v, r) for v, r in zip(self.versions, self._releases)]
+        if config.fork == "effective":  # an auto release's forks are its candidates' (_screen)
+            self.versions = [v if v.name in candidates else self._fork_effectively(v, r)
+                             for v, r in zip(self.versions, self._releases)]
         # Every decay_steps: auto release, undecided (its candidates) or fixed at its choice (``decided``).
         self.auto_decays: dict[str, AutoDecay] = {}
         for i, (v, r) in enumerate(zip(self.versions, self._releases)):
@@ -186,9 +187,10 @@ class Plan:
         for n in lengths:
             nominal_forks[n] = nominal = v.end_step - n if moves_with_decay(r) else v.release.nominal_step
             variant = self._variant(v, r, n)
-            forks[n] = variant[:2] if variant else (nominal, nominal + n)
-            why[n] = why_not(forks[n][0], self.warmup_steps, forecastable, interval) if variant else \
-                why_not(nominal, self.warmup_steps, 0, interval)
+            if isinstance(variant, str):
+                forks[n], why[n] = (nominal, nominal + n), variant
+            else:
+                forks[n], why[n] = variant[:2], why_not(variant[0], self.warmup_steps, forecastable, interval)
         usable, dropped = keep_usable(lengths, {n: f for n, (f, _) in forks.items()}, why, r.decay_bounds, where)
         return AutoDecay(tuple(usable), {n: forks[n] for n in usable}, {n: nominal_forks[n] for n in usable}, dropped)
 
@@ -202,13 +204,22 @@ class Plan:
         if shape is not None and shape != r.shape:
             r = dataclasses.replace(r, shape=shape, stable_fraction=None, drop_points=list(schedules.MULTISTEP_POINTS),
                                     drop_factors=None)
-        return self._variant(v, r, decay_steps)
+        variant = self._variant(v, r, decay_steps)
+        return None if isinstance(variant, str) else variant
 
-    def _variant(self, v: ResolvedVersion, r: ReleaseConfig, n: int) -> Optional[tuple]:
+    def _variant(self, v: ResolvedVersion, r: ReleaseConfig, n: int):
+        """(fork, end, LR) of ``v``'s branch decaying over ``n`` steps with settings ``r``, or why it cannot."""
         nominal = v.end_step - n if moves_with_decay(r) else v.release.nominal_step
-        fits = v.start_step <= nominal and nominal + n <= v.end_step if r.data == "tail" else n <= v.end_step
-        if n < 2 or not fits or nominal < self.warmup_steps:
-            return None
+        if n < 2:
+            return "is shorter than 2 steps (the first at eta_max, the last at eta_min)"
+        if r.data == "tail" and nominal < v.start_step:
+            return f"is longer than the version's {v.steps} steps of data (data: tail)"
+        if r.data == "tail" and nominal + n > v.end_step:
+            return f"runs past the end of the version's data at step {v.end_step} (data: tail)"
+        if r.data != "tail" and n > v.end_step:
+            return f"is longer than all data so far ({v.end_step} steps)"
+        if nominal < self.warmup_steps:
+            return why_not(nominal, self.warmup_steps, 0, 1)
         alt = dataclasses.replace(v, release=dataclasses.replace(v.release, step=nominal, nominal_step=nominal,
                                                                  decay_steps=n, shape=r.shape),
                                   branch_end=nominal + n)
