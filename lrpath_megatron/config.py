@@ -113,10 +113,13 @@ class ParallelConfig:
     # Both need megatron-core's Transformer Engine layer spec (refused without it, model.check_parallel_features).
     sequence_parallel: bool = False  # norms, dropout and residuals split over the TP ranks along the sequence
     context_parallel: int = 1  # ranks that each hold 1/CP of every sequence (ring attention)
+    # How long a collective waits for a rank that stopped answering before every other rank ends the job for
+    # requeue (Megatron-LM's --distributed-timeout-minutes; hang_guard). Also the floor of the step watchdog.
+    distributed_timeout_minutes: float = 10.0
 
     def validate(self) -> None:
         _positive(self, "parallel", ["tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
-                                     "context_parallel"])
+                                     "context_parallel", "distributed_timeout_minutes"])
         if self.virtual_pipeline is not None:
             _positive(self, "parallel", ["virtual_pipeline"])
             if self.pipeline_parallel < 2:
@@ -169,6 +172,10 @@ class ParallelConfig:
     def check_eval_batches(self, eval_batches: int, dp: int) -> None:
         """Each DP rank runs its 1/DP of the held-out micro-batches through the (interleaved) schedule."""
         pp = self.pipeline_parallel
+        if eval_batches < dp:
+            raise ConfigError(f"logging.eval_batches={eval_batches} held-out micro-batches per corpus, split over "
+                              f"data_parallel={dp} ranks, leave a rank without any; set logging.eval_batches to at "
+                              f"least {dp}")
         if self.virtual_pipeline is not None and eval_batches % (pp * dp):
             raise ConfigError(
                 f"logging.eval_batches={eval_batches} held-out micro-batches per corpus, split over "

@@ -41,8 +41,9 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("LRPATH_DEVICE", "auto") != "cpu"
 
 
-def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups.
+def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups, every
+    collective bounded by ``parallel.distributed_timeout_minutes``.
 
     The world shape is checked against the config BEFORE any collective, so a bad config fails on
     every rank with the same message instead of hanging.
@@ -58,7 +59,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
     else:
         cpu_compat.enable()
     if not torch.distributed.is_initialized():
-        backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s)
+        backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
         if env.world_size == 1:
             # One process needs no rendezvous: an in-process store, so single-process runs never compete
             # for MASTER_PORT on a shared machine.
@@ -72,6 +73,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Dis
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context_parallel,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_everything(seed)
     return env

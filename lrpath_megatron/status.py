@@ -47,6 +47,8 @@ class PathStatus:
     loss: Optional[float]  # last train loss in metrics.jsonl
     val_loss: Optional[float]  # last validation loss in metrics.jsonl
     val_step: Optional[int]
+    # the slowest rank at the last logged step of a multi-rank run: its rank, mean step time, lag behind the median
+    straggler: Optional[dict] = None
 
 
 @dataclass
@@ -104,6 +106,8 @@ def path_status(spec: PathSpec, layout: RunLayout, tokens_per_step: int) -> Path
         loss=train[-1]["loss"] if train else None,
         val_loss=val[-1]["val_loss"] if val else None,
         val_step=val[-1]["step"] if val else None,
+        straggler=next(({k: r[k] for k in ("step", "slowest_rank", "slowest_step_s", "straggler_lag_s")}
+                        for r in reversed(records) if "slowest_rank" in r), None),
     )
 
 
@@ -153,6 +157,10 @@ def format_status(status: RunStatus) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    stragglers = [f"  {p.name}: slowest rank {s['slowest_rank']} at step {s['step']}: {s['slowest_step_s']:.3f} s/step, "
+                  f"{s['straggler_lag_s']:.3f} s behind the median" for p in status.paths if (s := p.straggler)]
+    if stragglers:
+        lines += ["", "stragglers (last logged step):", *stragglers]
     lines += ["", "releases:"]
     for r in status.releases:
         how = "decay branch" if r.method == "decay" else "merge"

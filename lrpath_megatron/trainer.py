@@ -9,6 +9,7 @@ to save and leave.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import signal
 import time
 
@@ -20,6 +21,7 @@ from lrpath_megatron.checkpoint.policy import Checkpointer
 from lrpath_megatron.config import TrainConfig
 from lrpath_megatron.data import TrainData, ValidData
 from lrpath_megatron.errors import EXIT_REQUEUE, LrpathError
+from lrpath_megatron.hang_guard import StepWatchdog, is_peer_failure, leave_for_requeue
 from lrpath_megatron.hf.start import with_imported_origin
 from lrpath_megatron.metrics import MetricsLogger, peak_flops
 from lrpath_megatron.model import build_model_chunks, check_parallel_features, transformer_config
@@ -32,6 +34,8 @@ class Trainer:
         self.cfg, self.run, self.path = cfg, run, run.path
         self.stop_at_step = stop_at_step
         self._signal: int | None = None
+        self._phase = "setup"  # what the loop is doing, for the message when a collective fails
+        self._step_times: list[float] = []  # this rank's step times since the last logged step
 
     # ---------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -91,6 +95,7 @@ class Trainer:
         if self.run.pause and end == self.run.pause[0]:
             self._print(f"[{self.run.name}] {self.run.pause[1]}")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        watchdog = StepWatchdog(60 * self.cfg.parallel.distributed_timeout_minutes, self._where)
         try:
             if self.step >= end:
                 if not self.checkpointer.has_checkpoint(self.step):
@@ -99,37 +104,52 @@ class Trainer:
                 return 0
             last_saved = self.step if self.start.checkpoint is not None else -1
             while self.step < end:
+                self._phase = "training step"
                 self.checkpointer.poll()  # a background write that finished is committed; one that failed stops here
                 record = self._train_step()
                 self.checkpointer.trained(self.step)
                 self.step += 1
+                watchdog.progress()
                 interval = self.cfg.logging.eval_interval
                 if interval and (self.step % interval == 0 or self.step == end):
+                    self._phase = "evaluation"
                     record.update(self.evaluate())
+                    watchdog.progress()
                 if self.step % self.cfg.logging.log_interval == 0 or self.step == end or "val_loss" in record:
                     # The blend realised since the last logged step, its stage, switches and epoch wraps.
                     stats = self.train_data.pop_stats()
                     record.update(samples_per_corpus=stats["samples"], mix_fractions=stats["fractions"],
-                                  stage=stats["stage"], events=stats["events"])
+                                  stage=stats["stage"], events=stats["events"], **self._stragglers())
+                    self._phase = "metrics write"
                     self.logger.log(record)
                 # One rank's signal (SLURM signals ranks at slightly different times) or wall clock saying
                 # "save" means every rank saves.
                 signalled, time_due = ranks.on_any_rank(self._signal is not None, self.checkpointer.time_due())
                 if signalled or time_due or self.checkpointer.should_save(self.step):
+                    self._phase = "checkpoint save"
                     self.save(for_resume=signalled)
+                    watchdog.progress()
                     last_saved = self.step
                 if signalled:
                     self.checkpointer.finish()
                     self._print(f"[{self.run.name}] signal received: saved at step {self.step}, exiting for requeue")
                     return EXIT_REQUEUE
+            self._phase = "checkpoint save"
             if last_saved != self.step:
                 self.save()
             self.checkpointer.finish()
             return 0
-        except BaseException:
+        except BaseException as exc:
             self.checkpointer.abort()  # a background write of a failed run is not waited for
+            if is_peer_failure(exc):
+                # Nothing half-written becomes visible: a background write is committed only after every
+                # rank reported it complete, which a rank that is gone never will.
+                self.logger.close()
+                leave_for_requeue(f"{self._where()}: a collective failed, another rank stopped answering or is "
+                                  f"gone ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
             raise
         finally:
+            watchdog.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
@@ -151,6 +171,7 @@ class Trainer:
             raise LrpathError(f"optimizer step {step} failed (non-finite gradients)")
         loss = forward.global_mean(losses)
         elapsed = time.perf_counter() - start
+        self._step_times.append(elapsed)
         tokens = cfg.parallel.global_batch_size * cfg.model.seq_length
         tps = tokens / elapsed
         return {
@@ -198,6 +219,21 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
+
+    def _where(self) -> str:
+        return f"[{self.run.name}] rank {self.env.rank}: {self._phase} at step {self.step}"
+
+    def _stragglers(self) -> dict:
+        """Collective, on logged steps only: the rank whose steps since the last log were slowest on average,
+        that mean step time and its lag behind the median rank's."""
+        mine = sum(self._step_times) / max(1, len(self._step_times))
+        self._step_times = []
+        if self.env.world_size == 1:
+            return {}
+        times = ranks.gather(mine)
+        slowest = max(range(len(times)), key=times.__getitem__)
+        median = statistics.median(times)
+        return {"slowest_rank": slowest, "slowest_step_s": times[slowest], "straggler_lag_s": times[slowest] - median}
 
     def _print(self, msg: str) -> None:
         if self.is_rank0:

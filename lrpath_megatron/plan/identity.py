@@ -37,6 +37,7 @@ def _hashed_train_config(train_config) -> dict:
     # How and when checkpoints are written does not change what trains.
     for key in ("async_save", "save_interval_minutes"):
         del cfg["checkpoint"][key]
+    del cfg["parallel"]["distributed_timeout_minutes"]  # how long a hung rank is waited for changes no step
     # Layout levers added later hash only when set, so plans written before them keep their hash.
     for key, default in (("virtual_pipeline", None), ("sequence_parallel", False), ("context_parallel", 1)):
         if cfg["parallel"][key] == default:
