@@ -29,6 +29,9 @@ ENV_DEFAULTS = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron-core orders TP communication before compute kernels
     "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",  # frees async-collective buffers promptly (less memory)
     "NCCL_DEBUG": "WARN",  # NCCL problems in the log without per-call noise
+    # A timed-out or broken collective raises in the rank (which then writes its stacks and exits 3 for
+    # requeue, hang_guard) instead of NCCL's watchdog aborting the process.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
     "OMP_NUM_THREADS": "1",  # what torchrun sets: no CPU oversubscription by one-process-per-GPU ranks
     "PYTHONUNBUFFERED": "1",  # log lines appear while the job runs
 }
