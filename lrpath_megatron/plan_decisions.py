@@ -3,7 +3,7 @@ reads, reading a record back (validated against the plan and the run), writing o
 the recorded choices to a plan. Making a choice is the release forecast's (release_forecast.choose_decay).
 
 A choice reads the run up to its release's earliest candidate fork: the main path's scheduled evaluations up
-to there and the finished curves of the earlier branches that end by then (``Plan.choice_reads``). It is made
+to there and the finished curves of the earlier branches that end by then (``AutoDecay.reads``). It is made
 only once all of that exists, so the same plan and the same metrics give the same choice whatever order the
 jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
 observations it read; a record that does not match the plan or the run is refused naming what differs.
@@ -45,7 +45,7 @@ def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
     """What the choice of undecided auto release ``name`` reads in ``run_dir`` (``plan``: with the earlier
     releases' recorded choices applied) and what of it does not exist yet."""
     layout, first = RunLayout(Path(run_dir)), plan.auto_decays[name].fork_span[0]
-    reads, missing = plan.choice_reads(name), []
+    reads, missing = plan.auto_decays[name].reads, []
     latest = find_latest(layout.path("main").checkpoints)
     at = read_manifest(latest)["step"] if latest is not None else None
     if at is None or at < first:

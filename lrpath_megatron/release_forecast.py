@@ -48,8 +48,8 @@ class ForecastConfig:
 
 def path_lrs(plan: Plan, name: str, end: int) -> np.ndarray:
     """The LR of updates 0..end-1 of path ``name``: the main path's before its fork."""
-    spec, main = plan.path(name), plan.path("main")
-    return np.array([main.lr(i) if i < spec.fork_step else spec.lr(i) for i in range(end)])
+    spec = plan.path(name)
+    return variant_lrs(plan, spec.fork_step, end, spec.lr)
 
 
 def variant_lrs(plan: Plan, fork: int, end: int, lr) -> np.ndarray:
