@@ -1,4 +1,4 @@
-"""A real SLURM cluster on localhost for tests: munged + slurmctld + two slurmd nodes (n1, n2) on loopback.
+"""A real SLURM cluster on localhost for tests: munged + slurmctld + slurmd nodes (n1, n2, ...) on loopback.
 
 Everything (keys, state, spool, logs, pid files) lives in one temporary directory. The Debian packages
 ``slurm-wlm`` and ``munge`` are installed on first use when missing (CI runs as root on a fresh machine).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-NODES = ("n1", "n2")
+NODES = ("n1", "n2")  # the default cluster; a test that needs a spare node asks for more
 CPUS_PER_NODE = 2  # declared, not real: lets one branch share a node with the main path's rank
 PARTITION = "debug"
 
@@ -72,6 +72,7 @@ def _free_ports(n: int) -> list[int]:
 @dataclass
 class LocalSlurmCluster:
     root: Path
+    nodes: tuple = NODES
     conf: Path = field(init=False)
     env: dict = field(init=False)
     _munge_pid_file: Path = field(init=False)
@@ -88,7 +89,7 @@ class LocalSlurmCluster:
         socket_path = self._start_munge()
         self._write_conf(socket_path)
         _run(["slurmctld", "-f", str(self.conf)], env=self.env)
-        for node in NODES:
+        for node in self.nodes:
             _run(["slurmd", "-f", str(self.conf), "-N", node], env=self.env)
         self._wait_idle()
         return self
@@ -112,13 +113,13 @@ class LocalSlurmCluster:
         return sock
 
     def _write_conf(self, munge_socket: Path) -> None:
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
         r = self.root
         (r / "state").mkdir()
         (r / "spool").mkdir()
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} State=UNKNOWN"
-            for n, p in zip(NODES, node_ports)
+            for n, p in zip(self.nodes, node_ports)
         )
         self.conf.write_text(f"""\
 ClusterName=lrpathtest
@@ -149,7 +150,7 @@ SelectTypeParameters=CR_CPU
 SchedulerParameters=batch_sched_delay=0,sched_interval=2
 DependencyParameters=kill_invalid_depend
 {nodes}
-PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _wait_idle(self, timeout: float = 30) -> None:
@@ -158,7 +159,7 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
         while time.time() < deadline:
             out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, check=False)
             states = dict(line.split() for line in out.splitlines() if line.strip())
-            if all(states.get(n) == "idle" for n in NODES):
+            if all(states.get(n) == "idle" for n in self.nodes):
                 return
             time.sleep(0.3)
         raise ClusterUnavailable(f"nodes not idle after {timeout}s (sinfo: {out.strip()!r}); "
@@ -198,7 +199,7 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
             while time.time() < deadline and _run(["squeue", "-h"], env=self.env, check=False, timeout=15).strip():
                 time.sleep(0.5)
             _run(["scontrol", "shutdown"], env=self.env, check=False, timeout=15)
-        for pid_file in [self.root / "slurmctld.pid"] + [self.root / f"slurmd-{n}.pid" for n in NODES]:
+        for pid_file in [self.root / "slurmctld.pid"] + [self.root / f"slurmd-{n}.pid" for n in self.nodes]:
             _stop_pid(_read_pid(pid_file), grace=3)
         for pid in self._step_daemons():  # a step stuck on its I/O survives all of the above
             _stop_pid(pid, grace=0)

@@ -1,11 +1,13 @@
 """A rank that stops (SIGSTOP) or dies (kill -9) alone: every other rank exits with the requeue code within
 the collective timeout, its log names the step and holds every thread's stack, no partial checkpoint becomes
 visible, and the job resumes to the uninterrupted run's losses bit for bit. A stall that is no collective (a
-write that blocks) is ended by the step watchdog."""
+write that blocks) is ended by the step watchdog. On a real three-node SLURM cluster the generated script
+requeues the job without the node whose rank hung, and gives up after ``max_restarts`` faults."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, losses, run_lrpath, tiny_config
+from slurm_cluster import ClusterUnavailable, LocalSlurmCluster
 from lrpath_megatron.checkpoint.layout import is_complete, verify
 from lrpath_megatron.errors import EXIT_REQUEUE
 
@@ -125,3 +128,94 @@ def test_a_stall_outside_collectives_is_ended_by_the_watchdog(demo_data, tmp_pat
     log = Path(f"{run}.stalled.rank0.log").read_text()
     assert code == EXIT_REQUEUE, log[-3000:]
     assert "metrics write at step" in log and "no progress for" in log and "most recent call first" in log
+
+
+# ------------------------------------------------------------------------------- on a real SLURM cluster
+LOCAL_PROFILE = REPO / "examples" / "cluster_local.yaml"
+LRPATH = str(Path(sys.executable).with_name("lrpath"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three nodes: the main path runs on two, the third is the spare a requeued job can move to."""
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm3"), nodes=("n1", "n2", "n3"))
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        cluster.stop()
+        pytest.fail(f"the fault tests need a local SLURM cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def submit_main(cluster, plan: Path, root: Path, *profile_sets: str) -> tuple[str, Path]:
+    """Render the plan's scripts for the test cluster (collective timeout 15 s) and submit the main path's."""
+    run, out = root / "run", root / "scripts"
+    args = ["launch", str(plan), "--slurm", "--cluster", str(LOCAL_PROFILE), "--run-dir", str(run), "--out", str(out),
+            "--set", f"parallel.distributed_timeout_minutes={TIMEOUT_MIN}", "--cluster-set", f"lrpath={LRPATH}",
+            "--cluster-set", "rank_exit_wait=5"]
+    run_lrpath(args + [a for s in profile_sets for a in ("--cluster-set", s)])
+    return cluster.run("sbatch", "--parsable", str(out / "main.sbatch")).strip().split(";")[0], run
+
+
+def rank_pid(job_id: str, node: str) -> int:
+    """The training process of the job's rank on ``node`` (all nodes share this machine; srun, on the first
+    node, carries the same command line)."""
+    marks = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURMD_NODENAME={node}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            if b"train" in argv and not argv[0].endswith(b"srun") and \
+                    marks <= set((proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no rank of job {job_id} on {node}")
+
+
+def wait_until_ended(cluster, job_id: str, log: Path, timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while (info := cluster.job_info(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, f"job {job_id} still {info['JobState']}\n{log.read_text()[-4000:]}"
+        time.sleep(1)
+    return info
+
+
+def test_on_slurm_the_job_is_requeued_without_the_node_whose_rank_hung(job, cluster, tmp_path):
+    plan, reference, _ = job
+    job_id, run = submit_main(cluster, plan, tmp_path, "max_restarts=1")
+    log = run / "main" / "logs" / f"slurm-{job_id}.out"
+    wait_for_step(run / "main", 9, [])
+    assert cluster.job_info(job_id)["NodeList"] == "n[1-2]"
+    os.kill(rank_pid(job_id, "n2"), signal.SIGSTOP)
+    info = wait_until_ended(cluster, job_id, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert info["NodeList"] == "n[1,3]" and info["ExcNodeList"] == "n2", info
+    # The rank on n1 timed out on its peer and said so; rank 1 (n2) wrote nothing: its node is left out.
+    faults = run / "main" / "logs" / "faults" / f"{job_id}.0"
+    assert sorted(p.name for p in faults.iterdir()) == ["rank-0@n1.peer"]
+    assert "another rank stopped answering or is gone" in (faults / "rank-0@n1.peer").read_text()
+    assert "ranks without a record: 1; suspect nodes: n2" in text, text[-4000:]
+    assert f"requeued job {job_id} without nodes n2" in text and "most recent call first" in text
+    # The resumed run's metrics are the uninterrupted run's bit for bit; every loss the log printed, those of
+    # the steps the first attempt trained before the hang included, is the uninterrupted run's (4 decimals).
+    expected = losses(reference / "main")
+    assert losses(run / "main") == expected
+    printed = [(int(m[1]), m[2]) for m in re.finditer(r"^main step (\d+) \| loss (\S+)", text, re.M)]
+    assert len(printed) > STEPS and all(loss == f"{expected[step]:.4f}" for step, loss in printed), printed
+
+
+def test_on_slurm_a_job_past_max_restarts_is_not_requeued(job, cluster, tmp_path):
+    plan, _, _ = job
+    job_id, run = submit_main(cluster, plan, tmp_path, "max_restarts=0")
+    log = run / "main" / "logs" / f"slurm-{job_id}.out"
+    wait_for_step(run / "main", 3, [])
+    os.kill(rank_pid(job_id, "n1"), signal.SIGKILL)
+    info = wait_until_ended(cluster, job_id, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-4000:]
+    assert "ranks without a record: 0; suspect nodes: n1" in text
+    assert "more than max_restarts=0: not requeued" in text, text[-4000:]

@@ -260,6 +260,8 @@ def test_rendered_scripts(plan_file, tmp_path):
     assert not any(o.startswith("--gpus-per-node") for o in opts)  # request_gpus: false
     assert "--run-dir \"$RUN_DIR\" --set seed=7" in main and f"PLAN={plan_file}" in main
     assert "--nodes=1" in (out / "v1.sbatch").read_text()  # branches.nodes
+    # after a hang or a dead rank: at most max_restarts requeues, srun ends the others rank_exit_wait s later
+    assert "MAX_RESTARTS=3" in main and "--kill-on-bad-exit=0 --wait=120" in main
     assert (run / "v2" / "logs").is_dir()  # sbatch cannot create its output directory itself
     submit = (out / "submit.sh").read_text()
     assert "job_main_30=$(sbatch --parsable --job-name=lrpath-main-to-30 main.sbatch 30)" in submit
@@ -287,6 +289,7 @@ def test_h100_example_profile(tmp_path):
     ({"gpus_per_node": 6}, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], "do not divide one another"),
     ({"time": "00:01:00"}, [], "shorter than one checkpoint interval"),
     ({"seconds_per_step": 0}, [], "seconds_per_step is not set"),
+    ({"max_restarts": -1}, [], "max_restarts must be >= 0"),
 ])
 def test_bad_profile_fails_before_anything_is_written(plan_file, tmp_path, capsys, profile_changes, plan_sets,
                                                       expected):

@@ -52,6 +52,11 @@ class ClusterProfile:
     memory_check: bool = True
     startup_seconds: float = 120.0  # imports, rendezvous, checkpoint load before the first step
     signal_grace: int = 300  # seconds: --signal=USR1@grace, time to finish a step and save
+    # Requeues per job after a hang or a dead rank (preemptions and time-limit saves are not counted).
+    max_restarts: int = 3
+    # Seconds srun waits, after the first rank exits, before it ends the others (srun --wait): time for
+    # every rank to finish a signal-triggered save, or to time out on a lost peer and write its fault record.
+    rank_exit_wait: int = 120
     lrpath: str = "lrpath"  # the command each rank runs (an absolute path when PATH differs on nodes)
     setup: list = field(default_factory=list)  # bash lines before srun: module load, venv activate
     env: dict = field(default_factory=dict)  # exported after (and overriding) the NCCL/CUDA defaults
@@ -75,9 +80,12 @@ class ClusterProfile:
         if not self.time:
             raise ConfigError(f"{where}: time is not set; add the job time limit, e.g. `time: \"04:00:00\"`")
         parse_time(self.time, f"{where}: time")
-        for name in ("nodes", "gpus_per_node", "signal_grace"):
+        for name in ("nodes", "gpus_per_node", "signal_grace", "rank_exit_wait"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be > 0, got {getattr(self, name)}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"{where}: max_restarts must be >= 0 (0: a job that hung is not requeued), "
+                              f"got {self.max_restarts}")
         if self.seconds_per_step <= 0:
             raise ConfigError(
                 f"{where}: seconds_per_step is not set; give the estimated wall seconds of one training step "

@@ -12,17 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lrpath_megatron.errors import EXIT_REQUEUE
 from lrpath_megatron.launch.jobs import MAIN, Job, export_args, merge_args, merge_time
 from lrpath_megatron.launch.profile import ClusterProfile
+from lrpath_megatron.launch.requeue import after_step_lines, fault_setup_lines
 from lrpath_megatron.run_layout import RunLayout
-
-# Exit code of `lrpath train` after a signal-triggered save: "requeue me".
-
-# Seconds srun waits, after the first rank exits, before it ends the others. Not --kill-on-bad-exit: that
-# would kill ranks still finishing a signal-triggered save the moment the first rank exits with code 3;
-# a crashed rank still ends a step stuck in a collective after this wait.
-RANK_EXIT_WAIT = 120
 
 # Defaults exported unless already set in the submitting environment or overridden by profile.env.
 ENV_DEFAULTS = {
@@ -101,7 +94,9 @@ def render_sbatch(spec: LaunchSpec, path: str) -> str:
     # USR1 goes to the srun step: the trainer saves and exits EXIT_REQUEUE before the limit.
     opts = _sbatch_options(spec, path, time_limit, placement, [f"--signal=USR1@{prof.signal_grace}"])
 
-    srun = ["srun", f"--ntasks-per-node={prof.gpus_per_node}", "--kill-on-bad-exit=0", f"--wait={RANK_EXIT_WAIT}"]
+    # Not --kill-on-bad-exit: that would kill ranks still finishing a signal-triggered save the moment the
+    # first rank exits with code 3; srun ends the others rank_exit_wait seconds after the first exit.
+    srun = ["srun", f"--ntasks-per-node={prof.gpus_per_node}", "--kill-on-bad-exit=0", f"--wait={prof.rank_exit_wait}"]
     srun += _container_opts(prof) + [str(o) for o in prof.srun_extra]
     train = [prof.lrpath, "train", '"$PLAN"', "--path", path, "--run-dir", '"$RUN_DIR"']
     for item in spec.overrides:
@@ -139,8 +134,9 @@ def render_sbatch(spec: LaunchSpec, path: str) -> str:
     ]
     lines += [f"export {k}=${{{k}:-{v}}}" for k, v in ENV_DEFAULTS.items()]
     lines += _profile_env(prof)
+    lines += fault_setup_lines(log_dir(spec, path), prof.gpus_per_node, prof.max_restarts)
     lines += _step_lines(f"path {path} ${{STOP_ARGS[*]}} on $SLURM_JOB_NODELIST", srun, train, f"path {path}",
-                         requeue=True)
+                         after_step_lines())
     return "\n".join(lines)
 
 
@@ -177,23 +173,17 @@ def render_cpu_sbatch(spec: LaunchSpec, job: Job) -> str:
     return "\n".join(lines)
 
 
-def _step_lines(started: str, srun: list[str], command: list[str], finished: str, requeue: bool = False) -> list[str]:
-    """The job's one srun step between a start and an exit line; with ``requeue``, the trainer's exit after a
-    signal-triggered save requeues the job instead of ending it."""
+def _step_lines(started: str, srun: list[str], command: list[str], finished: str,
+                after: list[str] = ()) -> list[str]:
+    """The job's one srun step between a start and an exit line, with ``after`` (the requeue decisions of a
+    training job) in between."""
     lines = [
         "",
         f'echo "lrpath: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) {started}, start $(date -Is)"',
         " \\\n    ".join([" ".join(srun), " ".join(command)]),
         "rc=$?",
+        *after,
     ]
-    if requeue:
-        lines += [
-            f"if [[ $rc -eq {EXIT_REQUEUE} ]]; then",
-            "    # The trainer saved a checkpoint on USR1/TERM: rerun this job; it resumes from that checkpoint.",
-            '    echo "lrpath: saved on signal, requeueing job $SLURM_JOB_ID at $(date -Is)"',
-            '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
-            "fi",
-        ]
     return lines + [f'echo "lrpath: {finished} exited $rc at $(date -Is)"', "exit $rc", ""]
 
 
