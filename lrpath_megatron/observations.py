@@ -43,11 +43,11 @@ def observations(plan, run_dir: Path, eval_files: list = ()) -> list[Observation
     return [Observation(n, s, pc) for (n, s), pc in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
 
 
-def known_before(plan, obs: list[Observation], step: int) -> list[Observation]:
-    """What exists when a branch forks at main-path ``step``: main-path points up to it and the branches
-    that finished by then."""
+def known_before(plan, obs: list[Observation], step: int, version: str | None = None) -> list[Observation]:
+    """What exists when a branch forks (or a merge is made) at main-path ``step``: main-path points up to it
+    and the releases that finished by then, except ``version``'s own (a merge at ``step`` is not yet made)."""
     ends = {v.name: v.branch_end for v in plan.versions}
-    return [o for o in obs if (o.step <= step if o.path == "main" else ends[o.path] <= step)]
+    return [o for o in obs if (o.step <= step if o.path == "main" else ends[o.path] <= step and o.path != version)]
 
 
 def on_schedule(plan, obs: list[Observation]) -> list[Observation]:

@@ -6,9 +6,12 @@ Each observation is placed in the version whose data it follows: a main-path poi
 segment's start (the data switch; see :class:`forecast.Curve`).
 
 Targets: per version its evaluation blend (the mean loss over the corpora of D_1..D_v: what the version
-must know), and every corpus alone. A release is forecast from the main path's LR up to its fork and its
-branch's LR after, for the configured decay and for candidate lengths and shapes; the shortest candidate
-whose forecast is within ``tolerance`` of the longest one's is marked.
+must know), and every corpus alone. A decay release is forecast from the main path's LR up to its fork and
+its branch's LR after, for the configured decay and for candidate lengths and shapes; the shortest candidate
+whose forecast is within ``tolerance`` of the longest one's is marked. A merge release (WSM) is forecast as
+the decay it emulates (:func:`merge_lrs`), for its window and for candidate windows; the lowest is marked.
+Merged releases already measured are observations like finished branches (for a plan of merges only, they
+are what the annealing term is fitted to).
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import numpy as np
 
 from lrpath_megatron import plan_decisions
 from lrpath_megatron.errors import LrpathError
+from lrpath_megatron.config import ConfigError
 from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, fit_law
+from lrpath_megatron.merge_weights import merge_save_steps, merge_weights
 from lrpath_megatron.observations import Observation, known_before, observations
 from lrpath_megatron.plan import Plan
 from lrpath_megatron.plan.auto_decay import AUTO_DECAY_FRACTIONS
@@ -58,6 +63,43 @@ def variant_lrs(plan: Plan, fork: int, end: int, lr) -> np.ndarray:
     return np.array([main.lr(i) if i < fork else lr(i) for i in range(end)])
 
 
+def merge_lrs(plan: Plan, save_steps, weights: str) -> np.ndarray:
+    """The LR of updates 0..last-1 that a merge of the main path's checkpoints at ``save_steps`` emulates
+    (lrpath_megatron.merge_weights): the main path's up to the first checkpoint, then the updates into
+    checkpoint j at the main path's LR times the multiplier w_j."""
+    steps = sorted(save_steps)
+    multipliers = merge_weights(weights, len(steps)).multipliers
+    lrs = path_lrs(plan, "main", steps[-1])
+    for j, w in enumerate(multipliers, start=1):
+        lrs[steps[j - 1]:steps[j]] *= w
+    return lrs
+
+
+def release_lrs(plan: Plan, index: int) -> np.ndarray:
+    """The LR of every update up to version ``index``'s release: its branch's, or the decay its merge emulates."""
+    v = plan.versions[index]
+    if v.release.method == "merge":
+        return merge_lrs(plan, v.release.merge["save_steps"], v.release.merge["weights"])
+    return path_lrs(plan, v.name, v.branch_end)
+
+
+def merge_windows(plan: Plan, index: int, fractions) -> dict:
+    """Per candidate window (``fractions`` of the version's steps, rounded to a multiple of the checkpoint
+    spacing, and the release's own) of version ``index``'s merge: its checkpoint steps; windows that start
+    inside the warmup or before step 0 are left out."""
+    v = plan.versions[index]
+    m = v.release.merge
+    k = m["num_checkpoints"] - 1
+    own = m["save_steps"][-1] - m["save_steps"][0]
+    out = {}
+    for window in sorted({max(k, round(f * v.steps / k) * k) for f in fractions} | {own}):
+        try:
+            out[window] = merge_save_steps(v.release.step, window, k + 1, plan.warmup_steps)
+        except ConfigError:
+            continue
+    return out
+
+
 def seen_corpora(plan: Plan, index: int) -> list[str]:
     """The corpora of D_1..D_v (v = ``index``), the version's evaluation blend."""
     return list(dict.fromkeys(c for v in plan.versions[: index + 1] for c in v.corpora))
@@ -83,12 +125,18 @@ def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_l
         seen = seen_corpora(plan, upto if one_law else v.index)
         main_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get("main", [])
                     if v.start_step < o.step <= v.end_step]
-        branch_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get(v.name, [])
-                      if o.step > plan.path(v.name).fork_step] if v.release.method == "decay" else []
+        if v.release.method == "decay":
+            branch_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get(v.name, [])
+                          if o.step > plan.path(v.name).fork_step]
+        else:  # the merged release, at the step of its last checkpoint
+            branch_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get(v.name, [])
+                          if o.step == v.release.step]
         for name, pts in (("main", main_pts), (v.name, branch_pts)):
             pts = [(s, x) for s, x in pts if x is not None]
             if pts:
-                lrs = path_lrs(plan, name, max(s for s, _ in pts))
+                end = max(s for s, _ in pts)
+                lrs = release_lrs(plan, v.index) if name != "main" and v.release.method == "merge" else \
+                    path_lrs(plan, name, end)
                 curves.append(Curve(name, lrs, [s for s, _ in pts], [x for _, x in pts],
                                     origin=0 if one_law else v.start_step, group="" if one_law else v.name))
     return curves
@@ -96,7 +144,7 @@ def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_l
 
 def forecast_release(fit, plan: Plan, index: int) -> tuple[float, float]:
     v = plan.versions[index]
-    return fit.predict(path_lrs(plan, v.name, v.branch_end), v.start_step, v.name)
+    return fit.predict(release_lrs(plan, index), v.start_step, v.name)
 
 
 def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] = None) -> dict:
@@ -111,14 +159,26 @@ def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] =
     return out
 
 
-def candidates(fit, plan: Plan, index: int, config: ForecastConfig) -> list[dict]:
-    """Forecasts for candidate decays of version ``index``; per shape, the shortest within tolerance is
-    marked ``enough``."""
-    v = plan.versions[index]
+def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Optional[dict] = None) -> list[dict]:
+    """Forecasts for candidate decays of version ``index`` (per shape, the shortest within tolerance is
+    marked ``enough``) or, for a merge, candidate windows with its weights (the lowest forecast is marked);
+    those of the release's own kind corrected by its ``record`` (:func:`calibrated`)."""
+    v, record = plan.versions[index], record or {}
+    if v.release.method == "merge":
+        weights = v.release.merge["weights"]
+        rows = [{"shape": f"merge {weights}", "window_steps": w, "checkpoints": steps, "enough": False,
+                 **dict(zip(("loss", "sd"), calibrated(*fit.predict(merge_lrs(plan, steps, weights), v.start_step,
+                                                                   v.name), record)))}
+                for w, steps in merge_windows(plan, index, config.fractions).items()]
+        if rows:
+            min(rows, key=lambda r: r["loss"])["enough"] = True
+        return rows
     lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} | {v.release.decay_steps})
     rows = []
     for shape in dict.fromkeys([v.release.shape, *config.shapes]):
-        shape_rows = [{"shape": shape, "decay_steps": n, "branch_steps": own, "loss": loss, "sd": sd, "enough": False}
+        own_record = record if shape == v.release.shape else {}
+        shape_rows = [{"shape": shape, "decay_steps": n, "branch_steps": own, "enough": False,
+                       **dict(zip(("loss", "sd"), calibrated(loss, sd, own_record)))}
                       for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
         if shape_rows:
             longest = max(shape_rows, key=lambda r: r["decay_steps"])["loss"]
@@ -127,10 +187,51 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig) -> list[dict
     return rows
 
 
-def backtest(plan: Plan, obs: list[Observation], index: int, target: str = BLEND) -> tuple[float, float]:
-    """The forecast of version ``index``'s release from what was known before its branch started."""
-    known = known_before(plan, obs, plan.versions[index].release.step)
-    return forecast_release(fit_law(curves_for(plan, known, target, index)), plan, index)
+def backtest(plan: Plan, obs: list[Observation], index: int, target: str = BLEND,
+             calibrate: bool = True) -> tuple[float, float]:
+    """The forecast of version ``index``'s release from what was known before it started (its branch forked
+    or its merge was made); ``calibrate``: corrected by the track record of the plan's earlier releases of
+    its kind (:func:`calibrated`)."""
+    v = plan.versions[index]
+    known = known_before(plan, obs, v.release.step, v.name)
+    loss, sd = forecast_release(fit_law(curves_for(plan, known, target, index)), plan, index)
+    return calibrated(loss, sd, track_record(plan, known, index, target)) if calibrate else (loss, sd)
+
+
+def release_kind(plan: Plan, index: int) -> str:
+    """What a release's forecast errors are shared by: the method and its shape (a merge: its weights)."""
+    r = plan.versions[index].release
+    return f"merge {r.merge['weights']}" if r.method == "merge" else f"decay {r.shape}"
+
+
+def track_record(plan: Plan, known: list[Observation], index: int, target: str = BLEND) -> dict:
+    """Per earlier release of the same kind measured in ``known``: its forecast's signed relative error
+    (forecast / measured - 1), the forecast made from what was known before it."""
+    out = {}
+    for u in plan.versions[:index]:
+        if release_kind(plan, u.index) != release_kind(plan, index):
+            continue
+        measured = _target_value(release_loss(plan, known, u.index) or {}, target, seen_corpora(plan, u.index))
+        if measured is None:
+            continue
+        try:
+            out[u.name] = backtest(plan, known, u.index, target, calibrate=False)[0] / measured - 1
+        except ForecastError:
+            continue  # the first release: no decay seen before it
+    return out
+
+
+def calibrated(loss: float, sd: float, record: dict) -> tuple[float, float]:
+    """A forecast corrected by the mean signed error of its kind's earlier forecasts (a law's bias on a
+    shape or merge repeats from version to version), its deviation widened by their spread (half the one
+    error when there is one). Without a record: unchanged."""
+    if not record:
+        return loss, sd
+    errors = np.array(list(record.values()))
+    bias = float(errors.mean())
+    spread = float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else 0.0
+    corrected = loss / (1 + bias)
+    return corrected, float(np.hypot(sd, corrected * spread))
 
 
 def release_loss(plan: Plan, obs: list[Observation], index: int) -> Optional[dict]:
@@ -173,8 +274,8 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
 
 def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastConfig(),
                   eval_files: list = ()) -> dict:
-    """Per decay release not released yet: per target (the version's blend, each corpus) the fit, the
-    forecast of the configured decay and, for the blend, the candidates; or why there is no fit. Per
+    """Per release not released yet: per target (the version's blend, each corpus) the fit, the forecast of
+    the configured decay or merge and, for the blend, the candidates; or why there is no fit. Per
     release whose decay a forecast chose (decay_steps: auto): that forecast, and its error once released."""
     if not Path(run_dir).is_dir():
         raise LrpathError(f"no run at {run_dir}: nothing trained there to forecast from")
@@ -197,15 +298,20 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
                 actual = float(np.mean([measured[c] for c in seen]))
                 row["decay_choice"].update(measured_loss=actual,
                                            error=row["decay_choice"]["predicted_loss"] - actual)
-        if v.release.method != "decay" or released:
+        if v.release.method == "merge":
+            row["merge"] = {k: v.release.merge[k] for k in ("weights", "num_checkpoints", "save_steps")}
+        if released:
             out["releases"].append(row)
             continue
         for target in [BLEND, *corpora]:
             try:
                 fit = fit_law(curves_for(plan, obs, target, v.index), config.law)
-                loss, sd = forecast_release(fit, plan, v.index)
-                row["targets"][target] = {"loss": loss, "sd": sd, "fit": fit.to_dict(),
-                                          "candidates": candidates(fit, plan, v.index, config)
+                raw = forecast_release(fit, plan, v.index)
+                record = track_record(plan, known_before(plan, obs, v.release.step, v.name), v.index, target)
+                loss, sd = calibrated(*raw, record)
+                row["targets"][target] = {"loss": loss, "sd": sd, "law_loss": raw[0], "law_sd": raw[1],
+                                          "track_record": record, "fit": fit.to_dict(),
+                                          "candidates": candidates(fit, plan, v.index, config, record)
                                           if target == BLEND else None}
             except ForecastError as exc:
                 row["targets"][target] = {"refused": str(exc)}
@@ -224,9 +330,6 @@ def format_forecast(result: dict) -> str:
             if "error" in choice:
                 told += f", measured {choice['measured_loss']:.4f} (error {choice['error']:+.4f})"
             lines.append(f"{r['version']}: decay_steps auto chose {choice['decay_steps']} steps at launch: {told}")
-        if r["method"] != "decay":
-            lines.append(f"{r['version']}: released by {r['method']}: nothing to forecast")
-            continue
         if r["released"]:
             lines.append(f"{r['version']}: released")
             continue
@@ -234,12 +337,21 @@ def format_forecast(result: dict) -> str:
         if "refused" in blend:
             lines.append(f"{r['version']}: no forecast: {blend['refused']}")
             continue
-        lines.append(f"{r['version']}: {r['shape']} decay of {r['decay_steps']} steps -> blend val loss "
-                     f"{blend['loss']:.4f} ± {blend['sd']:.4f}")
+        what = (f"merge ({r['merge']['weights']}) of main-path steps {', '.join(map(str, r['merge']['save_steps']))}"
+                if r["method"] == "merge" else f"{r['shape']} decay of {r['decay_steps']} steps")
+        lines.append(f"{r['version']}: {what} -> blend val loss {blend['loss']:.4f} ± {blend['sd']:.4f}")
+        if blend["track_record"]:
+            errors = ", ".join(f"{u} {e:+.2%}" for u, e in blend["track_record"].items())
+            lines.append(f"    the law says {blend['law_loss']:.4f} ± {blend['law_sd']:.4f}; corrected by its errors on "
+                         f"earlier {r['method']} releases of this kind ({errors})")
         per = [f"{t} {x['loss']:.3f}" for t, x in r["targets"].items() if t != BLEND and "loss" in x]
         if per:
             lines.append("    per corpus: " + ", ".join(per))
         for c in blend["candidates"]:
+            if "window_steps" in c:
+                mark = "  <- lowest" if c["enough"] else ""
+                lines.append(f"    {c['shape']} window {c['window_steps']:>6} steps: {c['loss']:.4f} ± {c['sd']:.4f}{mark}")
+                continue
             mark = f"  <- shortest within {result['tolerance']:.1%} of the longest" if c["enough"] else ""
             lines.append(f"    {c['shape']:<9} decay {c['decay_steps']:>6} steps: {c['loss']:.4f} ± {c['sd']:.4f}{mark}")
     return "\n".join(lines)
@@ -256,16 +368,16 @@ def plot_forecast(result: dict, path: Path) -> None:
     for r in rows:
         for shape in dict.fromkeys(c["shape"] for c in r["targets"][BLEND]["candidates"]):
             cs = [c for c in r["targets"][BLEND]["candidates"] if c["shape"] == shape]
-            x = [c["decay_steps"] for c in cs]
+            x = [c.get("decay_steps", c.get("window_steps")) for c in cs]
             y = np.array([c["loss"] for c in cs])
             sd = np.array([c["sd"] for c in cs])
             line, = ax.plot(x, y, marker="o", label=f"{r['version']} {shape}")
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
             pick = next(c for c in cs if c["enough"])
             ax.plot([pick["decay_steps"]], [pick["loss"]], marker="*", ms=14, color=line.get_color())
-    ax.set_xlabel("decay steps")
+    ax.set_xlabel("decay steps (merges: window steps)")
     ax.set_ylabel("forecast val loss (version's blend)")
-    ax.set_title("release forecasts (star: shortest decay within tolerance)")
+    ax.set_title("release forecasts (star: shortest decay within tolerance; merges: lowest)")
     if rows:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -84,9 +84,6 @@ def _forecast_rows(plan: Plan, run_dir: Path, obs: list, forecasts: dict) -> tup
         actual_pc = release_loss(plan, obs, v.index)
         seen = seen_corpora(plan, v.index)
         actual = sum(actual_pc[c] for c in seen) / len(seen) if actual_pc and all(c in actual_pc for c in seen) else None
-        if v.release.method != "decay":
-            rows.append([v.name, "merge: no forecast", "-", f"{actual:.4f}" if actual is not None else "-", "-"])
-            continue
         choice = forecasts[v.name].get("decay_choice", {})
         if "predicted_loss" in choice:
             pred, sd, note = choice["predicted_loss"], choice["predicted_sd"], \

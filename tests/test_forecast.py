@@ -20,7 +20,7 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.plan import MainPause, load_plan
 from lrpath_megatron.plan_decisions import with_choices
 from lrpath_megatron.plan_runs import run_for
-from lrpath_megatron.release_forecast import path_lrs
+from lrpath_megatron.release_forecast import calibrated, merge_lrs, path_lrs
 from lrpath_megatron.status import run_status
 
 ETA_MAX, ETA_MIN = 3e-3, 3e-4
@@ -197,6 +197,22 @@ def test_forecast_command_predicts_the_pending_release(law_run, capsys, tmp_path
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_a_forecast_is_corrected_by_the_track_record_of_its_kind(law_run, capsys):
+    # One earlier error: the bias is taken out, the deviation stays; two: widened by the bias's standard error.
+    assert calibrated(4.0, 0.01, {}) == (4.0, 0.01)
+    assert calibrated(4.08, 0.01, {"v2": 0.02}) == pytest.approx((4.0, 0.01))
+    loss, sd = calibrated(4.08, 0.01, {"v2": 0.01, "v3": 0.03})
+    assert loss == pytest.approx(4.0) and sd == pytest.approx(np.hypot(0.01, 4.0 * 0.01))
+    # v3's forecast reads v2's (v1 had none: no decay before it), both knee decays; the metrics are the law's.
+    plan_path, run = law_run
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--json"]) == 0
+    blend = {r["version"]: r for r in json.loads(capsys.readouterr().out)["releases"]}["v3"]["targets"]["blend"]
+    assert list(blend["track_record"]) == ["v2"] and abs(blend["track_record"]["v2"]) < 0.005
+    assert blend["loss"] == pytest.approx(blend["law_loss"] / (1 + blend["track_record"]["v2"]))
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run)]) == 0
+    assert "corrected by its errors on earlier decay releases of this kind (v2 " in capsys.readouterr().out
+
+
 def test_forecast_refuses_without_a_finished_decay(law_run, capsys):
     plan_path, run = law_run
     for name in ("v1", "v2"):
@@ -219,6 +235,49 @@ def test_report_is_self_contained_and_names_every_release_and_corpus(law_run, tm
     for name in ("v1", "v2", "v3", *CORPORA):
         assert re.search(rf"<t[dh][^>]*>{name}</t[dh]>", html), name
     assert "PTFS" in html and "CPT" in html and "forecast" in html
+
+
+def test_merge_lrs_are_the_decay_the_merge_emulates(law_run):
+    p = load_plan(law_run[0])
+    # The plain mean of 5 checkpoints 10 steps apart emulates a linear decay in 4 steps of 1/5 each.
+    lrs = merge_lrs(p, [160, 170, 180, 190, 200], "mean")
+    assert len(lrs) == 200 and np.array_equal(lrs[:160], path_lrs(p, "main", 160))
+    for j, w in enumerate((0.8, 0.6, 0.4, 0.2)):
+        assert lrs[160 + 10 * j: 170 + 10 * j] == pytest.approx(ETA_MAX * w, rel=1e-12)
+
+
+def test_a_merge_release_is_forecast_as_the_decay_it_emulates(law_run, capsys):
+    """Every release a WSM merge (window 40 steps, 5 checkpoints, 1-sqrt): the merged releases' losses are the
+    law's at the LR series their merge emulates, the only observations after a decay; v3 is forecast."""
+    plan_path, _ = law_run
+    data = yaml.safe_load(plan_path.read_text())
+    for v in data["plan"]["versions"]:
+        v["release"] = {"method": "merge", "merge": {"window_steps": 40, "num_checkpoints": 5, "weights": "1-sqrt"}}
+    plan_path = plan_path.with_name("merges.yaml")
+    plan_path.write_text(yaml.safe_dump(data))
+    p, run = load_plan(plan_path), plan_path.parent / "merge_run"
+    write_path(p, run, "main", range(10, 241, 10), lambda s: p.versions[(s - 1) // 100])
+    for v in p.versions[:2]:
+        (run / v.name).mkdir()
+        loss = law(merge_lrs(p, v.release.merge["save_steps"], "1-sqrt"), v.start_step, v.name)
+        (run / v.name / "metrics.jsonl").write_text(json.dumps(
+            {"step": v.release.step - 1, "val_loss_per_corpus": {c: loss for c in CORPORA}}) + "\n")
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--json"]) == 0
+    v3 = {r["version"]: r for r in json.loads(capsys.readouterr().out)["releases"]}["v3"]
+    truth = law(merge_lrs(p, [260, 270, 280, 290, 300], "1-sqrt"), 200, "v3")
+    assert v3["merge"]["save_steps"] == [260, 270, 280, 290, 300]
+    assert v3["targets"]["blend"]["loss"] == pytest.approx(truth, rel=0.005)
+    # Candidate windows (10%..100% of the version, multiples of the 4-step spacing) with the same weights.
+    cands = v3["targets"]["blend"]["candidates"]
+    assert [c["window_steps"] for c in cands] == [8, 20, 32, 40, 48, 60, 80, 100]
+    for c in cands:
+        assert c["loss"] == pytest.approx(law(merge_lrs(p, c["checkpoints"], "1-sqrt"), 200, "v3"), rel=0.005)
+    assert [c["enough"] for c in cands].count(True) == 1
+    assert min(cands, key=lambda c: c["loss"])["enough"]
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "v3: merge (1-sqrt) of main-path steps 260, 270, 280, 290, 300 -> blend val loss" in text
+    assert "window     40 steps" in text and "<- lowest" in text
 
 
 # ---------------------------------------------------------------------------------------- decay_steps: auto

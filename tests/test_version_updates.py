@@ -55,6 +55,18 @@ def test_costs_follow_the_plans_arithmetic(result):
     assert result["json"]["methods"]["ptfs"]["tokens"] == 120 * 1024
 
 
+def test_each_release_reports_its_gain_over_the_main_path_it_left(result):
+    r = result["json"]
+    main = r["methods"]["main/new-main"]["versions"]
+    row = r["methods"]["switch/new-main/cosine-tail-0.5"]
+    for name, v in row["versions"].items():
+        at = main[name]["val_loss_seen"]
+        assert v["annealing_gain_vs_main"] == pytest.approx((at - v["val_loss_seen"]) / at)
+    assert row["min_annealing_gain_vs_main"] == min(v["annealing_gain_vs_main"] for v in row["versions"].values())
+    assert "annealing_gain_vs_main" not in r["methods"]["switch/replay-main/cosine-replay-0.5"]["versions"]["v1"]
+    assert r["ptfs_tokens_per_parameter"] == pytest.approx(4 * 12 * 1024 / r["parameters"])
+
+
 def test_baselines_train_what_they_claim(result):
     """PTFS learns each new increment; CPT starts each version from the last one at eta_min on new data only,
     and forgets the first increment that PTFS keeps."""
