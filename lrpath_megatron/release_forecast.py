@@ -33,6 +33,11 @@ from lrpath_megatron.schedules import BRANCH_SHAPES
 from lrpath_megatron.status import release_status
 
 BLEND = "blend"  # the target: each version's evaluation blend
+# What a decay release is compared with when merges are candidates too (``--methods``), and the reverse:
+# the WSM setting of the CPU benchmark, and the default decay shape.
+MERGE_CANDIDATE = {"weights": "1-sqrt", "num_checkpoints": 4}
+DECAY_CANDIDATE_SHAPE = "cosine"
+RELEASE_METHODS = ("decay", "merge")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class ForecastConfig:
     tolerance: float = 0.005  # relative: a decay this close to the longest candidate's forecast is enough
     fractions: tuple = AUTO_DECAY_FRACTIONS  # candidate decays, of the version's steps
     shapes: tuple = ()  # candidate shapes beside each release's own
+    methods: tuple = ()  # candidate release methods beside each release's own
 
     def validate(self) -> "ForecastConfig":
         if not 0 < self.tolerance < 1:
@@ -48,6 +54,9 @@ class ForecastConfig:
         bad = [s for s in self.shapes if s not in BRANCH_SHAPES]
         if bad:
             raise LrpathError(f"--shapes {','.join(bad)}: choose from {', '.join(BRANCH_SHAPES)}")
+        bad = [m for m in self.methods if m not in RELEASE_METHODS]
+        if bad:
+            raise LrpathError(f"--methods {','.join(bad)}: choose from {', '.join(RELEASE_METHODS)}")
         return self
 
 
@@ -83,18 +92,17 @@ def release_lrs(plan: Plan, index: int) -> np.ndarray:
     return path_lrs(plan, v.name, v.branch_end)
 
 
-def merge_windows(plan: Plan, index: int, fractions) -> dict:
-    """Per candidate window (``fractions`` of the version's steps, rounded to a multiple of the checkpoint
-    spacing, and the release's own) of version ``index``'s merge: its checkpoint steps; windows that start
-    inside the warmup or before step 0 are left out."""
+def merge_windows(plan: Plan, index: int, fractions, num_checkpoints: int, own: Optional[int] = None) -> dict:
+    """Per candidate window of a merge of ``num_checkpoints`` main-path checkpoints ending version ``index``'s
+    segment (``fractions`` of the version's steps rounded to a multiple of the checkpoint spacing, and
+    ``own``): its checkpoint steps; windows that start inside the warmup or before step 0 are left out."""
     v = plan.versions[index]
-    m = v.release.merge
-    k = m["num_checkpoints"] - 1
-    own = m["save_steps"][-1] - m["save_steps"][0]
+    k = num_checkpoints - 1
+    end = v.release.step if v.release.method == "merge" else v.end_step
     out = {}
-    for window in sorted({max(k, round(f * v.steps / k) * k) for f in fractions} | {own}):
+    for window in sorted({max(k, round(f * v.steps / k) * k) for f in fractions} | ({own} if own else set())):
         try:
-            out[window] = merge_save_steps(v.release.step, window, k + 1, plan.warmup_steps)
+            out[window] = merge_save_steps(end, window, k + 1, plan.warmup_steps)
         except ConfigError:
             continue
     return out
@@ -160,30 +168,47 @@ def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] =
 
 
 def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Optional[dict] = None) -> list[dict]:
-    """Forecasts for candidate decays of version ``index`` (per shape, the shortest within tolerance is
-    marked ``enough``) or, for a merge, candidate windows with its weights (the lowest forecast is marked);
-    those of the release's own kind corrected by its ``record`` (:func:`calibrated`)."""
+    """Forecasts of version ``index``'s candidate releases: decays (lengths per shape; per shape the shortest
+    within tolerance of the longest is marked ``enough``) and merges (windows; the lowest is marked), its
+    own method's and those of ``config.methods``; those of the release's own kind corrected by its
+    ``record`` (:func:`calibrated`). Each has its training cost beyond the main path (``cost_steps``); the
+    ``choice`` is the cheapest whose forecast is within tolerance of the lowest."""
     v, record = plan.versions[index], record or {}
-    if v.release.method == "merge":
-        weights = v.release.merge["weights"]
-        rows = [{"shape": f"merge {weights}", "window_steps": w, "checkpoints": steps, "enough": False,
-                 **dict(zip(("loss", "sd"), calibrated(*fit.predict(merge_lrs(plan, steps, weights), v.start_step,
-                                                                   v.name), record)))}
-                for w, steps in merge_windows(plan, index, config.fractions).items()]
-        if rows:
-            min(rows, key=lambda r: r["loss"])["enough"] = True
-        return rows
-    lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} | {v.release.decay_steps})
+    own_kind = release_kind(plan, index)
+    methods = dict.fromkeys([v.release.method, *config.methods])
     rows = []
-    for shape in dict.fromkeys([v.release.shape, *config.shapes]):
-        own_record = record if shape == v.release.shape else {}
-        shape_rows = [{"shape": shape, "decay_steps": n, "branch_steps": own, "enough": False,
-                       **dict(zip(("loss", "sd"), calibrated(loss, sd, own_record)))}
-                      for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
-        if shape_rows:
-            longest = max(shape_rows, key=lambda r: r["decay_steps"])["loss"]
-            next(r for r in shape_rows if r["loss"] <= longest * (1 + config.tolerance))["enough"] = True
-        rows += shape_rows
+    if "merge" in methods:
+        m = v.release.merge if v.release.method == "merge" else MERGE_CANDIDATE
+        own = m["save_steps"][-1] - m["save_steps"][0] if "save_steps" in m else None
+        kind_record = record if own_kind == f"merge {m['weights']}" else {}
+        merge_rows = [{"method": "merge", "shape": f"merge {m['weights']}", "window_steps": w, "checkpoints": steps,
+                       "cost_steps": 0, "enough": False,
+                       **dict(zip(("loss", "sd"), calibrated(*fit.predict(merge_lrs(plan, steps, m["weights"]),
+                                                                          v.start_step, v.name), kind_record)))}
+                      for w, steps in merge_windows(plan, index, config.fractions, m["num_checkpoints"], own).items()]
+        if merge_rows:
+            min(merge_rows, key=lambda r: r["loss"])["enough"] = True
+        rows += merge_rows
+    if "decay" in methods:
+        own_shape = v.release.shape if v.release.method == "decay" else DECAY_CANDIDATE_SHAPE
+        lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} |
+                         ({v.release.decay_steps} if v.release.method == "decay" else set()))
+        for shape in dict.fromkeys([own_shape, *config.shapes]):
+            kind_record = record if own_kind == f"decay {shape}" else {}
+            shape_rows = [{"method": "decay", "shape": shape, "decay_steps": n, "branch_steps": own,
+                           "cost_steps": own, "enough": False,
+                           **dict(zip(("loss", "sd"), calibrated(loss, sd, kind_record)))}
+                          for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
+            if shape_rows:
+                longest = max(shape_rows, key=lambda r: r["decay_steps"])["loss"]
+                next(r for r in shape_rows if r["loss"] <= longest * (1 + config.tolerance))["enough"] = True
+            rows += shape_rows
+    if rows:
+        best = min(r["loss"] for r in rows)
+        pick = min((r for r in rows if r["loss"] <= best * (1 + config.tolerance)),
+                   key=lambda r: (r["cost_steps"], r["loss"]))
+        for r in rows:
+            r["choice"] = r is pick
     return rows
 
 
@@ -347,13 +372,17 @@ def format_forecast(result: dict) -> str:
         per = [f"{t} {x['loss']:.3f}" for t, x in r["targets"].items() if t != BLEND and "loss" in x]
         if per:
             lines.append("    per corpus: " + ", ".join(per))
+        several = len({c["method"] for c in blend["candidates"]}) > 1
         for c in blend["candidates"]:
             if "window_steps" in c:
-                mark = "  <- lowest" if c["enough"] else ""
-                lines.append(f"    {c['shape']} window {c['window_steps']:>6} steps: {c['loss']:.4f} ± {c['sd']:.4f}{mark}")
-                continue
-            mark = f"  <- shortest within {result['tolerance']:.1%} of the longest" if c["enough"] else ""
-            lines.append(f"    {c['shape']:<9} decay {c['decay_steps']:>6} steps: {c['loss']:.4f} ± {c['sd']:.4f}{mark}")
+                what, mark = f"{c['shape']} window {c['window_steps']:>6} steps", "  <- lowest" if c["enough"] else ""
+            else:
+                what = f"{c['shape']:<9} decay {c['decay_steps']:>6} steps"
+                mark = f"  <- shortest within {result['tolerance']:.1%} of the longest" if c["enough"] else ""
+            if several and c["choice"]:
+                mark += f"  <- choice: the cheapest within {result['tolerance']:.1%} of the lowest"
+            lines.append(f"    {what}: {c['loss']:.4f} ± {c['sd']:.4f}, {c['cost_steps']} steps beyond the main "
+                         f"path{mark}")
     return "\n".join(lines)
 
 
@@ -374,7 +403,8 @@ def plot_forecast(result: dict, path: Path) -> None:
             line, = ax.plot(x, y, marker="o", label=f"{r['version']} {shape}")
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
             pick = next(c for c in cs if c["enough"])
-            ax.plot([pick["decay_steps"]], [pick["loss"]], marker="*", ms=14, color=line.get_color())
+            ax.plot([pick.get("decay_steps", pick.get("window_steps"))], [pick["loss"]], marker="*", ms=14,
+                    color=line.get_color())
     ax.set_xlabel("decay steps (merges: window steps)")
     ax.set_ylabel("forecast val loss (version's blend)")
     ax.set_title("release forecasts (star: shortest decay within tolerance; merges: lowest)")

@@ -197,6 +197,31 @@ def test_forecast_command_predicts_the_pending_release(law_run, capsys, tmp_path
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_candidates_of_every_method_and_the_cheapest_within_tolerance(law_run, capsys, tmp_path):
+    plan_path, run = law_run
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--methods", "merge", "--json",
+                   "--plot", str(tmp_path / "f.png")]) == 0
+    cands = {r["version"]: r for r in json.loads(capsys.readouterr().out)["releases"]}["v3"]["targets"]["blend"][
+        "candidates"]
+    p = load_plan(plan_path)
+    merges = [c for c in cands if c["method"] == "merge"]
+    decays = [c for c in cands if c["method"] == "decay"]
+    assert merges and decays and all(c["cost_steps"] == 0 for c in merges)
+    assert all(c["cost_steps"] == c["branch_steps"] > 0 for c in decays)
+    for c in merges:  # WSM 1-sqrt of 4 checkpoints ending the version; no merge measured yet: the law's own value
+        assert c["shape"] == "merge 1-sqrt" and c["checkpoints"][-1] == 300
+        assert c["loss"] == pytest.approx(law(merge_lrs(p, c["checkpoints"], "1-sqrt"), 200, "v3"), rel=0.005)
+    best = min(c["loss"] for c in cands)
+    (choice,) = [c for c in cands if c["choice"]]
+    assert choice["loss"] <= best * 1.005
+    assert all(c["cost_steps"] >= choice["cost_steps"] for c in cands if c["loss"] <= best * 1.005)
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--methods", "merge"]) == 0
+    assert "<- choice: the cheapest within 0.5% of the lowest" in capsys.readouterr().out
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--methods", "ema"]) == 2
+    assert "--methods ema: choose from decay, merge" in capsys.readouterr().err
+
+
 def test_a_forecast_is_corrected_by_the_track_record_of_its_kind(law_run, capsys):
     # One earlier error: the bias is taken out, the deviation stays; two: widened by the bias's standard error.
     assert calibrated(4.0, 0.01, {}) == (4.0, 0.01)
@@ -274,10 +299,11 @@ def test_a_merge_release_is_forecast_as_the_decay_it_emulates(law_run, capsys):
         assert c["loss"] == pytest.approx(law(merge_lrs(p, c["checkpoints"], "1-sqrt"), 200, "v3"), rel=0.005)
     assert [c["enough"] for c in cands].count(True) == 1
     assert min(cands, key=lambda c: c["loss"])["enough"]
-    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run)]) == 0
+    assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--methods", "decay"]) == 0
     text = capsys.readouterr().out
     assert "v3: merge (1-sqrt) of main-path steps 260, 270, 280, 290, 300 -> blend val loss" in text
     assert "window     40 steps" in text and "<- lowest" in text
+    assert "cosine    decay     30 steps" in text and "<- choice" in text  # decays as candidates of a merge
 
 
 # ---------------------------------------------------------------------------------------- decay_steps: auto

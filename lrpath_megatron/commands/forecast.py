@@ -21,6 +21,9 @@ def register(sub) -> None:
                    help="relative loss margin to the longest candidate decay (default 0.005 = 0.5%%)")
     p.add_argument("--shapes", type=lambda s: tuple(s.split(",")), default=(),
                    help="candidate decay shapes beside each release's own, e.g. cosine,knee")
+    p.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=(),
+                   help="candidate release methods beside each release's own: decay,merge (merges: WSM 1-sqrt of 4 "
+                        "checkpoints; decays: cosine and --shapes), marking the cheapest within --tolerance of the lowest")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON object")
     p.add_argument("--plot", metavar="F.png", help="also plot forecast loss against decay length")
     p.set_defaults(func=run)
@@ -30,7 +33,7 @@ def run(args) -> int:
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.release_forecast import ForecastConfig, forecast_plan, format_forecast, plot_forecast
 
-    config = ForecastConfig(tolerance=args.tolerance, shapes=args.shapes).validate()
+    config = ForecastConfig(tolerance=args.tolerance, shapes=args.shapes, methods=args.methods).validate()
     result = forecast_plan(load_plan(args.plan, args.overrides), Path(args.run_dir), config, args.eval_json)
     print(json.dumps(result, indent=1) if args.json else format_forecast(result))
     if args.plot:
