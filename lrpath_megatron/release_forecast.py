@@ -180,8 +180,8 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Opti
     if "merge" in methods:
         m = v.release.merge if v.release.method == "merge" else MERGE_CANDIDATE
         own = m["save_steps"][-1] - m["save_steps"][0] if "save_steps" in m else None
-        kind_record = record if own_kind == f"merge {m['weights']}" else {}
-        merge_rows = [{"method": "merge", "shape": f"merge {m['weights']}", "window_steps": w, "checkpoints": steps,
+        kind_record = record if own_kind == _kind("merge", m["weights"]) else {}
+        merge_rows = [{"method": "merge", "shape": _kind("merge", m["weights"]), "window_steps": w, "checkpoints": steps,
                        "cost_steps": 0, "enough": False,
                        **dict(zip(("loss", "sd"), calibrated(*fit.predict(merge_lrs(plan, steps, m["weights"]),
                                                                           v.start_step, v.name), kind_record)))}
@@ -194,7 +194,7 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Opti
         lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} |
                          ({v.release.decay_steps} if v.release.method == "decay" else set()))
         for shape in dict.fromkeys([own_shape, *config.shapes]):
-            kind_record = record if own_kind == f"decay {shape}" else {}
+            kind_record = record if own_kind == _kind("decay", shape) else {}
             shape_rows = [{"method": "decay", "shape": shape, "decay_steps": n, "branch_steps": own,
                            "cost_steps": own, "enough": False,
                            **dict(zip(("loss", "sd"), calibrated(loss, sd, kind_record)))}
@@ -226,7 +226,11 @@ def backtest(plan: Plan, obs: list[Observation], index: int, target: str = BLEND
 def release_kind(plan: Plan, index: int) -> str:
     """What a release's forecast errors are shared by: the method and its shape (a merge: its weights)."""
     r = plan.versions[index].release
-    return f"merge {r.merge['weights']}" if r.method == "merge" else f"decay {r.shape}"
+    return _kind("merge", r.merge["weights"]) if r.method == "merge" else _kind("decay", r.shape)
+
+
+def _kind(method: str, shape: str) -> str:
+    return f"{method} {shape}"
 
 
 def track_record(plan: Plan, known: list[Observation], index: int, target: str = BLEND) -> dict:
