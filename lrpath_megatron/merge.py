@@ -306,3 +306,19 @@ def _manifest(inputs: list[MergeInput], weights: MergeWeights, fmt: str, merged:
 def _step_of(path: Path) -> int | None:
     match = _ITER_RE.search(path.name)
     return int(match.group(1)) if match else None
+
+
+def already_merged(checkpoints: Sequence, spec: str, out: Path) -> bool:
+    """True if ``out`` is a finished merge of these checkpoints with these weights (it is renamed into place
+    only when complete, so its manifest means done); a different merge there is an error, not a skip."""
+    if not is_complete(out):
+        return False
+    manifest = read_manifest(out)
+    have = ([i["path"] for i in manifest.get("inputs", [])], manifest.get("weights", {}).get("spec"))
+    want = ([str(Path(c).resolve()) for c in checkpoints], spec)
+    if have != want:
+        raise LrpathError(
+            f"{out} already holds a different merge ({len(have[0])} checkpoints, weights {have[1]}; asked for "
+            f"{len(want[0])}, weights {want[1]}); remove it or choose another --out"
+        )
+    return True

@@ -1,9 +1,11 @@
-"""The decision record of a decay_steps: auto release, ``RUN/<version>/decay_choice.json``: what a choice
+"""The decision record of a decay_steps: auto or method: auto release, ``RUN/<version>/decay_choice.json``
+(its decay length, or for method: auto its method and decay length or merge window): what a choice
 reads, reading a record back (validated against the plan and the run), writing one atomically, and applying
 the recorded choices to a plan. Making a choice is the release forecast's (release_forecast.choose_decay).
 
 A choice reads the run up to its release's earliest candidate fork: the main path's scheduled evaluations up
-to there and the finished curves of the earlier branches that end by then (``AutoDecay.reads``). It is made
+to there and the finished curves of the earlier branches that end by then (``AutoDecay.reads``; an earlier
+method: auto release that chose a merge: the merge's validation loss, which its job measures). It is made
 only once all of that exists, so the same plan and the same metrics give the same choice whatever order the
 jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
 observations it read; a record that does not match the plan or the run is refused naming what differs.
@@ -50,12 +52,17 @@ def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
     at = read_manifest(latest)["step"] if latest is not None else None
     if at is None or at < first:
         missing.append(f"the main path to step {first} (it is at {'no checkpoint' if at is None else f'step {at}'})")
+    found = observations(plan, run_dir)
+    releases = {v.name: v.release for v in plan.versions}
     for n in reads:
         if n in plan.decay_candidates:
             missing.append(f"branch {n}, which chooses its own decay length first")
+        elif releases[n].method == "merge":  # a method: auto release that chose a merge: its job evaluates it
+            if not any(o.path == n and o.step == releases[n].step for o in found):
+                missing.append(f"the merged release {n} with its validation loss (its job merges and evaluates it)")
         elif checkpoint_at(layout.path(n).checkpoints, plan.path(n).end_step) is None:
             missing.append(f"branch {n} to its end at step {plan.path(n).end_step}")
-    known = on_schedule(plan, known_before(plan, observations(plan, run_dir), first))
+    known = on_schedule(plan, known_before(plan, found, first))
     return ChoiceInputs(first, reads, [o for o in known if o.path == "main" or o.path in reads], missing,
                         plan.train_config.logging.eval_interval)
 
@@ -81,12 +88,20 @@ def read(plan: Plan, run_dir: Path, name: str) -> Optional[dict]:
         raise LrpathError(f"{f} is not a decision record ({exc}); remove it to choose again") from None
     if not isinstance(record, dict):
         raise LrpathError(f"{f} is not a decision record (a JSON object); remove it to choose again")
-    auto, differs, n = plan.auto_decays[name], [], record.get("decay_steps")
-    if isinstance(n, bool) or not isinstance(n, int) or n not in auto.candidates:
-        differs.append(f"decay_steps {n!r} is not one of the release's candidates {list(auto.candidates)}")
+    auto, differs = plan.auto_decays[name], []
+    method = record.get("method", "decay")
+    key, allowed = (("window_steps", sorted(auto.merges)) if method == "merge" else
+                    ("decay_steps", list(auto.candidates)))
+    n = record.get(key)
+    if method not in ("decay", "merge") or (method == "merge" and not auto.method_auto):
+        differs.append(f"method {method!r} is not one the release chooses among")
+    elif isinstance(n, bool) or not isinstance(n, int) or n not in allowed:
+        differs.append(f"{key} {n!r} is not one of the release's candidates {allowed}")
     if "plan_hash" in record:  # records of earlier releases of lrpath carry the length alone
         expected = {"plan_hash": plan.plan_hash(), "bounds": list(auto.bounds), "lengths": list(auto.candidates),
                     "eval_interval": plan.train_config.logging.eval_interval}
+        if auto.method_auto:
+            expected.update(windows=sorted(auto.merges), merge_weights=auto.merge_weights)
         differs += [f"{k} {record.get(k)} (the plan's: {v})" for k, v in expected.items() if record.get(k) != v]
         if not differs:
             now = choice_inputs(plan, run_dir, name).record()
@@ -113,7 +128,9 @@ def with_choices(plan: Plan, run_dir: Path) -> Plan:
     the choices before it."""
     for name in list(plan.decay_candidates):
         record = read(plan, run_dir, name)
-        if record is not None:
+        if record is not None and record.get("method") == "merge":
+            plan = plan.with_merge(name, record["window_steps"], record)
+        elif record is not None:
             plan = plan.with_decay(name, record["decay_steps"], record)
     return plan
 

@@ -1,10 +1,11 @@
 """A path of a plan as the trainer runs it in a run directory: where it starts (a fork checkpoint, imported
-weights or scratch), its lineage, and for decay_steps: auto releases the recorded choice, made here when the
-branch (or the main path at its pause) is the first to need it."""
+weights or scratch), its lineage, and for decay_steps: auto and method: auto releases the recorded choice, made
+here when the release (or the main path at its pause) is the first to need it."""
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lrpath_megatron import plan_decisions
@@ -14,22 +15,45 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.path import FORK, WEIGHTS, PathRun, Start
 from lrpath_megatron.plan import Plan
 from lrpath_megatron.release_forecast import choose_decay
-from lrpath_megatron.run_layout import RunLayout
+from lrpath_megatron.run_layout import PathDirs, RunLayout
 
 # How long the other ranks wait for global rank 0 to record a choice (megatron-core's default collective
 # timeout: a rank 0 that failed has ended the job by then).
 CHOICE_WAIT_S = 600
 
 
-def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun:
+@dataclass(frozen=True)
+class MergeRun:
+    """A method: auto release whose choice is a merge: what its job does instead of training a branch."""
+
+    version: str
+    checkpoints: tuple  # the main-path checkpoints it merges, oldest first
+    weights: str  # merge weights spec
+    step: int  # the release's step: its last checkpoint's
+    dirs: PathDirs  # RUN/<version>: the merge goes to its checkpoint at ``step``, its validation loss to its metrics
+    choice: dict
+
+    @property
+    def out(self) -> Path:
+        return self.dirs.checkpoint(self.step)
+
+
+def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun | MergeRun:
     """Path ``name`` as the trainer runs it in ``run_dir``: a path with a parent starts from the parent's
     checkpoint at its fork step (optimizer state and data position included). The branch of a decay_steps:
-    auto version takes the release forecast's choice (recorded in ``run_dir`` and in its checkpoints'
-    manifests: the same metrics give the same choice, a resume reuses it)."""
+    auto or method: auto version takes the release forecast's choice (recorded in ``run_dir`` and in its
+    checkpoints' manifests: the same metrics give the same choice, a resume reuses it); a method: auto
+    version that chose a merge is the merge to make (:class:`MergeRun`)."""
     run_dir = Path(run_dir)
     if name in plan.decay_candidates:
         choice = _choice(plan, name, run_dir)
-        run = _path_run(plan_decisions.with_choices(plan, run_dir), name, run_dir)
+        decided = plan_decisions.with_choices(plan, run_dir)
+        release = next(v.release for v in decided.versions if v.name == name)
+        if release.method == "merge":
+            layout = RunLayout(run_dir)
+            return MergeRun(name, tuple(layout.checkpoint("main", s) for s in release.merge["save_steps"]),
+                            str(release.merge["weights"]), release.step, layout.path(name), choice)
+        run = _path_run(decided, name, run_dir)
         return dataclasses.replace(run, lineage={**run.lineage, "decay_choice": choice})
     if name == "main" and plan.decay_candidates:
         return _main_run(plan, run_dir)

@@ -15,6 +15,7 @@ are what the annealing term is fitted to).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,14 +29,14 @@ from lrpath_megatron.forecast import Curve, ForecastError, LawConfig, fit_law
 from lrpath_megatron.merge_weights import merge_save_steps, merge_weights
 from lrpath_megatron.observations import Observation, known_before, observations
 from lrpath_megatron.plan import Plan
-from lrpath_megatron.plan.auto_decay import AUTO_DECAY_FRACTIONS
+from lrpath_megatron.plan.auto_decay import AUTO_DECAY_FRACTIONS, AUTO_MERGE
 from lrpath_megatron.schedules import BRANCH_SHAPES
 from lrpath_megatron.status import release_status
 
 BLEND = "blend"  # the target: each version's evaluation blend
 # What a decay release is compared with when merges are candidates too (``--methods``), and the reverse:
 # the WSM setting of the CPU benchmark, and the default decay shape.
-MERGE_CANDIDATE = {"weights": "1-sqrt", "num_checkpoints": 4}
+MERGE_CANDIDATE = AUTO_MERGE
 DECAY_CANDIDATE_SHAPE = "cosine"
 RELEASE_METHODS = ("decay", "merge")
 
@@ -124,11 +125,16 @@ def _target_value(per_corpus: dict, target: str, seen: list[str]) -> Optional[fl
 def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_law: bool = False) -> list[Curve]:
     """Curves of ``target`` for versions 0..``upto``: per version its main-path points and its branch.
     ``one_law``: the paper's form instead, one group from step 0 with the blend of version ``upto`` for every
-    point (kept to measure what the per-version groups gain under data switches)."""
+    point (kept to measure what the per-version groups gain under data switches).
+
+    A measured merge is a point of the annealing term only where no decay branch is: a merge is the decay its
+    weights emulate only approximately (on the converged CPU run, one merge in the fit moved the next decay's
+    forecast by 4%), so beside decays its error is left to the track record of merges (:func:`calibrated`)."""
     curves = []
     by_path: dict = {}
     for o in obs:
         by_path.setdefault(o.path, []).append(o)
+    decays_seen = any(v.release.method == "decay" and v.name in by_path for v in plan.versions[: upto + 1])
     for v in plan.versions[: upto + 1]:
         seen = seen_corpora(plan, upto if one_law else v.index)
         main_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get("main", [])
@@ -138,7 +144,7 @@ def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_l
                           if o.step > plan.path(v.name).fork_step]
         else:  # the merged release, at the step of its last checkpoint
             branch_pts = [(o.step, _target_value(o.per_corpus, target, seen)) for o in by_path.get(v.name, [])
-                          if o.step == v.release.step]
+                          if o.step == v.release.step and not decays_seen]
         for name, pts in (("main", main_pts), (v.name, branch_pts)):
             pts = [(s, x) for s, x in pts if x is not None]
             if pts:
@@ -172,7 +178,7 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Opti
     within tolerance of the longest is marked ``enough``) and merges (windows; the lowest is marked), its
     own method's and those of ``config.methods``; those of the release's own kind corrected by its
     ``record`` (:func:`calibrated`). Each has its training cost beyond the main path (``cost_steps``); the
-    ``choice`` is the cheapest whose forecast is within tolerance of the lowest."""
+    ``choice`` is the cheapest whose forecast is within tolerance of the lowest (:func:`mark_choice`)."""
     v, record = plan.versions[index], record or {}
     own_kind = release_kind(plan, index)
     methods = dict.fromkeys([v.release.method, *config.methods])
@@ -180,12 +186,9 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Opti
     if "merge" in methods:
         m = v.release.merge if v.release.method == "merge" else MERGE_CANDIDATE
         own = m["save_steps"][-1] - m["save_steps"][0] if "save_steps" in m else None
-        kind_record = record if own_kind == _kind("merge", m["weights"]) else {}
-        merge_rows = [{"method": "merge", "shape": _kind("merge", m["weights"]), "window_steps": w, "checkpoints": steps,
-                       "cost_steps": 0, "enough": False,
-                       **dict(zip(("loss", "sd"), calibrated(*fit.predict(merge_lrs(plan, steps, m["weights"]),
-                                                                          v.start_step, v.name), kind_record)))}
-                      for w, steps in merge_windows(plan, index, config.fractions, m["num_checkpoints"], own).items()]
+        merge_rows = merge_candidates(fit, plan, index, merge_windows(plan, index, config.fractions,
+                                                                      m["num_checkpoints"], own),
+                                      m["weights"], record if own_kind == _kind("merge", m["weights"]) else {})
         if merge_rows:
             min(merge_rows, key=lambda r: r["loss"])["enough"] = True
         rows += merge_rows
@@ -194,19 +197,40 @@ def candidates(fit, plan: Plan, index: int, config: ForecastConfig, record: Opti
         lengths = sorted({max(2, round(f * v.steps)) for f in config.fractions} |
                          ({v.release.decay_steps} if v.release.method == "decay" else set()))
         for shape in dict.fromkeys([own_shape, *config.shapes]):
-            kind_record = record if own_kind == _kind("decay", shape) else {}
-            shape_rows = [{"method": "decay", "shape": shape, "decay_steps": n, "branch_steps": own,
-                           "cost_steps": own, "enough": False,
-                           **dict(zip(("loss", "sd"), calibrated(loss, sd, kind_record)))}
-                          for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
+            shape_rows = decay_candidates(fit, plan, index, lengths, shape,
+                                          record if own_kind == _kind("decay", shape) else {})
             if shape_rows:
                 longest = max(shape_rows, key=lambda r: r["decay_steps"])["loss"]
                 next(r for r in shape_rows if r["loss"] <= longest * (1 + config.tolerance))["enough"] = True
             rows += shape_rows
+    return mark_choice(rows, config.tolerance)
+
+
+def decay_candidates(fit, plan: Plan, index: int, lengths, shape: Optional[str], record: dict) -> list[dict]:
+    """One row per decay length the plan allows version ``index`` (in ``shape``), calibrated by ``record``."""
+    return [{"method": "decay", "shape": shape, "decay_steps": n, "branch_steps": own, "cost_steps": own,
+             "enough": False, "law_loss": loss, **dict(zip(("loss", "sd"), calibrated(loss, sd, record)))}
+            for n, (loss, sd, own) in forecast_decays(fit, plan, index, lengths, shape).items()]
+
+
+def merge_candidates(fit, plan: Plan, index: int, windows: dict, weights: str, record: dict) -> list[dict]:
+    """One row per merge window (-> the main-path steps it merges) of version ``index``, calibrated by
+    ``record``; a merge trains nothing beyond the main path."""
+    v, rows = plan.versions[index], []
+    for w, steps in windows.items():
+        loss, sd = fit.predict(merge_lrs(plan, steps, weights), v.start_step, v.name)
+        rows.append({"method": "merge", "shape": _kind("merge", weights), "window_steps": w, "checkpoints": list(steps),
+                     "cost_steps": 0, "enough": False, "law_loss": loss,
+                     **dict(zip(("loss", "sd"), calibrated(loss, sd, record)))})
+    return rows
+
+
+def mark_choice(rows: list[dict], tolerance: float) -> list[dict]:
+    """``rows`` with ``choice`` set on the cheapest whose forecast is within ``tolerance`` of the lowest (ties:
+    the lower forecast)."""
     if rows:
         best = min(r["loss"] for r in rows)
-        pick = min((r for r in rows if r["loss"] <= best * (1 + config.tolerance)),
-                   key=lambda r: (r["cost_steps"], r["loss"]))
+        pick = min((r for r in rows if r["loss"] <= best * (1 + tolerance)), key=lambda r: (r["cost_steps"], r["loss"]))
         for r in rows:
             r["choice"] = r is pick
     return rows
@@ -233,15 +257,22 @@ def _kind(method: str, shape: str) -> str:
     return f"{method} {shape}"
 
 
-def track_record(plan: Plan, known: list[Observation], index: int, target: str = BLEND) -> dict:
-    """Per earlier release of the same kind measured in ``known``: its forecast's signed relative error
-    (forecast / measured - 1), the forecast made from what was known before it."""
-    out = {}
+def track_record(plan: Plan, known: list[Observation], index: int, target: str = BLEND,
+                 kind: Optional[str] = None) -> dict:
+    """Per earlier release of the same kind (``kind``, default version ``index``'s) measured in ``known``: its
+    forecast's signed relative error (forecast / measured - 1), the law's forecast before calibration: for the
+    blend of a release an auto choice made, the one it was chosen by (its record's ``law_loss``); otherwise
+    the forecast from what was known before it was made."""
+    out, kind = {}, kind or release_kind(plan, index)
     for u in plan.versions[:index]:
-        if release_kind(plan, u.index) != release_kind(plan, index):
+        if release_kind(plan, u.index) != kind:
             continue
         measured = _target_value(release_loss(plan, known, u.index) or {}, target, seen_corpora(plan, u.index))
         if measured is None:
+            continue
+        choice = plan.auto_decays[u.name].choice if u.name in plan.auto_decays else None
+        if target == BLEND and choice and "law_loss" in choice:
+            out[u.name] = choice["law_loss"] / measured - 1
             continue
         try:
             out[u.name] = backtest(plan, known, u.index, target, calibrate=False)[0] / measured - 1
@@ -270,35 +301,64 @@ def release_loss(plan: Plan, obs: list[Observation], index: int) -> Optional[dic
 
 
 def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = ForecastConfig()) -> dict:
-    """The decay length of version ``name`` (decay_steps: auto): among its candidates the shortest whose
-    forecast is within ``config.tolerance`` of the longest's, from what the choice reads
-    (plan_decisions.choice_inputs); without a fit (the first version: no finished decay yet), the longest,
-    with the reason. Made once, when all its inputs exist (otherwise refused, nothing recorded), recorded
-    in ``RUN/<name>/decay_choice.json`` and reused."""
-    base = plan_decisions.with_choices(plan, run_dir)  # earlier auto branches as they were trained
+    """The release of auto version ``name``, from what the choice reads (plan_decisions.choice_inputs):
+    decay_steps: auto takes the shortest decay whose forecast is within ``config.tolerance`` of the longest's;
+    method: auto the cheapest candidate, decay or merge, whose forecast (corrected by the track record of its
+    kind) is within tolerance of the lowest. Without a fit (the first version: no finished decay yet), the
+    longest decay, with the reason. Made once, when all its inputs exist (otherwise refused, nothing
+    recorded), recorded in ``RUN/<name>/decay_choice.json`` and reused."""
+    base = plan_decisions.with_choices(plan, run_dir)  # earlier auto releases as they were made
     if name not in base.decay_candidates:
         return base.auto_decays[name].choice
     inputs = plan_decisions.choice_inputs(base, run_dir, name)
     plan_decisions.require_inputs(inputs, name)
-    index = next(v.index for v in base.versions if v.name == name)
+    index, auto = next(v.index for v in base.versions if v.name == name), base.auto_decays[name]
     lengths = list(base.decay_candidates[name])
     choice = {"version": name, "decay_steps": lengths[-1], "plan_hash": base.plan_hash(),
-              "bounds": list(base.auto_decays[name].bounds), "lengths": lengths, **inputs.record(),
-              "tolerance": config.tolerance}
+              "bounds": list(auto.bounds), "lengths": lengths, **inputs.record(), "tolerance": config.tolerance}
+    if auto.method_auto:
+        choice.update(method="decay", window_steps=None, windows=sorted(auto.merges), merge_weights=auto.merge_weights)
     try:
         fit = fit_law(curves_for(base, inputs.observations, BLEND, index), config.law)
-        predicted = forecast_decays(fit, base, index, lengths)
-        if set(predicted) != set(lengths):  # every candidate is one the plan allows (Plan._screen)
-            raise LrpathError(f"version {name}: no forecast of decay lengths {sorted(set(lengths) - set(predicted))}")
-        longest = predicted[lengths[-1]][0]
-        pick = next(n for n in lengths if predicted[n][0] <= longest * (1 + config.tolerance))
-        choice.update(decay_steps=pick, predicted_loss=predicted[pick][0], predicted_sd=predicted[pick][1],
-                      fit=fit.to_dict(), candidates=[{"decay_steps": n, "loss": x, "sd": sd}
-                                                     for n, (x, sd, _) in predicted.items()])
+        choice.update(_cheapest(fit, base, index, inputs.observations, config.tolerance) if auto.method_auto else
+                      _shortest_enough(fit, base, index, config.tolerance), fit=fit.to_dict())
     except ForecastError as exc:
         choice["no_forecast"] = f"{exc}; the longest allowed decay is taken"
     plan_decisions.write(run_dir, name, choice)
     return choice
+
+
+def _shortest_enough(fit, plan: Plan, index: int, tolerance: float) -> dict:
+    """decay_steps: auto: the shortest candidate whose forecast is within ``tolerance`` of the longest's."""
+    name, lengths = plan.versions[index].name, list(plan.decay_candidates[plan.versions[index].name])
+    predicted = forecast_decays(fit, plan, index, lengths)
+    if set(predicted) != set(lengths):  # every candidate is one the plan allows (Plan._screen)
+        raise LrpathError(f"version {name}: no forecast of decay lengths {sorted(set(lengths) - set(predicted))}")
+    longest = predicted[lengths[-1]][0]
+    pick = next(n for n in lengths if predicted[n][0] <= longest * (1 + tolerance))
+    return {"decay_steps": pick, "predicted_loss": predicted[pick][0], "predicted_sd": predicted[pick][1],
+            "law_loss": predicted[pick][0],
+            "candidates": [{"decay_steps": n, "loss": x, "sd": sd} for n, (x, sd, _) in predicted.items()]}
+
+
+def _cheapest(fit, plan: Plan, index: int, known: list[Observation], tolerance: float) -> dict:
+    """method: auto: every decay length and merge window of the release, each forecast corrected by the
+    track record of its kind in ``known``; the cheapest within ``tolerance`` of the lowest."""
+    v = plan.versions[index]
+    auto = plan.auto_decays[v.name]
+    decay_kind, merge_kind = _kind("decay", v.release.shape), _kind("merge", auto.merge_weights)
+    rows = decay_candidates(fit, plan, index, auto.candidates, v.release.shape,
+                            track_record(plan, known, index, kind=decay_kind))
+    if len(rows) != len(auto.candidates):  # every candidate is one the plan allows (Plan._screen)
+        raise LrpathError(f"version {v.name}: no forecast of some decay lengths of {list(auto.candidates)}")
+    if auto.merges:
+        rows += merge_candidates(fit, plan, index, auto.merges, auto.merge_weights,
+                                 track_record(plan, known, index, kind=merge_kind))
+    pick = next(r for r in mark_choice(rows, tolerance) if r["choice"])
+    return {"method": pick["method"], "decay_steps": pick.get("decay_steps"), "window_steps": pick.get("window_steps"),
+            "predicted_loss": pick["loss"], "predicted_sd": pick["sd"], "law_loss": pick["law_loss"],
+            "candidates": [{k: r[k] for k in ("method", "shape", "loss", "sd", "law_loss", "cost_steps", "choice")}
+                           | {k: r[k] for k in ("decay_steps", "window_steps") if k in r} for r in rows]}
 
 
 def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastConfig(),
@@ -332,6 +392,10 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
         if released:
             out["releases"].append(row)
             continue
+        own_config = config
+        if auto is not None and auto.merges and auto.choice is None:  # method: auto, undecided
+            row["method_auto"] = True
+            own_config = dataclasses.replace(config, methods=tuple(dict.fromkeys((*config.methods, "merge"))))
         for target in [BLEND, *corpora]:
             try:
                 fit = fit_law(curves_for(plan, obs, target, v.index), config.law)
@@ -340,7 +404,7 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
                 loss, sd = calibrated(*raw, record)
                 row["targets"][target] = {"loss": loss, "sd": sd, "law_loss": raw[0], "law_sd": raw[1],
                                           "track_record": record, "fit": fit.to_dict(),
-                                          "candidates": candidates(fit, plan, v.index, config, record)
+                                          "candidates": candidates(fit, plan, v.index, own_config, record)
                                           if target == BLEND else None}
             except ForecastError as exc:
                 row["targets"][target] = {"refused": str(exc)}
@@ -368,6 +432,8 @@ def format_forecast(result: dict) -> str:
             continue
         what = (f"merge ({r['merge']['weights']}) of main-path steps {', '.join(map(str, r['merge']['save_steps']))}"
                 if r["method"] == "merge" else f"{r['shape']} decay of {r['decay_steps']} steps")
+        if r.get("method_auto"):
+            what = f"method auto, not chosen yet (its shortest {what})"
         lines.append(f"{r['version']}: {what} -> blend val loss {blend['loss']:.4f} ± {blend['sd']:.4f}")
         if blend["track_record"]:
             errors = ", ".join(f"{u} {e:+.2%}" for u, e in blend["track_record"].items())

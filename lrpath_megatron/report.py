@@ -86,8 +86,7 @@ def _forecast_rows(plan: Plan, run_dir: Path, obs: list, forecasts: dict) -> tup
         actual = sum(actual_pc[c] for c in seen) / len(seen) if actual_pc and all(c in actual_pc for c in seen) else None
         choice = forecasts[v.name].get("decay_choice", {})
         if "predicted_loss" in choice:
-            pred, sd, note = choice["predicted_loss"], choice["predicted_sd"], \
-                f"made at launch: decay_steps auto -> {choice['decay_steps']}"
+            pred, sd, note = choice["predicted_loss"], choice["predicted_sd"], f"made at launch: {_chosen(choice)}"
         elif release_status(plan, run_dir, v.name).released:
             try:
                 pred, sd = backtest(plan, obs, v.index)
@@ -103,6 +102,38 @@ def _forecast_rows(plan: Plan, run_dir: Path, obs: list, forecasts: dict) -> tup
         if pred is not None:
             points.append((v.name, pred, sd, actual))
     return rows, points
+
+
+def _chosen(choice: dict) -> str:
+    """An auto release's recorded choice in words."""
+    if "method" not in choice:
+        return f"decay_steps auto -> {choice['decay_steps']}"
+    return "method auto -> " + (f"merge over {choice['window_steps']} steps" if choice["method"] == "merge" else
+                                f"decay of {choice['decay_steps']} steps")
+
+
+def _choice_section(forecasts: dict, actual: dict) -> list:
+    """Per auto release that chose: what it chose, every candidate it weighed (forecast, cost beyond the main
+    path) and its forecast beside the measured loss."""
+    parts = []
+    for name, row in forecasts.items():
+        choice = row.get("decay_choice")
+        if not choice:
+            continue
+        measured = actual.get(name)
+        said = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}, measured "
+                + (f"{measured:.4f} ({(choice['predicted_loss'] - measured) / measured:+.2%})" if measured else "-")
+                if "predicted_loss" in choice else html.escape(choice.get("no_forecast", "")))
+        parts.append(f"<h3>{html.escape(name)}: {html.escape(_chosen(choice))}</h3><p>{said}; chosen from the run "
+                     f"up to step {choice.get('observations_up_to_step')} (tolerance "
+                     f"{choice.get('tolerance', 0):.1%}).</p>")
+        cands = choice.get("candidates", [])
+        parts.append(_table(["method", "steps", "forecast", "cost (steps beyond the main path)", "chosen"], [
+            [c.get("method", "decay"), c.get("decay_steps", c.get("window_steps")), f"{c['loss']:.4f} ± {c['sd']:.4f}",
+             c.get("cost_steps", "-"), "yes" if c.get("choice", c.get("decay_steps") == choice["decay_steps"]) else ""]
+            for c in cands]) if cands else "")
+    return (["<h2>Release method choice</h2>", "<p>Releases with decay_steps: auto or method: auto.</p>", *parts]
+            if parts else [])
 
 
 def _forecast_image(points: list) -> str:
@@ -147,6 +178,7 @@ def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) ->
                   f"{r['cpt_cumulative_tokens']:,}", span(r["cumulative_ratio_vs_ptfs"], ratio),
                   span(r["cumulative_ratio_vs_cpt"], ratio)] for r in costs["versions"]]
     f_rows, points = _forecast_rows(plan, run_dir, obs, forecasts)
+    actual = {name: a for name, _, _, a in points}
     parts = [
         f"<h1>{html.escape(Path(plan.source).name or 'plan')}: run report</h1>",
         f"<p>run directory {html.escape(str(run_dir))}, plan hash {costs['plan_hash']}, "
@@ -171,6 +203,7 @@ def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) ->
     ]
     if points:
         parts.append(_img(_forecast_image(points), "forecast vs measured"))
+    parts += _choice_section(forecasts, actual)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrpath report</title><style>{style}</style>"

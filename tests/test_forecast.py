@@ -421,6 +421,7 @@ def test_auto_decay_on_the_demo_plan_leaves_out_what_no_forecast_can_choose(tmp_
     assert "v1: decay auto leaves out 80 steps: it forks at step 0, inside the main path's warmup" in out
     assert "v2: decay auto leaves out 80 steps: it forks at step 80, before the main path has evaluated" in out
     assert "v1       decay:cosine  auto 32..72" in out
+    assert "no forecast can be made: it will take the longest decay, 48 steps" in out  # v1 reads nothing
     assert lrpath([*args, "--set", "logging.eval_interval=40"]) == 2  # one clear line, no traceback
     assert "has no length to choose from" in capsys.readouterr().err
 
@@ -563,3 +564,175 @@ def test_the_trainer_stops_the_main_path_for_the_choice_that_ends_it(demo_data, 
     choice = json.loads((run / "v2" / "decay_choice.json").read_text())
     assert choice["observations_up_to_step"] == 18 and again.pause is None
     assert again.path.end_step == 24 - choice["decay_steps"] == run_for(plan, "v2", run).path.fork_step
+
+
+# ---------------------------------------------------------------------------------------- method: auto
+def method_auto_plan(plan_path: Path, **release) -> Path:
+    return auto_plan(plan_path, method="auto", **{"decay_steps": None, **release})
+
+
+def test_method_auto_weighs_decays_and_merges_and_records_the_cheapest_within_tolerance(law_run):
+    plan_path, run = law_run
+    plan = load_plan(method_auto_plan(plan_path))
+    auto = plan.auto_decays["v3"]
+    assert auto.method_auto and auto.candidates == (10, 20, 30, 40, 50, 60, 80, 100)
+    # Windows of 4 checkpoints (1-sqrt) ending the version; those starting before two evaluations are left out.
+    assert auto.merges[30] == (270, 280, 290, 300) and sorted(auto.merges) == [9, 21, 30, 39, 51, 60]
+    assert [d["window_steps"] for d in auto.dropped] == [81, 99]
+    main = plan.path("main")
+    assert auto.merge_steps() <= main.save_steps | main.weights_only_steps and plan.main_end == 300
+    assert auto.fork_span == (240, 300) and plan.main_pause.step == 240
+    costs = plan.costs()["versions"][2]
+    assert costs["branch_steps"] == [0, 50] and costs["decay_auto"]["merge_windows"] == sorted(auto.merges)
+    main_to(plan, run, 300)
+
+    made = run_for(plan, "v3", run)
+    choice = json.loads((run / "v3" / "decay_choice.json").read_text())
+    rows = choice["candidates"]
+    assert {r["method"] for r in rows} == {"decay", "merge"} and len(rows) == 8 + 6
+    best = min(r["loss"] for r in rows)
+    cheapest = min((r for r in rows if r["loss"] <= best * 1.005), key=lambda r: (r["cost_steps"], r["loss"]))
+    assert [r for r in rows if r["choice"]] == [cheapest] and choice["method"] == cheapest["method"]
+    assert choice["predicted_loss"] == cheapest["loss"] and choice["observations_up_to_step"] == 240
+    # The law's metrics make the merges (no cost) as good as the longest decays: a merge is taken.
+    assert choice["method"] == "merge" and choice["decay_steps"] is None
+    from lrpath_megatron.plan_runs import MergeRun
+    from lrpath_megatron.run_layout import RunLayout
+
+    window = choice["window_steps"]
+    assert made == MergeRun("v3", tuple(run / "main" / "checkpoints" / f"iter_{s:07d}" for s in auto.merges[window]),
+                            "1-sqrt", 300, RunLayout(run).path("v3"), choice)
+    assert made.out == run / "v3" / "checkpoints" / "iter_0000300"
+    decided = with_choices(plan, run)
+    assert decided.versions[2].release.method == "merge" and decided.plan_hash() == plan.plan_hash()
+    assert decided.versions[2].release.merge["save_steps"] == list(auto.merges[window])
+    assert decided.costs()["versions"][2]["branch_steps"] == [0, 0] and decided.costs()["undecided"] == []
+    # A record naming a window the release does not have is refused, naming it.
+    (run / "v3" / "decay_choice.json").write_text(json.dumps({**choice, "window_steps": 81}))
+    with pytest.raises(LrpathError, match="window_steps 81 is not one of the release's candidates"):
+        with_choices(plan, run)
+    # methods: [decay] weighs decay lengths only, by the same rule.
+    (run / "v3" / "decay_choice.json").unlink()
+    only = load_plan(method_auto_plan(plan_path, methods=["decay"]))
+    assert not only.auto_decays["v3"].merges and only.plan_hash() != plan.plan_hash()
+    assert run_for(only, "v3", run).lineage["decay_choice"]["method"] == "decay"
+
+
+@pytest.mark.parametrize("release, message", [
+    ({"decay_steps": 40}, "decay_steps: method: auto chooses the decay length"),
+    ({"fork_step": 250}, "fork_step: method: auto chooses"),
+    ({"merge": {"window_steps": 30}}, "merge.window_steps: method: auto chooses"),
+    ({"methods": ["merge"]}, "a merge alone takes a written window"),
+    ({"methods": ["decay", "decay"]}, "each at most once"),
+    ({"merge": {"weights": "nonsense"}}, "weights"),
+])
+def test_method_auto_refusals(law_run, release, message):
+    from lrpath_megatron.config import ConfigError
+
+    plan_path, _ = law_run
+    with pytest.raises(ConfigError, match=message):
+        load_plan(method_auto_plan(plan_path, **release))
+
+
+def test_methods_is_refused_outside_method_auto(law_run):
+    from lrpath_megatron.config import ConfigError
+
+    plan_path, _ = law_run
+    with pytest.raises(ConfigError, match="methods applies to method: auto only"):
+        load_plan(auto_plan(plan_path, methods=["decay"]))
+
+
+def test_a_method_auto_release_trains_its_branch_or_makes_its_merge(demo_data, tmp_path):
+    """Real training: v2 (method: auto) forks or merges at the end of the main path; before any decay has
+    finished it has no forecast and takes the longest decay, whose branch trains. The same run with a merge
+    recorded instead trains the main path to the version's end and `lrpath train --path v2` makes the merge."""
+    from conftest import run_lrpath
+    from lrpath_megatron.launch.local import plan_commands
+    from lrpath_megatron.release_forecast import choose_decay
+    from test_status_export import tiny_plan
+
+    path = tiny_plan(demo_data, tmp_path / "plan.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["plan"]["versions"][1]["release"] = {"method": "auto", "decay_bounds": [2, 6],
+                                              "merge": {"num_checkpoints": 3, "weights": "linear"}}
+    data["logging"]["eval_interval"] = 2
+    path.write_text(yaml.safe_dump(data))
+    plan, run = load_plan(path), tmp_path / "run"
+    auto = plan.auto_decays["v2"]
+    assert sorted(auto.merges) == [2, 4, 6, 8] and auto.fork_span == (16, 24) and plan.main_pause.step == 16
+    assert [name for name, _ in plan_commands(plan, path, [], run, 1)] == ["main", "main", "v1", "v2"]
+    run_lrpath(["train", str(path), "--path", "main", "--run-dir", str(run)])
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+
+    run_lrpath(["train", str(path), "--path", "main", "--run-dir", str(run)])  # chooses, trains to the fork
+    choice = json.loads((run / "v2" / "decay_choice.json").read_text())
+    assert (choice["method"], choice["decay_steps"]) == ("decay", 6) and "annealing term C" in choice["no_forecast"]
+    out = run_lrpath(["train", str(path), "--path", "v2", "--run-dir", str(run)]).stdout
+    assert "[v2]" in out and "merge" not in out
+    assert json.loads((run / "v2" / "checkpoints" / "iter_0000024" / "manifest.json").read_text())["step"] == 24
+
+    record = {**choose_decay(plan, "v2", other), "method": "merge", "window_steps": 8, "decay_steps": None}
+    (other / "v2" / "decay_choice.json").write_text(json.dumps(record))
+    run_lrpath(["train", str(path), "--path", "main", "--run-dir", str(other)])  # to the version's end
+    out = run_lrpath(["train", str(path), "--path", "v2", "--run-dir", str(other)]).stdout
+    assert "[v2] method: auto chose a merge (linear) of main-path steps 16, 20, 24" in out
+    merged = json.loads((other / "v2" / "checkpoints" / "iter_0000024" / "manifest.json").read_text())
+    assert [Path(i["path"]).name for i in merged["inputs"]] == ["iter_0000016", "iter_0000020", "iter_0000024"]
+    # The same merge `lrpath merge` makes of those checkpoints (it finds it made); a rerun makes nothing new.
+    ckpts = [str(other / "main" / "checkpoints" / f"iter_{s:07d}") for s in (16, 20, 24)]
+    assert "already merged" in run_lrpath(["merge", *ckpts, "--weights", "linear", "--out",
+                                           str(other / "v2" / "checkpoints" / "iter_0000024"),
+                                           "--skip-existing"]).stdout
+    assert "already merged" in run_lrpath(["train", str(path), "--path", "v2", "--run-dir", str(other)]).stdout
+    assert with_choices(plan, other).versions[1].release.method == "merge"
+    # The job evaluated the merge (once, though it ran twice): its loss is what `lrpath eval` measures.
+    records = [json.loads(line) for line in (other / "v2" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["events"]) for r in records] == [(23, ["merged release"])]
+    release = str(other / "v2" / "checkpoints" / "iter_0000024")
+    assert lrpath(["eval", str(path), release, "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())[release]["val_loss_per_corpus"] == \
+        records[0]["val_loss_per_corpus"]
+
+
+def test_a_later_choice_reads_an_earlier_merge_and_corrects_merges_by_its_error(law_run):
+    """v2 and v3 are method: auto; v2 merges (its record says so). v3's choice waits for v2's measured merge
+    and corrects its merge candidates by the error of the forecast v2 was chosen by."""
+    from lrpath_megatron.forecast import fit_law
+    from lrpath_megatron.plan_decisions import choice_inputs
+    from lrpath_megatron.release_forecast import (BLEND, choose_decay, curves_for, merge_candidates, merge_lrs,
+                                                  track_record)
+
+    plan_path, run = law_run
+    data = yaml.safe_load(plan_path.read_text())
+    for v in data["plan"]["versions"][1:]:
+        v["release"] = {"method": "auto", "shape": "knee"}
+    (plan_path.parent / "two.yaml").write_text(yaml.safe_dump(data))
+    plan = load_plan(plan_path.parent / "two.yaml")
+    assert plan.auto_decays["v3"].reads == ("v1", "v2")
+    shutil.rmtree(run / "v2")  # law_run's fixed v2 branch: v2 now chooses
+    main_to(plan, run, 300)
+    made = choose_decay(plan, "v2", run)
+    said = next(c["law_loss"] for c in made["candidates"] if c.get("window_steps") == 30)
+    record = {**made, "method": "merge", "window_steps": 30, "decay_steps": None, "law_loss": said}
+    (run / "v2" / "decay_choice.json").write_text(json.dumps(record))
+    with pytest.raises(LrpathError, match="not there yet: the merged release v2 with its validation loss"):
+        run_for(plan, "v3", run)
+    base = with_choices(plan, run)
+    truth = law(merge_lrs(base, (170, 180, 190, 200), "1-sqrt"), 100, "v2")
+    measured = truth * 1.01  # the merge measured 1% above what the law says of the decay it emulates
+    record = {"step": 199, "path": "v2", "val_loss": measured, "val_loss_per_corpus": {c: measured for c in CORPORA}}
+    (run / "v2" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    choice = run_for(plan, "v3", run)
+    choice = choice.choice if hasattr(choice, "choice") else choice.lineage["decay_choice"]
+    assert choice["reads_branches"] == ["v1", "v2"]
+    inputs = choice_inputs(base, run, "v3")
+    assert any(o.path == "v2" and o.step == 200 for o in inputs.observations)
+    errors = track_record(base, inputs.observations, 2, kind="merge 1-sqrt")
+    # v2's error is that of the forecast it was chosen by (the law's, before calibration).
+    assert list(errors) == ["v2"] and errors["v2"] == pytest.approx(said / measured - 1, rel=1e-12)
+    assert errors["v2"] == pytest.approx(1 / 1.01 - 1, abs=0.003)
+    fit = fit_law(curves_for(base, inputs.observations, BLEND, 2))
+    raw = merge_candidates(fit, base, 2, base.auto_decays["v3"].merges, "1-sqrt", {})
+    told = {c["window_steps"]: c["loss"] for c in choice["candidates"] if c["method"] == "merge"}
+    assert all(told[r["window_steps"]] == pytest.approx(r["loss"] / (1 + errors["v2"]), rel=1e-9) for r in raw)

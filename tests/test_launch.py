@@ -527,3 +527,25 @@ def test_auto_branch_waits_for_the_segment_past_every_fork_it_may_choose(plan_fi
     assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
     assert "job v1: path v1 steps 24..30 after main@24" in capsys.readouterr().out
     assert "--dependency=afterok:$job_main_24 v1.sbatch" in (out / "submit.sh").read_text()
+
+
+def test_a_method_auto_release_waits_for_the_end_of_its_version(plan_file, tmp_path, capsys):
+    """method: auto: the release's job (a branch or a merge, decided when it starts) waits for the segment
+    that ends the version, where the last merge checkpoint is, and the main path saves every input."""
+    plan = yaml.safe_load(plan_file.read_text())
+    plan["plan"]["versions"][1]["release"] = {"method": "auto", "shape": "cosine", "decay_bounds": [4, 12]}
+    plan["logging"]["eval_interval"] = 2
+    path, run, out = tmp_path / "auto.yaml", tmp_path / "run", tmp_path / "out"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    loaded = load_plan(path)
+    auto, end = loaded.auto_decays["v2"], loaded.versions[1].end_step
+    assert auto.method_auto and auto.merges and auto.fork_span[1] == end == loaded.main_end
+    main = loaded.path("main")
+    assert auto.merge_steps() <= main.save_steps | main.weights_only_steps
+    jobs = {j.key: j for j in build_jobs(loaded.paths(), loaded.releases(), auto=loaded.auto_decays,
+                                         pause=loaded.main_pause)}
+    waits = jobs[jobs["v2"].after]
+    assert waits.path == "main" and waits.end_step == end and jobs["v2"].auto.windows == tuple(sorted(auto.merges))
+    assert _launch(path, "--slurm", "--cluster", LOCAL_PROFILE, "--run-dir", run, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "job v2: path v2 method auto: a decay in [4, 12] steps or a merge over a window of" in printed

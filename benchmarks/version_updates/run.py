@@ -65,6 +65,7 @@ class Method:
     kind: str  # ptfs | cpt | switch | main
     main: Optional[str] = None  # main-path variant: "new" | "replay"
     release: Optional[dict] = None  # the release every version gets (kind switch)
+    first: Optional[dict] = None  # the first version's release instead, where it differs
 
     @property
     def slug(self) -> str:
@@ -79,6 +80,10 @@ def build_methods(fractions: list[float], shapes: list[str], branch_data: list[s
     the release forecast choosing among the plan's candidate lengths, 10%..100% of a version, less those whose
     branch would fork inside the warmup or before the main path evaluated the version twice)."""
     methods = [Method("ptfs", "ptfs"), Method("cpt", "cpt")]
+
+    def merge_window(f: float) -> int:
+        return max(merge_checkpoints - 1, round(f * steps_per_version))
+
     for main in mains:
         for shape in shapes:
             for data in branch_data:
@@ -88,19 +93,29 @@ def build_methods(fractions: list[float], shapes: list[str], branch_data: list[s
                 if "auto" in decays:
                     release = {"method": "decay", "shape": shape, "decay_steps": "auto", "data": data}
                     methods.append(Method(f"switch/{main}-main/{shape}-{data}-auto", "switch", main, release))
+                if "method-auto" in decays:  # the release forecast chooses a decay length or a merge window
+                    release = {"method": "auto", "shape": shape, "data": data,
+                               "merge": {"weights": merge_weights, "num_checkpoints": merge_checkpoints}}
+                    methods.append(Method(f"switch/{main}-main/auto-{shape}-{data}", "switch", main, release))
+                    # The first release has no forecast (no release has been measured before it) and takes the
+                    # longest decay; a team writes it instead: here a decay over the first fraction, whose
+                    # finished branch the next choice fits the law to.
+                    first = {"method": "decay", "shape": shape, "decay_fraction": fractions[0], "data": data}
+                    methods.append(Method(f"switch/{main}-main/auto-{shape}-{data}-after-{fractions[0]:g}",
+                                          "switch", main, release, first))
         for f in fractions:
-            window = max(merge_checkpoints - 1, round(f * steps_per_version))
             release = {"method": "merge", "merge": {"num_checkpoints": merge_checkpoints, "weights": merge_weights,
-                                                     "window_steps": window}}
+                                                     "window_steps": merge_window(f)}}
             methods.append(Method(f"switch/{main}-main/wsm-{merge_weights}-{f:g}", "switch", main, release))
         methods.append(Method(f"main/{main}-main", "main", main))
     return methods
 
 
 def plan_dict(template: dict, corpora: dict, steps_per_version: int, replay: float,
-              release: Optional[dict], main_save_steps: list[int] = (), main_weights_only_steps: list[int] = ()) -> dict:
+              release: Optional[dict], main_save_steps: list[int] = (), main_weights_only_steps: list[int] = (),
+              first: Optional[dict] = None) -> dict:
     """The plan of one method: the template, one corpus and one version per increment, the main path's
-    replay share, and the same release for every version."""
+    replay share, and the same release for every version (the first: ``first``, where given)."""
     plan = copy.deepcopy(template)
     plan.setdefault("data", {})["corpora"] = [{"name": n, "prefix": p} for n, p in corpora.items()]
     # A main-path-only plan still needs releases: branches at each segment's end (never trained here).
@@ -108,7 +123,8 @@ def plan_dict(template: dict, corpora: dict, steps_per_version: int, replay: flo
     plan["plan"]["main"] = {**plan["plan"].get("main", {}), "replay": replay, "save_steps": sorted(main_save_steps),
                             "weights_only_steps": sorted(set(main_weights_only_steps) - set(main_save_steps))}
     plan["plan"]["versions"] = [{"name": f"v{i + 1}", "corpora": [n], "steps": steps_per_version,
-                                 "release": version_release(release, list(corpora)[: i + 1])}
+                                 "release": version_release(first if i == 0 and first else release,
+                                                            list(corpora)[: i + 1])}
                                 for i, n in enumerate(corpora)]
     return plan
 
@@ -189,7 +205,8 @@ class Benchmark:
         """One plan per switch method, the baselines' plan and one per main path: all validated before any
         is written."""
         plans = {m.slug: release_plan(plan_dict(self.template, self.corpora, self.spv, self.replay[m.main],
-                                                m.release)) for m in self.methods if m.kind == "switch"}
+                                                m.release, first=m.first))
+                 for m in self.methods if m.kind == "switch"}
         plans["baselines"] = plan_dict(self.template, self.corpora, self.spv, 0.0, None)
         self._load(plans)
         for main in {m.main for m in self.methods if m.main}:
@@ -297,7 +314,7 @@ class Benchmark:
         """What a decay_steps: auto release chose when its branch started (RUN/vN/decay_choice.json)."""
         from lrpath_megatron.run_layout import RunLayout
 
-        if m.kind != "switch" or m.release.get("decay_steps") != "auto":
+        if m.kind != "switch" or "auto" not in (m.release.get("decay_steps"), m.release.get("method")):
             return None
         record = RunLayout(self.run / "switch" / m.slug).path(version).decay_choice
         return json.loads(record.read_text()) if record.is_file() else None
@@ -337,7 +354,7 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
             choice = bench.decay_choice(m, name)
             if choice is not None:
                 versions[name]["decay_choice"] = choice_summary(choice, versions[name]["val_loss_seen"])
-        methods[m.name] = {"kind": m.kind, "main": m.main, "release": m.release,
+        methods[m.name] = {"kind": m.kind, "main": m.main, "release": m.release, "first_release": m.first,
                            "tokens": cumulative[-1], "cost_ratio_vs_ptfs": cumulative[-1] / ptfs_total,
                            "versions": versions}
     ptfs = methods["ptfs"]["versions"]
@@ -357,6 +374,7 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
                 v["annealing_gain_vs_main"] = (at - v["val_loss_seen"]) / at
             row["min_annealing_gain_vs_main"] = min(v["annealing_gain_vs_main"] for v in row["versions"].values())
     return {
+        **_auto_summary(methods),
         "benchmark": "version_updates",
         "size": bench.args.size,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -380,9 +398,43 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
     }
 
 
+def _auto_summary(methods: dict) -> dict:
+    """For a method: auto arm: its cost and gaps vs PTFS, and how well the forecasts it chose by held: the
+    share of releases whose measured loss lies within the forecast's +- 1 sd, and the mean relative error."""
+    arms = [n for n, r in methods.items() if (r["release"] or {}).get("method") == "auto"]
+    if not arms:
+        return {}
+
+    def calibration(name: str) -> dict:
+        told = [v["decay_choice"] for v in methods[name]["versions"].values()
+                if "predicted_loss" in v.get("decay_choice", {})]
+        out = {"releases": len(told)}
+        if told:
+            inside = [abs(c["predicted_loss"] - c["measured_loss"]) <= c["predicted_sd"] for c in told]
+            out.update(coverage_1sd=sum(inside) / len(told),
+                       mean_abs_error=sum(abs(c["relative_error"]) for c in told) / len(told))
+        return out
+
+    def arm(name: str) -> dict:
+        row = methods[name]
+        return {"method": name, "first_release": row["first_release"], "cost_vs_ptfs": row["cost_ratio_vs_ptfs"],
+                "max_gap_vs_ptfs": row["max_relative_gap_vs_ptfs"],
+                "mean_gap_vs_ptfs": row["mean_relative_gap_vs_ptfs"],
+                "chosen": {n: {k: v["decay_choice"][k] for k in ("method", "decay_steps", "window_steps")}
+                           for n, v in row["versions"].items() if "decay_choice" in v},
+                "calibration": calibration(name)}
+
+    # "auto": every release method: auto; further arms (the first release written) beside it.
+    every = [n for n in arms if methods[n]["first_release"] is None] or arms
+    return {"auto": arm(every[0]), "auto_arms": [arm(n) for n in arms], "calibration": calibration(every[0])}
+
+
 def choice_summary(choice: dict, measured: float) -> dict:
     """A forecast's choice beside the release's measured loss (the seen-data mean of `lrpath eval`)."""
-    out = {"decay_steps": choice["decay_steps"]}
+    out = {"method": choice.get("method", "decay"), "decay_steps": choice["decay_steps"],
+           "window_steps": choice.get("window_steps")}
+    if "candidates" in choice and "method" in choice:  # method: auto: what it chose among
+        out["candidates"] = choice["candidates"]
     if "predicted_loss" in choice:
         out.update(predicted_loss=choice["predicted_loss"], predicted_sd=choice["predicted_sd"],
                    measured_loss=measured, relative_error=(choice["predicted_loss"] - measured) / measured)
@@ -462,11 +514,13 @@ def table(result: dict) -> str:
     chosen = [(name, vname, v["decay_choice"]) for name, row in result["methods"].items()
               for vname, v in row["versions"].items() if "decay_choice" in v]
     if chosen:
-        lines += ["", "| method | version | decay steps chosen | forecast | measured | error |", "|---|---|---|---|---|---|"]
+        lines += ["", "| method | version | chosen (steps) | forecast | measured | error |",
+                  "|---|---|---|---|---|---|"]
         for name, vname, c in chosen:
             told = (f"{c['predicted_loss']:.3f} ± {c['predicted_sd']:.3f} | {c['measured_loss']:.3f} | "
                     f"{c['relative_error']:+.2%}" if "predicted_loss" in c else "none (too little data) | | ")
-            lines.append(f"| {name} | {vname} | {c['decay_steps']} | {told} |")
+            what = f"merge {c['window_steps']}" if c["method"] == "merge" else f"decay {c['decay_steps']}"
+            lines.append(f"| {name} | {vname} | {what} | {told} |")
     return "\n".join(lines)
 
 
@@ -525,7 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", type=lambda s: s.split(","), default=["cosine"], help="branch decay shapes")
     p.add_argument("--decay", type=lambda s: tuple(s.split(",")), default=("fixed",),
                    help="fixed (a decay per --fractions), auto (decay_steps: auto at its default bounds, the release "
-                        "forecast choosing the length) or fixed,auto side by side; auto needs validation losses on the "
+                        "forecast choosing the length), method-auto (method: auto, the forecast choosing a decay "
+                        "length or a merge window) or several side by side; auto needs validation losses on the "
                         "main path: logging.eval_interval is set to a tenth of a version if the plan has none")
     p.add_argument("--branch-data", type=lambda s: s.split(","),
                    help="branch data: tail, replay, lrmix (default: all on cpu, tail,replay on gpu)")
@@ -545,8 +600,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.plan = args.plan or size["plan"]
     args.data = args.data or size["data"]
     args.branch_data = args.branch_data or size["branch_data"]
-    if set(args.decay) - {"fixed", "auto"}:
-        p.error(f"--decay {','.join(args.decay)}: choose from fixed, auto")
+    if set(args.decay) - {"fixed", "auto", "method-auto"}:
+        p.error(f"--decay {','.join(args.decay)}: choose from fixed, auto, method-auto")
     bad = set(args.branch_data) - {"tail", "replay", "lrmix"}
     if bad:
         p.error(f"--branch-data {','.join(sorted(bad))}: choose from tail, replay, lrmix")
@@ -563,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     template = read_yaml(args.plan)
     apply_overrides(template, args.overrides)
-    if "auto" in args.decay and not template.get("logging", {}).get("eval_interval"):
+    if {"auto", "method-auto"} & set(args.decay) and not template.get("logging", {}).get("eval_interval"):
         # The forecast reads the main path's validation losses (not hashed: the main path trains the same).
         template.setdefault("logging", {})["eval_interval"] = max(1, args.steps_per_version // 10)
     args.eval_batches = args.eval_batches or template.get("logging", {}).get("eval_batches", 4)

@@ -21,9 +21,13 @@ def run(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg, path_run = load_run(args.plan, args.version, run_dir, args.overrides)
-    if path_run.origin.checkpoint is None:
-        from lrpath_megatron.errors import LrpathError
+    from lrpath_megatron.errors import LrpathError
+    from lrpath_megatron.plan_runs import MergeRun
 
+    if isinstance(path_run, MergeRun):
+        raise LrpathError(f"version {args.version} (method: auto) chose a merge of main-path checkpoints: it has no "
+                          f"branch; make it with `lrpath train {args.plan} --path {args.version}` or `lrpath launch`")
+    if path_run.origin.checkpoint is None:
         raise LrpathError(f"{args.version!r} is the main path, not a branch; use lrpath train --path main")
     from lrpath_megatron.checkpoint.layout import record_fork
     from lrpath_megatron.checkpoint.policy import Checkpointer

@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lrpath_megatron.checkpoint.layout import is_complete, read_manifest
 from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.merge_weights import SPEC_HELP, merge_weights
 
@@ -48,11 +47,11 @@ def run(args) -> int:
         raise LrpathError("--out is required to merge (or pass --print to only show the weights)")
     if args.group_mib <= 0:
         raise LrpathError("--group-mib must be > 0")
-    if args.skip_existing and _already_merged(args.checkpoints, weights.spec, Path(args.out)):
+    from lrpath_megatron.merge import already_merged, merge_checkpoints
+
+    if args.skip_existing and already_merged(args.checkpoints, weights.spec, Path(args.out)):
         print(f"already merged: {args.out}")
         return 0
-    from lrpath_megatron.merge import merge_checkpoints
-
     result = merge_checkpoints(args.checkpoints, weights, args.out, group_bytes=args.group_mib * 2**20,
                                progress=not args.no_progress)
     print(f"merged {len(args.checkpoints)} checkpoints ({weights.spec}) into {result.output}: "
@@ -61,19 +60,3 @@ def run(args) -> int:
         print(f"copied from {args.checkpoints[-1]}: {', '.join(result.copied[:6])}"
               f"{' ...' if len(result.copied) > 6 else ''}", file=sys.stderr)
     return 0
-
-
-def _already_merged(checkpoints: list, spec: str, out: Path) -> bool:
-    """True if ``out`` is a finished merge of these checkpoints with these weights (it is renamed into place
-    only when complete, so its manifest means done); a different merge there is an error, not a skip."""
-    if not is_complete(out):
-        return False
-    manifest = read_manifest(out)
-    have = ([i["path"] for i in manifest.get("inputs", [])], manifest.get("weights", {}).get("spec"))
-    want = ([str(Path(c).resolve()) for c in checkpoints], spec)
-    if have != want:
-        raise LrpathError(
-            f"{out} already holds a different merge ({len(have[0])} checkpoints, weights {have[1]}; asked for "
-            f"{len(want[0])}, weights {want[1]}); remove it or choose another --out"
-        )
-    return True

@@ -35,10 +35,47 @@ def step_number(text: str) -> int:
 
 def run(args) -> int:
     from lrpath_megatron.load_run import load_run
+    from lrpath_megatron.plan_runs import MergeRun
     from lrpath_megatron.trainer import run_path
 
     cfg, path_run = load_run(args.config, args.path, Path(args.run_dir), args.overrides)
+    if isinstance(path_run, MergeRun):
+        return release_by_merge(cfg, path_run)
     with config_source(args.config, args.overrides):  # settings checked only at run time, e.g. the world size
         code = run_path(cfg, path_run, args.stop_at_step)
     sys.stdout.flush()
     return code
+
+
+def release_by_merge(cfg, run) -> int:
+    """A method: auto release that chose a merge (:class:`plan_runs.MergeRun`): global rank 0 merges (once: a
+    rerun finds the merge made) while the other ranks wait (a launcher that saw them exit would end rank 0's
+    merge; a failed rank 0 ends them through the launcher); then every rank evaluates the release on the
+    held-out data, and its validation loss goes to the version's metrics, where later choices read it."""
+    import time
+
+    from lrpath_megatron.checkpoint.layout import is_complete
+    from lrpath_megatron.distributed import read_env
+    from lrpath_megatron.evaluate import evaluate_checkpoints
+    from lrpath_megatron.merge import already_merged, merge_checkpoints
+    from lrpath_megatron.merge_weights import merge_weights
+    from lrpath_megatron.metrics import MetricsLogger
+
+    weights, rank0 = merge_weights(run.weights, len(run.checkpoints)), read_env().rank == 0
+    if rank0:
+        steps = ", ".join(c.name.removeprefix("iter_").lstrip("0") or "0" for c in run.checkpoints)
+        print(f"[{run.version}] method: auto chose a merge ({run.weights}) of main-path steps {steps}")
+        if already_merged(run.checkpoints, weights.spec, run.out):
+            print(f"[{run.version}] already merged: {run.out}")
+        else:
+            merge_checkpoints(run.checkpoints, weights, run.out, progress=False)
+            print(f"[{run.version}] merged {len(run.checkpoints)} checkpoints into {run.out}")
+    while not is_complete(run.out):
+        time.sleep(1)
+    result = evaluate_checkpoints(cfg, [run.out])[str(run.out)]
+    # The record of step s is after s + 1 updates (the trainer's convention); a rerun replaces it.
+    log = MetricsLogger(run.dirs, rank0, cfg.logging.tensorboard, resume_step=run.step - 1)
+    log.log({"step": run.step - 1, "path": run.version, "val_loss": result["val_loss"],
+             "val_loss_per_corpus": result["val_loss_per_corpus"], "events": ["merged release"]})
+    log.close()
+    return 0

@@ -48,10 +48,12 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class AutoSpec:
-    """The branch of a decay_steps: auto release that has not chosen its decay length yet."""
+    """The branch of a decay_steps: auto release that has not chosen its decay length yet (method: auto:
+    nor between a decay and a merge)."""
 
     bounds: tuple  # (shortest, longest) decay steps it may take
     forks: tuple  # (earliest, latest) main-path step it may fork at; the job waits for the latest
+    windows: tuple = ()  # method: auto: the merge windows (steps) it may take instead
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class Job:
                     f"{self.pause.version} chooses its decay length first, the main path ends at its fork")
         if self.auto:
             (lo, hi), (first, last) = self.auto.bounds, self.auto.forks
+            if self.auto.windows:
+                return (f"path {self.path} method auto: a decay in [{lo}, {hi}] steps or a merge over a window of "
+                        f"{', '.join(map(str, self.auto.windows))} steps (main-path steps {first}..{last}, chosen "
+                        f"from the run up to step {first})")
             return (f"path {self.path} decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}, "
                     f"chosen from the run up to step {first})")
         return f"path {self.path} steps {self.start_step}..{self.end_step}"
@@ -156,8 +162,8 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
     for b in branches:
         if b.name in undecided:  # spans every candidate: the time check then holds whichever it chooses
             d = undecided[b.name]
-            jobs.append(Job(b.name, b.name, d.fork_span[0], max(end for _, end in d.forks.values()), None,
-                            segment_of[waits[b.name]], auto=AutoSpec(d.bounds, d.fork_span), reads=d.reads))
+            jobs.append(Job(b.name, b.name, d.fork_span[0], d.end_span()[1], None, segment_of[waits[b.name]],
+                            auto=AutoSpec(d.bounds, d.fork_span, tuple(sorted(d.merges))), reads=d.reads))
         else:
             jobs.append(Job(b.name, b.name, b.fork_step, b.end_step, None, segment_of[b.fork_step]))
     for r in merges:
@@ -201,6 +207,11 @@ def _check_candidate_forks(name: str, auto: AutoDecay, main: PathSpec) -> None:
         raise ConfigError(
             f"path {name!r} (decay_steps: auto) may fork at main-path step(s) {', '.join(map(str, unsaved))}, where "
             f"the main path saves no full checkpoint; add them to plan.main.save_steps")
+    unsaved = sorted(s for s in auto.merge_steps() - main.save_steps - main.weights_only_steps if s != main.end_step)
+    if unsaved:
+        raise ConfigError(
+            f"version {name!r} (method: auto) may merge main-path step(s) {', '.join(map(str, unsaved))}, where the "
+            f"main path saves no checkpoint; add them to plan.main.weights_only_steps")
 
 
 def merge_args(run_dir: Path, job: Job) -> list[str]:

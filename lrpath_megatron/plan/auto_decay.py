@@ -9,7 +9,7 @@ written bounds that include one are refused naming the longest that fits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from lrpath_megatron.config import ConfigError
@@ -19,39 +19,61 @@ from lrpath_megatron.config import ConfigError
 AUTO_DECAY_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 # Scheduled validation losses of a version the main path must have made before a branch may fork.
 VERSION_POINTS = 2
+# The merge a method: auto release may take where its release.merge names no other weights or count.
+AUTO_MERGE = {"weights": "1-sqrt", "num_checkpoints": 4}
+AUTO_METHODS = ("decay", "merge")
 
 
 @dataclass(frozen=True)
 class AutoDecay:
-    """A decay_steps: auto release: the decay lengths it may take and, per length, where its branch forks
-    and ends; ``choice`` is the recorded choice (plan_decisions) once its branch chose."""
+    """A decay_steps: auto release, or a method: auto one (decay lengths and merge windows): the decay
+    lengths it may take and, per length, where its branch forks and ends; per merge window the main-path
+    checkpoints it merges; ``choice`` is the recorded choice (plan_decisions) once it chose."""
 
     candidates: tuple  # decay lengths in steps, shortest first
     forks: dict  # decay length -> (fork step, branch end step)
     nominal_forks: dict  # decay length -> the fork its settings give (before plan.fork: effective moves it)
-    dropped: tuple = ()  # ({"decay_steps", "fork_step", "why"}, ...): lengths the default bounds leave out
+    dropped: tuple = ()  # ({"decay_steps" or "window_steps", "fork_step", "why"}, ...): candidates left out
     reads: tuple = ()  # the earlier branches whose finished curves the choice reads (Plan.choice_reads)
     choice: Optional[dict] = None
+    # method: auto: merge window (steps) -> the main-path steps it merges, oldest first (the last ends the
+    # version's segment); the merge weights; the choice is the cheapest candidate forecast within tolerance of
+    # the lowest (a merge trains nothing beyond the main path), where decay_steps: auto takes the shortest
+    # decay within tolerance of the longest
+    merges: dict = field(default_factory=dict)
+    merge_weights: Optional[str] = None
+    method_auto: bool = False
 
     @property
     def bounds(self) -> tuple:
         return self.candidates[0], self.candidates[-1]
 
+    def spans(self) -> list:
+        """(the main-path step the candidate needs, the step its release is at) per candidate: a decay's fork
+        and branch end; a merge's last checkpoint twice (it trains nothing)."""
+        return list(self.forks.values()) + [(steps[-1], steps[-1]) for steps in self.merges.values()]
+
     @property
     def fork_span(self) -> tuple:
-        """The earliest and the latest main-path step the branch may fork at: it can start only once the main
-        path has saved the latest (for a tail branch forking where its decay fits, the shortest decay's)."""
-        forks = [f for f, _ in self.forks.values()]
-        return min(forks), max(forks)
+        """The main-path step the choice reads up to (the earliest a candidate leaves the main path: a fork or
+        a merge window's first checkpoint) and the latest step a candidate needs: the release starts only once
+        the main path has saved that one (for a tail branch forking where its decay fits, the shortest decay's;
+        for a merge, the version's end)."""
+        starts = [f for f, _ in self.forks.values()] + [steps[0] for steps in self.merges.values()]
+        return min(starts), max(f for f, _ in self.spans())
 
     def own_steps(self) -> tuple:
-        """The fewest and the most steps the branch trains beyond the main path, over the candidates."""
-        own = [end - fork for fork, end in self.forks.values()]
+        """The fewest and the most steps the release trains beyond the main path, over the candidates."""
+        own = [end - fork for fork, end in self.spans()]
         return min(own), max(own)
 
     def end_span(self) -> tuple:
-        ends = [end for _, end in self.forks.values()]
+        ends = [end for _, end in self.spans()]
         return min(ends), max(ends)
+
+    def merge_steps(self) -> set:
+        """Every main-path step a merge candidate reads."""
+        return {s for steps in self.merges.values() for s in steps}
 
 
 @dataclass(frozen=True)
@@ -65,9 +87,14 @@ class MainPause:
     step: int
     needs: tuple  # branches whose finished curves the choice reads
     others_end: int  # the last main-path step another release needs
+    merges: bool = False  # method: auto with merge candidates
 
     def describe(self) -> str:
         after = f" and branches {', '.join(self.needs)} have finished" if self.needs else ""
+        if self.merges:
+            return (f"the main path stops at step {self.step} until version {self.version} chooses a decay length or "
+                    f"a merge (method: auto) from the run up to there{after}; it then ends at the chosen fork (a "
+                    "merge: at the version's end)")
         return (f"the main path stops at step {self.step} until version {self.version} chooses its decay length "
                 f"(decay_steps: auto) from the run up to there{after}; it then ends at the chosen fork")
 
@@ -83,19 +110,42 @@ def candidate_lengths(bounds, seg_steps: int, where: str) -> list:
     return sorted({lo, hi} | {round(f * seg_steps) for f in AUTO_DECAY_FRACTIONS if lo <= round(f * seg_steps) <= hi})
 
 
+def merge_windows(seg_steps: int, num_checkpoints: int, fractions=AUTO_DECAY_FRACTIONS) -> list:
+    """The merge windows (steps) of ``fractions`` of a version's steps, each a multiple of the spacing of
+    ``num_checkpoints`` equally spaced checkpoints."""
+    k = num_checkpoints - 1
+    return sorted({max(k, round(f * seg_steps / k) * k) for f in fractions})
+
+
+def auto_methods(methods, where: str) -> tuple:
+    """The methods a method: auto release chooses among (written ``methods``, default both)."""
+    if methods is None:
+        return AUTO_METHODS
+    if (not isinstance(methods, list) or not methods or len(set(methods)) != len(methods)
+            or any(m not in AUTO_METHODS for m in methods)):
+        raise ConfigError(f"{where}.methods={methods!r} must be a non-empty list of {', '.join(AUTO_METHODS)}, "
+                          "each at most once")
+    if "decay" not in methods:
+        raise ConfigError(f"{where}.methods={methods!r}: method: auto chooses among decay lengths and, with merge, "
+                          "merge windows; a merge alone takes a written window: use method: merge with "
+                          "merge.window_steps, or add decay")
+    return tuple(methods)
+
+
 def first_forecastable_step(start: int, eval_interval: int) -> int:
     """The main-path step by which it has evaluated the version starting at ``start`` VERSION_POINTS times
     on schedule (evaluations at other steps depend on how the run was cut into jobs, so no choice reads them)."""
     return (start // eval_interval + VERSION_POINTS) * eval_interval
 
 
-def why_not(fork: int, warmup_steps: int, forecastable: int, eval_interval: int) -> Optional[str]:
-    """Why a branch forking at main-path step ``fork`` cannot be a candidate, or None (``forecastable`` 0:
-    the warmup alone is checked)."""
+def why_not(fork: int, warmup_steps: int, forecastable: int, eval_interval: int,
+            leaves: str = "forks") -> Optional[str]:
+    """Why a branch forking at main-path step ``fork`` (``leaves``: "starts" for a merge window's first
+    checkpoint) cannot be a candidate, or None (``forecastable`` 0: the warmup alone is checked)."""
     if fork < warmup_steps:
-        return f"forks at step {fork}, inside the main path's warmup (steps 0..{warmup_steps})"
+        return f"{leaves} at step {fork}, inside the main path's warmup (steps 0..{warmup_steps})"
     if fork < forecastable:
-        return (f"forks at step {fork}, before the main path has evaluated the version {VERSION_POINTS} times "
+        return (f"{leaves} at step {fork}, before the main path has evaluated the version {VERSION_POINTS} times "
                 f"(at step {forecastable} with logging.eval_interval={eval_interval}), so no forecast could choose it")
     return None
 
@@ -135,4 +185,5 @@ def main_pause(ends: list, undecided: dict) -> Optional[MainPause]:
     first, last = undecided[name].fork_span
     if first == last:
         return None
-    return MainPause(name, first, undecided[name].reads, ends[-2][0] if len(ends) > 1 else 0)
+    return MainPause(name, first, undecided[name].reads, ends[-2][0] if len(ends) > 1 else 0,
+                     bool(undecided[name].merges))

@@ -2,11 +2,12 @@
 scratch (PTFS: version v trains D_1..D_v from scratch) and continual pre-training (CPT: version v trains D_v
 from the previous release). This is what ``lrpath plan --json`` prints.
 
-Every figure that depends on a decay_steps: auto release that has not chosen yet is a pair [fewest, most]
-(the same number twice once every release has chosen): an undecided release costs between its shortest and
-its longest candidate. The main path counts to the latest fork an auto release may take (its branch waits
-for it), but not past the main path's end: the release that ends the main path chooses where the main path
-waits for it (MainPause), and the main path then ends at the chosen fork.
+Every figure that depends on a decay_steps: auto or method: auto release that has not chosen yet is a pair
+[fewest, most] (the same number twice once every release has chosen): an undecided release costs between its
+cheapest candidate (the shortest decay; a merge: nothing beyond the main path) and its longest decay. The main
+path counts to the latest fork an auto release may take (its branch waits for it), but not past the main
+path's end: the release that ends the main path chooses where the main path waits for it (MainPause), and the
+main path then ends at the chosen fork.
 """
 from __future__ import annotations
 
@@ -78,14 +79,18 @@ def plan_costs(plan) -> dict:
             "decay_auto": None if auto is None else {
                 "bounds": list(auto.bounds), "candidates": list(auto.candidates), "dropped": list(auto.dropped),
                 "fork_steps": list(auto.fork_span), "chosen": None if v.name in undecided else v.release.decay_steps,
-                "choice": auto.choice},
+                "choice": auto.choice,
+                # method: auto: the merge windows it may take instead (a merge costs no steps beyond the main path)
+                "methods": ["decay", "merge"] if auto.merges else ["decay"], "merge_windows": sorted(auto.merges),
+                "merge_weights": auto.merge_weights, "method_auto": auto.method_auto, "reads": list(auto.reads),
+                "chosen_method": None if v.name in undecided else v.release.method},
         })
     # The release the main path waits for (MainPause) ends it at its chosen fork: its candidates cost the
     # main path to there plus their own steps, not the main path to the latest fork plus their own steps.
     pause, delta = plan.main_pause, (0, 0)
     if pause:
         auto = plan.auto_decays[pause.version]
-        totals = [max(pause.others_end, fork) + end - fork for fork, end in auto.forks.values()]
+        totals = [max(pause.others_end, fork) + end - fork for fork, end in auto.spans()]
         fewest, most = (plan.main_end + o for o in auto.own_steps())
         delta = (min(totals) - fewest, max(totals) - most)
         index = next(i for i, r in enumerate(rows) if r["name"] == pause.version)

@@ -6,21 +6,36 @@ from lrpath_megatron.units import human
 
 
 def auto_note(name: str, auto: dict) -> str:
-    """One line on a decay_steps: auto release: undecided (its bounds and fork steps) or its choice."""
+    """One line on a decay_steps: auto or method: auto release: undecided (its candidates and the main-path
+    steps they span) or its choice."""
     lo, hi = auto["bounds"]
     first, last = auto["fork_steps"]
     choice = auto["choice"]
+    what, where = f"decay auto in [{lo}, {hi}] steps", f"forks between step {first} and {last}"
+    if auto.get("method_auto"):
+        where = f"main-path steps {first}..{last}"
+        windows = auto["merge_windows"]
+        what = f"method auto: a decay of {lo}..{hi} steps" + (
+            f" or a {auto['merge_weights']} merge over {windows[0]}..{windows[-1]} steps" if windows else "")
     if choice is None:
-        return (f"{name}: decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}); chosen by the "
-                f"release forecast from the run up to step {first}, so its costs are ranges (shortest..longest decay)")
+        cheapest = "a merge" if auto.get("merge_windows") else "shortest decay"
+        blind = "" if auto.get("reads", True) else (
+            f"; no release before it finishes by then, so no forecast can be made: it will take the longest decay, "
+            f"{hi} steps (write this release to choose otherwise)")
+        return (f"{name}: {what} ({where}); chosen by the release forecast from the run up "
+                f"to step {first}, so its costs are ranges ({cheapest}..longest decay){blind}")
     told = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}" if "predicted_loss" in choice
             else choice.get("no_forecast", "recorded"))
-    return f"{name}: decay auto in [{lo}, {hi}] steps chose {choice['decay_steps']}: {told}"
+    chose = (f"a merge over {choice['window_steps']} steps" if choice.get("method") == "merge" else
+             f"a decay of {choice['decay_steps']} steps" if auto.get("method_auto") else choice["decay_steps"])
+    return f"{name}: {what} chose {chose}: {told}"
 
 
 def dropped_note(name: str, auto: dict) -> list:
-    """One line per decay length the default bounds left out, with the reason."""
-    return [f"{name}: decay auto leaves out {d['decay_steps']} steps: it {d['why']}" for d in auto["dropped"]]
+    """One line per decay length or merge window the default bounds left out, with the reason."""
+    return [f"{name}: decay auto leaves out {d['decay_steps']} steps: it {d['why']}" if "decay_steps" in d else
+            f"{name}: method auto leaves out a merge over {d['window_steps']} steps: it {d['why']}"
+            for d in auto["dropped"]]
 
 
 def format_table(costs: dict) -> str:
@@ -43,6 +58,7 @@ def format_table(costs: dict) -> str:
             first, last = auto["fork_steps"]
             fork = f"auto {first}..{last} ({human(first * tps)}..{human(last * tps)})"
             decay = f"auto {auto['bounds'][0]}..{auto['bounds'][1]}"
+            release = "auto:decay|merge" if auto["merge_windows"] else release
         elif auto:
             decay += ", auto"
         if auto:
@@ -71,7 +87,7 @@ def format_table(costs: dict) -> str:
         + (f"; forked where they first differ from the main path, {human(abs(saved))} tokens "
            f"{'fewer' if saved > 0 else 'more'} than from their nominal forks" if saved else ""),
         f"total       {span(costs['total_tokens'], human)} tokens, {span(costs['total_flops'], flops)} FLOPs"
-        + (f" (decay_steps: auto undecided: {', '.join(costs['undecided'])})" if costs.get("undecided") else ""),
+        + (f" (auto releases undecided: {', '.join(costs['undecided'])})" if costs.get("undecided") else ""),
         f"PTFS        {human(costs['ptfs_tokens'])} tokens, {costs['ptfs_flops']:.3e} FLOPs   "
         f"-> ratio {span(costs['cost_ratio_vs_ptfs'], ratio)}",
         f"CPT         {human(costs['cpt_tokens'])} tokens, {costs['cpt_flops']:.3e} FLOPs   "

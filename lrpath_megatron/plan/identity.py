@@ -56,8 +56,9 @@ def _hashed_plan(data: dict) -> dict:
     for v in data["versions"]:
         if v["new_tokens"] is None:
             del v["new_tokens"]
-        if v["release"]["decay_bounds"] is None:
-            del v["release"]["decay_bounds"]
+        for key in ("decay_bounds", "methods"):  # hashed only when set
+            if v["release"][key] is None:
+                del v["release"][key]
         for stage in (v["release"].get("mix") or {}).get("stages", []):
             stage.pop("name", None)  # a stage's name is for logs; it changes nothing that trains
     return data

@@ -10,7 +10,7 @@ from typing import Optional
 from lrpath_megatron import schedules
 from lrpath_megatron.config import ConfigError
 from lrpath_megatron.merge_weights import merge_release
-from lrpath_megatron.plan.auto_decay import candidate_lengths
+from lrpath_megatron.plan.auto_decay import auto_methods, candidate_lengths
 from lrpath_megatron.plan.schema import (BRANCH_DATA, FORK_SETTINGS, RELEASE_METHODS, ReleaseConfig, one_of,
                                          refuse_unused_settings)
 
@@ -85,9 +85,13 @@ def resolve_release(i: int, written: ReleaseConfig, r: ReleaseConfig, name: str,
     if r.method not in RELEASE_METHODS:
         raise ConfigError(f"{where}.method={r.method!r} is not one of {', '.join(RELEASE_METHODS)}")
     # A merge's shape is refused below as a decay setting, not as an unknown shape.
-    if r.method == "decay" and r.shape not in schedules.BRANCH_SHAPES:
+    if r.method != "merge" and r.shape not in schedules.BRANCH_SHAPES:
         raise ConfigError(f"{where}.shape={r.shape!r} is not one of {', '.join(schedules.BRANCH_SHAPES)}")
     refuse_unused_settings(written, r.shape, where)
+    if r.method == "auto":
+        # Resolved as decay_steps: auto; the plan adds the merge windows to its candidates (Plan._screen).
+        auto_methods(r.methods, where)
+        r = dataclasses.replace(r, method="decay", decay_steps="auto", merge=None, methods=None)
     if r.data not in BRANCH_DATA:
         raise ConfigError(f"{where}.data={r.data!r} is not one of {', '.join(BRANCH_DATA)}")
     seg_steps = end - start

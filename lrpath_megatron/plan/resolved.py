@@ -15,11 +15,12 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.mix_policy import MixSchedule, normalize_weights, resolve_stages
 from lrpath_megatron.path import PathSpec
 from lrpath_megatron.plan import costs, identity
-from lrpath_megatron.plan.auto_decay import AutoDecay, MainPause, first_forecastable_step, keep_usable, main_pause, \
-    why_not
+from lrpath_megatron.merge_weights import merge_release, merge_save_steps
+from lrpath_megatron.plan.auto_decay import AUTO_MERGE, AutoDecay, MainPause, auto_methods, first_forecastable_step, \
+    keep_usable, main_pause, merge_windows, why_not
 from lrpath_megatron.plan.releases import Grid, ReleaseInfo, ResolvedVersion, moves_with_decay, resolve_release
-from lrpath_megatron.plan.schema import BASELINES, FORK_RULES, PlanConfig, ReleaseConfig, corpus_names, one_of, \
-    with_defaults
+from lrpath_megatron.plan.schema import (BASELINES, DECAY_SETTINGS, FORK_RULES, PlanConfig, ReleaseConfig,
+                                         corpus_names, one_of, with_defaults)
 
 
 class Plan:
@@ -75,6 +76,7 @@ class Plan:
                 self.auto_decays[v.name] = self._screen(v, r, candidates[v.name])
                 self.versions[i] = self._at_length(v, self.auto_decays[v.name], self.auto_decays[v.name].candidates[0])
         self.decay_candidates = {n: list(d.candidates) for n, d in self.auto_decays.items()}
+        self._auto_names = set(self.auto_decays) | set(decided or {})
         self.auto_decays = {n: dataclasses.replace(d, reads=self.choice_reads(n)) for n, d in self.auto_decays.items()}
         self.auto_decays.update({k: d for k, d in (decided or {}).items() if k not in self.auto_decays})
         undecided = [v.name for v in self.versions if v.name in candidates]
@@ -83,7 +85,7 @@ class Plan:
         ends += [(self.auto_decays[n].fork_span[1], n) for n in undecided]
         self.main_end = max(step for step, _ in ends)
         # What a written save step may name: every fork a release may take, chosen or not.
-        self._reach = max([self.main_end] + [f for d in self.auto_decays.values() for f, _ in d.forks.values()])
+        self._reach = max([self.main_end] + [f for d in self.auto_decays.values() for f, _ in d.spans()])
         self._validate_save_steps()
         self._paths = self._build_paths()
         self.main_pause: Optional[MainPause] = main_pause(
@@ -192,7 +194,31 @@ class Plan:
             else:
                 forks[n], why[n] = variant[:2], why_not(variant[0], self.warmup_steps, forecastable, interval)
         usable, dropped = keep_usable(lengths, {n: f for n, (f, _) in forks.items()}, why, r.decay_bounds, where)
-        return AutoDecay(tuple(usable), {n: forks[n] for n in usable}, {n: nominal_forks[n] for n in usable}, dropped)
+        auto = AutoDecay(tuple(usable), {n: forks[n] for n in usable}, {n: nominal_forks[n] for n in usable}, dropped)
+        if r.method != "auto":
+            return auto
+        merges, merge_dropped, weights = {}, (), None
+        if "merge" in auto_methods(r.methods, where):
+            merges, merge_dropped, weights = self._merge_candidates(v, r.merge, forecastable, f"{where}.merge")
+        return dataclasses.replace(auto, merges=merges, merge_weights=weights, dropped=dropped + merge_dropped,
+                                   method_auto=True)
+
+    def _merge_candidates(self, v: ResolvedVersion, written: dict, forecastable: int, where: str) -> tuple:
+        """The merge windows of method: auto release ``v`` whose first checkpoint the forecast can see, each
+        with the main-path steps it merges (ending the version's segment); the windows left out; the weights."""
+        settings = merge_release({**AUTO_MERGE, **written, "window_steps": 1}, where)  # weights and count checked
+        interval, merges, dropped = self.train_config.logging.eval_interval, {}, []
+        for window in merge_windows(v.steps, settings.num_checkpoints):
+            try:
+                steps = merge_save_steps(v.end_step, window, settings.num_checkpoints, self.warmup_steps)
+                why = why_not(steps[0], self.warmup_steps, forecastable, interval, leaves="starts")
+            except ConfigError as exc:
+                steps, why = [v.end_step - window], str(exc)
+            if why:
+                dropped.append({"window_steps": window, "fork_step": steps[0], "why": why})
+            else:
+                merges[window] = tuple(steps)
+        return merges, tuple(dropped), settings.weights
 
     def decay_variant(self, name: str, decay_steps: int, shape: Optional[str] = None) -> Optional[tuple]:
         """Version ``name``'s branch decaying over ``decay_steps`` (in ``shape``: another shape than its own
@@ -234,27 +260,47 @@ class Plan:
             v.release, step=fork, nominal_step=auto.nominal_forks[n], decay_steps=n), branch_end=end)
 
     def with_decay(self, name: str, decay_steps: int, choice: Optional[dict] = None) -> "Plan":
-        """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto choice, recorded as
-        ``choice`` when it was made). The main path keeps saving every candidate fork of the auto releases
-        up to where it ends, which a chosen decay may move earlier."""
+        """This plan with version ``name`` decaying over ``decay_steps`` (a decay_steps: auto or method: auto
+        choice, recorded as ``choice`` when it was made). The main path keeps saving every candidate of the
+        auto releases up to where it ends, which a chosen decay may move earlier."""
         if name in self.decay_candidates and decay_steps not in self.decay_candidates[name]:
             raise LrpathError(f"version {name}: decay_steps: auto takes one of {self.decay_candidates[name]}, "
                               f"not {decay_steps}")
-        versions = [dataclasses.replace(v, release=dataclasses.replace(
-            v.release, decay_steps=decay_steps, decay_tokens=None, decay_fraction=None, decay_bounds=None))
+        return self._decided(name, {"method": "decay", "decay_steps": decay_steps, "decay_tokens": None,
+                                    "decay_fraction": None, "decay_bounds": None, "merge": None},
+                             choice or {"decay_steps": decay_steps})
+
+    def with_merge(self, name: str, window_steps: int, choice: Optional[dict] = None) -> "Plan":
+        """This plan with method: auto version ``name`` released by a merge over the window ``window_steps``
+        ending its segment (its choice, recorded as ``choice``)."""
+        auto = self.auto_decays.get(name)
+        if auto is None or window_steps not in auto.merges:
+            raise LrpathError(f"version {name}: a merge of window {window_steps} steps is not one of its method: "
+                              f"auto candidates {sorted(auto.merges) if auto else []}")
+        merge = {"weights": auto.merge_weights, "num_checkpoints": len(auto.merges[window_steps]),
+                 "window_steps": window_steps}
+        return self._decided(name, {"method": "merge", "merge": merge, **{k: None for k in DECAY_SETTINGS}},
+                             choice or {"method": "merge", "window_steps": window_steps})
+
+    def _decided(self, name: str, release: dict, choice: dict) -> "Plan":
+        """This plan with version ``name``'s written release settings replaced by ``release`` (its auto
+        release's choice, ``choice``), keeping this plan's hash."""
+        versions = [dataclasses.replace(v, release=dataclasses.replace(v.release, methods=None, **release))
                     if v.name == name else v for v in self.config.versions]
         decided = {k: d for k, d in self.auto_decays.items() if k not in self.decay_candidates}
         if name in self.decay_candidates:
-            decided[name] = dataclasses.replace(self.auto_decays[name], choice=choice or {"decay_steps": decay_steps})
+            decided[name] = dataclasses.replace(self.auto_decays[name], choice=choice)
         return Plan(self.train_config, dataclasses.replace(self.config, versions=versions), self.source, decided,
                     self.plan_hash())
 
     def choice_reads(self, name: str) -> tuple:
-        """The branches whose finished curves the choice of auto release ``name`` reads: every earlier decay
-        branch that ends by its earliest candidate fork (an undecided one: that may end by then)."""
+        """The releases whose finished curves the choice of auto release ``name`` reads: every earlier decay
+        branch that ends by its earliest candidate fork (an undecided one: that may end by then; a method: auto
+        one that then merges: its measured merge)."""
         first = self.auto_decays[name].fork_span[0]
         index = next(v.index for v in self.versions if v.name == name)
-        return tuple(v.name for v in self.versions[:index] if v.release.method == "decay" and
+        return tuple(v.name for v in self.versions[:index]
+                     if (v.release.method == "decay" or v.name in self._auto_names) and
                      (self.auto_decays[v.name].end_span()[0] if v.name in self.decay_candidates else v.branch_end)
                      <= first)
 
@@ -285,9 +331,10 @@ class Plan:
     def _build_paths(self) -> dict[str, PathSpec]:
         # A release's own step is a full checkpoint: branches fork there and launch ends a main segment there.
         save = set(self.config.main.save_steps) | {v.release.step for v in self.versions}
-        for d in self.auto_decays.values():
-            save |= {f for f, _ in d.forks.values()}
         weights_only = set(self.config.main.weights_only_steps)
+        for d in self.auto_decays.values():  # every candidate's, chosen or not: a choice never lacks its inputs
+            save |= {f for f, _ in d.spans()}
+            weights_only |= d.merge_steps()
         for v in self.versions:
             weights_only |= v.merge_input_steps()
         # Past a chosen decay's fork the main path no longer trains (with_decay shortened it).

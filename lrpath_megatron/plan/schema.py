@@ -11,7 +11,8 @@ from typing import Any, Optional
 from lrpath_megatron import schedules
 from lrpath_megatron.config import ConfigError, MixConfig, register_list_item_type
 
-RELEASE_METHODS = ("decay", "merge")
+# auto: the release forecast chooses a decay length or a merge window when the release is made (plan.auto_decay).
+RELEASE_METHODS = ("decay", "merge", "auto")
 BRANCH_DATA = ("tail", "replay")
 # Reference methods a plan can also train on the same data, as paths named "<method>/<version>".
 BASELINES = ("ptfs", "cpt")
@@ -40,7 +41,8 @@ class ReleaseConfig:
     it does not apply (a decay setting on a merge, a multistep setting on a cosine) is refused rather than
     ignored; :data:`RELEASE_DEFAULTS` holds the defaults of those the plan reads."""
 
-    method: str = "decay"  # decay | merge
+    method: str = "decay"  # decay | merge | auto
+    methods: Optional[list] = None  # method: auto only: the methods it chooses among (default: decay, merge)
     shape: Optional[str] = None  # cosine (default) | linear | 1-sqrt | knee | multistep
     stable_fraction: Optional[float] = None  # not for multistep; None = 0.5 for knee, 0 otherwise
     drop_points: Optional[list] = None  # multistep only; None = schedules.MULTISTEP_POINTS
@@ -134,6 +136,18 @@ def corpus_names(value: Any, where: str) -> list:
 def refuse_unused_settings(written: ReleaseConfig, shape: str, where: str) -> None:
     """Refuse release settings written where they do not apply (``shape``: the decay's shape, default
     included): ignoring them would release something other than what the plan says."""
+    if written.methods is not None and written.method != "auto":
+        raise ConfigError(f"{where}.methods applies to method: auto only (the methods it chooses among); remove "
+                          "it, or use method: auto")
+    if written.method == "auto":
+        fixed = [f"{where}.{k}" for k in ("decay_tokens", "decay_fraction", *FORK_SETTINGS)
+                 if getattr(written, k) is not None]
+        fixed += [f"{where}.decay_steps"] if written.decay_steps not in (None, "auto") else []
+        fixed += [f"{where}.merge.{k}" for k in ("window_steps", "window_tokens") if k in (written.merge or {})]
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)}: method: auto chooses the decay length (within decay_bounds), the fork and "
+                f"the merge window itself; remove {'them' if len(fixed) > 1 else 'it'}, or use method: decay or merge")
     if written.method == "merge":
         unused = [f"{where}.{k}" for k in DECAY_SETTINGS if getattr(written, k) is not None]
         if unused:
@@ -143,7 +157,7 @@ def refuse_unused_settings(written: ReleaseConfig, shape: str, where: str) -> No
                 f"{'them' if len(unused) > 1 else 'it'}, or use method: decay"
             )
         return
-    if written.merge is not None:
+    if written.merge is not None and written.method != "auto":
         raise ConfigError(
             f"{where}.merge: merge settings do not apply to method: decay (the release trains a decay branch); "
             "remove merge:, or use method: merge"
