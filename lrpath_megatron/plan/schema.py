@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from lrpath_megatron import schedules
 from lrpath_megatron.config import ConfigError, MixConfig, register_list_item_type
+from lrpath_megatron.downstream.config import EvaluateConfig
 
 RELEASE_METHODS = ("decay", "merge")
 BRANCH_DATA = ("tail", "replay")
@@ -108,6 +109,7 @@ class PlanConfig:
     # once); "nominal", where its fork settings put it (each branch retrains those steps).
     fork: str = "effective"
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: Optional[EvaluateConfig] = None  # downstream tasks per release and the release gate
 
 
 register_list_item_type(PlanConfig, "versions", VersionConfig)
