@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_launch_scores_each_release_logs_the_metrics_and_shows_the_table(launche
             acc = result["metrics"]["acc"]
             # the harness's standard error of a mean of LIMIT 0/1 outcomes
             assert acc["stderr"] == pytest.approx((acc["value"] * (1 - acc["value"]) / (LIMIT - 1)) ** 0.5)
-    assert v1["gate"]["evidence"]["reason"].startswith("first release")
+    assert "the first release evaluated" in v1["gate"]["evidence"]["text"]
     assert v2["gate"]["evidence"]["previous"] == "v1" and "passes" in v2["gate"]["evidence"]["text"]
     assert (run / "v1" / "hf" / "model.safetensors").is_file() and (run / "v2" / "hf" / "model.safetensors").is_file()
     # metrics at the release step
@@ -86,8 +87,15 @@ def test_launch_scores_each_release_logs_the_metrics_and_shows_the_table(launche
     assert len(scores) == 1 and scores[0]["step"] == v2["step"]
     assert scores[0]["downstream"]["docstring_match"]["acc"] == v2["tasks"]["docstring_match"]["metrics"]["acc"]["value"]
 
+    # PTFS of v1, trained and scored once: the table's change vs PTFS
+    run_lrpath(["train", str(launched["plan"]), "--path", "ptfs/v1", "--run-dir", str(run)])
+    run_lrpath(["downstream", str(launched["plan"]), "ptfs/v1", "--run-dir", str(run)])
+    ptfs = _record(run, "ptfs/v1")
+    assert ptfs["gate"] is None and not ptfs["held"]
+    vs_ptfs = v1["tasks"]["code_next_line"]["metrics"]["acc"]["value"] - ptfs["tasks"]["code_next_line"]["metrics"]["acc"]["value"]
+
     status = run_lrpath(["status", str(launched["plan"]), "--run-dir", str(run)]).stdout
-    assert "downstream tasks per release" in status
+    assert "downstream tasks per release" in status and f"{vs_ptfs:+.4f} vs ptfs/v1" in status
     change = v2["tasks"]["docstring_match"]["metrics"]["acc"]["value"] - v1["tasks"]["docstring_match"]["metrics"]["acc"]["value"]
     assert f"{change:+.4f} vs v1" in status
     out = launched["root"] / "report.html"
@@ -203,3 +211,24 @@ def test_task_directory_with_python_code_or_remote_data_is_refused(demo_data, tm
     (tmp_path / "t.yaml").write_text("task: t\ndataset_path: some/hub_dataset\n")
     with pytest.raises(LrpathError, match="nothing is downloaded"):
         task_configs([str(tmp_path)])
+
+
+def test_slurm_evaluates_each_release_after_it_and_exports_after_the_evaluation(demo_data, tmp_path):
+    """On SLURM each release's evaluation is a one-task CPU job after its release and the previous release's
+    evaluation; the export waits for the evaluation and exports nothing if the gate held the release."""
+    from lrpath_megatron.cli import main as lrpath_main
+
+    plan = _write(tmp_path / "plan.yaml", _plan(demo_data, gate={"task": "code_next_line", "max_drop_stderr": 2}))
+    out, run = tmp_path / "out", tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    assert lrpath_main(["launch", str(plan), "--slurm", "--cluster", str(repo / "examples" / "cluster_local.yaml"),
+                        "--run-dir", str(run), "--out", str(out)]) == 0
+    submit = (out / "submit.sh").read_text()
+    assert "--dependency=afterok:$job_v1 v1-eval.sbatch" in submit
+    assert "--dependency=afterok:$job_v2:$job_v1_eval v2-eval.sbatch" in submit
+    assert "--dependency=afterok:$job_v2_eval v2-hf.sbatch" in submit
+    evaluation, export = (out / "v2-eval.sbatch").read_text(), (out / "v2-hf.sbatch").read_text()
+    assert f"downstream {plan} v2 --run-dir {run}" in evaluation and "--gpus" not in evaluation
+    assert f"--unless-held {run}/v2" in export
+    for script in out.iterdir():
+        subprocess.run(["bash", "-n", str(script)], check=True)

@@ -66,5 +66,5 @@ def run_release(args) -> int:
     print(f"{args.path} (step {record['step']}):")
     print("\n".join(format_scores(record["tasks"])))
     if record["gate"]:
-        print(f"gate: {record['gate']['evidence'].get('text') or record['gate']['evidence']['reason']}")
+        print(f"gate: {record['gate']['evidence']['text']}")
     return 0

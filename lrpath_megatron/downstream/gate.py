@@ -28,7 +28,7 @@ def verdict(gate: GateConfig, version: str, tasks: dict, previous: Optional[tupl
     ``previous`` = (release name, its task scores), None for the first release (nothing to fall below)."""
     new = score(tasks, gate.task, gate.metric, version)
     if previous is None:
-        return {"held": False, "evidence": {"reason": "first release evaluated: nothing to compare with"}}
+        return {"held": False, "evidence": {"text": f"{version}: the first release evaluated, nothing to compare with"}}
     name, prev_tasks = previous
     old = score(prev_tasks, gate.task, gate.metric, name)
     drop = old["value"] - new["value"]

@@ -50,8 +50,9 @@ class LrpathLM(TemplateLM):
         rows = []
         for _, context, continuation in requests:
             rows.append(((list(context) + list(continuation))[-(self.max_length + 1):], len(continuation)))
-        # longest first, so a batch pads little; results go back in request order
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        # Longest first, so a batch pads little, ties by the tokens: the batches HFLM forms, so that a batch's
+        # shape (and with it the float rounding of its matmuls) is the same. Results go back in request order.
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), tuple(rows[i][0])))
         results: list = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]

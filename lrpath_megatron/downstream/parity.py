@@ -40,7 +40,7 @@ def hf_loglikelihoods(hf_dir: Path, pairs: Sequence[tuple[str, str]], batch_size
 
 
 def lrpath_loglikelihoods(cfg: TrainConfig, checkpoint: Path, tokenizer: Path,
-                          pairs: Sequence[tuple[str, str]]) -> list:
+                          pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list:
     """(log-likelihood, is greedy) per pair from lrpath's harness model on the checkpoint."""
     require_harness()
     offline()
@@ -50,7 +50,7 @@ def lrpath_loglikelihoods(cfg: TrainConfig, checkpoint: Path, tokenizer: Path,
 
     with lrpath_log_probs(cfg) as (model, log_probs):
         load_model(Path(checkpoint), model[0])
-        return score_pairs(LrpathLM(log_probs, Tokenizer(tokenizer), cfg.model.seq_length), pairs)
+        return score_pairs(LrpathLM(log_probs, Tokenizer(tokenizer), cfg.model.seq_length, batch_size), pairs)
 
 
 def compare(ours: Sequence, theirs: Sequence) -> dict:

@@ -42,7 +42,7 @@ def downstream_rows(plan, run_dir: Path) -> list[dict]:
                 "vs_previous": _change(own, previous[1] if previous else None, task, metric),
                 "vs_ptfs": _change(own, ptfs["tasks"] if ptfs else None, task, metric),
                 "held": bool(record.get("held")),
-                "gate": (gate.get("evidence") or {}).get("text") if settings.gate and task == settings.gate.task else None,
+                "gate": gate["evidence"]["text"] if gate and task == settings.gate.task else None,
             })
     return rows
 
