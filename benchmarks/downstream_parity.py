@@ -1,11 +1,12 @@
 """Log-likelihoods of a release: lm-evaluation-harness through lrpath's own forward vs the harness's HFLM on
-the release's Hugging Face export, on every (context, choice) of the shipped tasks, fp32.
+the release's Hugging Face export, on every (context, choice) of the shipped tasks and on whole texts
+(perplexity), fp32.
 
 Trains a small Llama (RMSNorm, SwiGLU, RoPE) on the shipped corpora with the demo tokenizer, exports it with
 ``lrpath hf export``, scores the same requests both ways and writes the largest absolute difference
 (``max_abs_loglik_diff``) to benchmarks/results/downstream_parity.json.
 
-    .venv/bin/python benchmarks/downstream_parity.py [--steps 60] [--docs 100] [--workdir DIR]
+    .venv/bin/python benchmarks/downstream_parity.py [--steps 60] [--docs 100] [--texts 10] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="training steps of the model (default 60)")
     ap.add_argument("--docs", type=int, default=100, help="documents per shipped task (default 100: all)")
+    ap.add_argument("--texts", type=int, default=10, help="whole texts per corpus (docs, code_a) scored by "
+                                                          "loglikelihood_rolling (default 10)")
     ap.add_argument("--workdir", help="where the data, run and export go (default: a temporary directory)")
     args = ap.parse_args()
 
     from lrpath_megatron.config import load_train_config
-    from lrpath_megatron.data_tools.demo import prepare_demo_data
+    from lrpath_megatron.data_tools.demo import iter_corpus, prepare_demo_data
     from lrpath_megatron.downstream import parity
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,11 +64,14 @@ def main() -> int:
         _lrpath("hf", "export", str(ckpt), "--out", str(work / "hf"), "--overwrite", "--no-progress",
                 "--tokenizer-model", data["tokenizer_model"])
         pairs = parity.task_pairs(args.docs)
+        # perplexity requests too: whole texts of several windows each (loglikelihood_rolling)
+        texts = [text[:4000] for corpus in ("docs", "code_a") for _, text in zip(range(args.texts), iter_corpus(corpus))]
         start = time.perf_counter()
-        ours = parity.lrpath_loglikelihoods(load_train_config(str(config)), ckpt, Path(data["tokenizer_model"]), pairs)
+        ours = parity.lrpath_loglikelihoods(load_train_config(str(config)), ckpt, Path(data["tokenizer_model"]), pairs,
+                                            texts=texts)
         lrpath_s = time.perf_counter() - start
         start = time.perf_counter()
-        theirs = parity.hf_loglikelihoods(work / "hf", pairs)
+        theirs = parity.hf_loglikelihoods(work / "hf", pairs, texts=texts)
         hf_s = time.perf_counter() - start
 
     import lm_eval
@@ -73,9 +79,10 @@ def main() -> int:
     import transformers
 
     result = {
-        "what": "log-likelihoods of every (context, choice) of the shipped tasks: lrpath's harness model (own "
-                "forward) vs lm-evaluation-harness HFLM on the `lrpath hf export` of the same checkpoint, fp32, CPU",
-        "model": MODEL, "train_steps": args.steps, "docs_per_task": args.docs,
+        "what": "log-likelihoods of every (context, choice) of the shipped tasks and of whole texts (rolling "
+                "windows): lrpath's harness model (own forward) vs lm-evaluation-harness HFLM on the `lrpath hf "
+                "export` of the same checkpoint, fp32, CPU",
+        "model": MODEL, "train_steps": args.steps, "docs_per_task": args.docs, "rolling_texts": len(texts),
         **parity.compare(ours, theirs),
         "mean_loglik": sum(x[0] for x in ours) / len(ours),
         "seconds": {"lrpath": round(lrpath_s, 2), "hflm": round(hf_s, 2)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,16 +106,18 @@ def test_launch_scores_each_release_logs_the_metrics_and_shows_the_table(launche
 
 
 def test_harness_loglikelihoods_equal_lrpath_forward_on_the_hf_export(launched):
+    from lrpath_megatron.data_tools.demo import iter_corpus
     from lrpath_megatron.downstream import parity
     from lrpath_megatron.plan import load_plan
 
     plan, run = load_plan(launched["plan"]), launched["run"]
     pairs = parity.task_pairs(5) + [("", "def main():\n    return 0")]  # an empty context too
+    texts = [t[:1500] for _, t in zip(range(3), iter_corpus("docs"))]  # perplexity: several windows each
     ckpt = Path(_record(run, "v2")["checkpoint"])
-    ours = parity.lrpath_loglikelihoods(plan.train_config, ckpt, Path(plan.config.export.tokenizer), pairs)
-    theirs = parity.hf_loglikelihoods(run / "v2" / "hf", pairs)
+    ours = parity.lrpath_loglikelihoods(plan.train_config, ckpt, Path(plan.config.export.tokenizer), pairs, texts=texts)
+    theirs = parity.hf_loglikelihoods(run / "v2" / "hf", pairs, texts=texts)
     result = parity.compare(ours, theirs)
-    assert result["requests"] == len(pairs) and result["greedy_flags_equal"]
+    assert result["requests"] == len(pairs) + len(texts) and result["greedy_flags_equal"]
     assert result["max_abs_loglik_diff"] <= 1e-5
 
 
@@ -232,3 +235,17 @@ def test_slurm_evaluates_each_release_after_it_and_exports_after_the_evaluation(
     assert f"--unless-held {run}/v2" in export
     for script in out.iterdir():
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_without_the_harness_eval_tasks_names_the_extra_to_install(launched, tmp_path):
+    from conftest import REPO, lrpath_command
+
+    hidden = tmp_path / "hidden"  # shadows the installed harness: this lane without the extra
+    hidden.mkdir()
+    (hidden / "lm_eval.py").write_text("raise ImportError('No module named lm_eval')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")])))
+    ckpt = _record(launched["run"], "v1")["checkpoint"]
+    proc = subprocess.run(lrpath_command(["eval", str(launched["plan"]), ckpt, "--tasks", "code_next_line"]),
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode != 0 and "pip install 'lrpath_megatron[eval]'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -72,14 +72,16 @@ class LrpathLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole text, in windows of the model's length (each token scored once)."""
-        out = []
-        for request in requests:
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
-            out.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None, a, b) for a, b in windows])))
-        return out
+        """Log-likelihood of each whole text, in windows of the model's length (each token scored once). The
+        windows of all texts are scored batch_size at a time in text order, as HFLM does."""
+        windows = [(n, make_disjoint_window(w)) for n, request in enumerate(requests)
+                   for w in get_rolling_token_windows(self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
+                                                      max_seq_len=self.max_length, context_len=1)]
+        scores = []
+        for start in range(0, len(windows), self.batch_size):
+            chunk = windows[start:start + self.batch_size]
+            scores += self._loglikelihood_tokens([(None, a, b) for _, (a, b) in chunk])
+        return [sum(ll for (n, _), (ll, _) in zip(windows, scores) if n == k) for k in range(len(requests))]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         raise LrpathError("generation tasks (output_type: generate_until) are not evaluated by lrpath's harness "
@@ -91,3 +93,9 @@ def score_pairs(lm, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]
     """(log-likelihood, is greedy) of each (context, continuation) through any harness model's loglikelihood."""
     return lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                             disable_tqdm=True)
+
+
+def score_texts(lm, texts: Sequence[str]) -> list[tuple[float, None]]:
+    """(log-likelihood of the whole text, None) of each text through any harness model's loglikelihood_rolling."""
+    requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    return [(ll, None) for ll in lm.loglikelihood_rolling(requests, disable_tqdm=True)] if texts else []

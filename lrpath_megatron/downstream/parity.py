@@ -21,36 +21,39 @@ def task_pairs(docs_per_task: int, tasks: Sequence[str] = tuple(SHIPPED)) -> lis
     return pairs
 
 
-def hf_loglikelihoods(hf_dir: Path, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list:
-    """(log-likelihood, is greedy) per pair from the harness's own HFLM on a Hugging Face export (fp32),
-    prefixed like lrpath's data: no BOS, the end-of-document token before an empty context."""
+def hf_loglikelihoods(hf_dir: Path, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                      texts: Sequence[str] = ()) -> list:
+    """(log-likelihood, is greedy) per pair, then (log-likelihood, None) per whole text, from the harness's
+    own HFLM on a Hugging Face export (fp32), prefixed like lrpath's data: no BOS, the end-of-document token
+    before an empty context."""
     require_harness()
     offline()
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lrpath_megatron.downstream.harness_model import score_pairs
+    from lrpath_megatron.downstream.harness_model import score_pairs, score_texts
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False,
               prefix_token_id=tokenizer.eos_token_id, device="cpu")
-    return score_pairs(lm, pairs)
+    return score_pairs(lm, pairs) + score_texts(lm, texts)
 
 
-def lrpath_loglikelihoods(cfg: TrainConfig, checkpoint: Path, tokenizer: Path,
-                          pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list:
-    """(log-likelihood, is greedy) per pair from lrpath's harness model on the checkpoint."""
+def lrpath_loglikelihoods(cfg: TrainConfig, checkpoint: Path, tokenizer: Path, pairs: Sequence[tuple[str, str]],
+                          batch_size: int = 16, texts: Sequence[str] = ()) -> list:
+    """As :func:`hf_loglikelihoods`, from lrpath's harness model on the checkpoint."""
     require_harness()
     offline()
     from lrpath_megatron.checkpoint.tensors import load_model
     from lrpath_megatron.data_tools.tokenizer import Tokenizer
-    from lrpath_megatron.downstream.harness_model import LrpathLM, score_pairs
+    from lrpath_megatron.downstream.harness_model import LrpathLM, score_pairs, score_texts
 
     with lrpath_log_probs(cfg) as (model, log_probs):
         load_model(Path(checkpoint), model[0])
-        return score_pairs(LrpathLM(log_probs, Tokenizer(tokenizer), cfg.model.seq_length, batch_size), pairs)
+        lm = LrpathLM(log_probs, Tokenizer(tokenizer), cfg.model.seq_length, batch_size)
+        return score_pairs(lm, pairs) + score_texts(lm, texts)
 
 
 def compare(ours: Sequence, theirs: Sequence) -> dict:
