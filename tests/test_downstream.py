@@ -194,6 +194,7 @@ def test_gate_holds_a_release_that_fell_below_the_previous_and_skips_its_export(
     ({"tasks": TASKS, "gate": {"task": "other", "max_drop_points": 1}}, "gate.task 'other' is not evaluated"),
     ({"tasks": TASKS, "gate": {"task": "code_next_line"}}, "exactly one of max_drop_stderr, max_drop_points"),
     ({"tasks": TASKS, "limit": 0}, "limit 0"),
+    ({"tasks": TASKS, "device": "tpu"}, "device 'tpu': give cpu or gpu"),
 ])
 def test_plan_refuses_bad_evaluate_settings(demo_data, tmp_path, evaluate, match):
     data = _plan(demo_data)
@@ -235,6 +236,13 @@ def test_slurm_evaluates_each_release_after_it_and_exports_after_the_evaluation(
     assert f"--unless-held {run}/v2" in export
     for script in out.iterdir():
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+    on_gpu = _plan(demo_data, device="gpu")  # one GPU per evaluation job
+    assert lrpath_main(["launch", str(_write(tmp_path / "gpu.yaml", on_gpu)), "--slurm", "--cluster",
+                        str(repo / "examples" / "cluster_local.yaml"), "--cluster-set", "request_gpus=true",
+                        "--run-dir", str(run), "--out", str(out)]) == 0
+    assert "#SBATCH --gpus-per-node=1" in (out / "v2-eval.sbatch").read_text()
+    assert "--gpus" not in (out / "v2-hf.sbatch").read_text()
 
 
 def test_without_the_harness_eval_tasks_names_the_extra_to_install(launched, tmp_path):

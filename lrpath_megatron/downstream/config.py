@@ -6,6 +6,7 @@ holds back a release that fell below the previous one on a named task.
         tasks: [code_next_line, docstring_match, path/to/my_tasks]   # shipped names or task directories
         tokenizer: runs/demo/data/demo_tokenizer.model               # default: plan.export.tokenizer
         limit: 50                                                    # documents per task (default: all)
+        device: gpu                                                  # SLURM: one GPU (default: cpu)
         gate: {task: code_next_line, metric: acc, max_drop_stderr: 2.0}   # or max_drop_points: 3.0
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ class EvaluateConfig:
     tasks: list = field(default_factory=list)
     tokenizer: Optional[str] = None  # the SentencePiece .model of the data; None = plan.export.tokenizer
     limit: Optional[int] = None  # the first documents of each task; None = all
+    # Where a SLURM evaluation job runs: one CPU task (like the export job) or one task with one GPU.
+    device: str = "cpu"  # cpu | gpu
     gate: Optional[GateConfig] = None
 
     def validate(self, export_tokenizer: Optional[str]) -> None:
@@ -49,6 +52,8 @@ class EvaluateConfig:
         if (self.tokenizer or export_tokenizer) is None:
             raise ConfigError(f"{where}.tokenizer: give the SentencePiece .model the data was tokenized with "
                               f"(or plan.export.tokenizer)")
+        if self.device not in ("cpu", "gpu"):
+            raise ConfigError(f"{where}.device {self.device!r}: give cpu or gpu (where a SLURM evaluation job runs)")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"{where}.limit {self.limit}: give a positive number of documents per task")
         gate = self.gate

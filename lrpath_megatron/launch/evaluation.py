@@ -23,7 +23,7 @@ def with_evaluation(jobs: Sequence[Job], releases: Sequence[ReleaseInfo],
         job = by_key[r.version]
         key = f"{r.version}-eval"
         evals.append(Job(key, r.version, job.end_step, job.end_step, None, r.version,
-                         evaluate=EvalSpec(evaluate.gate is not None), reads=(previous,) if previous else ()))
+                         evaluate=EvalSpec(evaluate.gate is not None, evaluate.device == "gpu"), reads=(previous,) if previous else ()))
         previous = key
     exports = [dataclasses.replace(j, after=f"{j.path}-eval", export=dataclasses.replace(j.export, unless_held=True))
                for j in jobs if j.kind == "export"]

@@ -52,6 +52,7 @@ class EvalSpec:
     """A release's downstream evaluation (plan.evaluate): `lrpath downstream`, after the previous release's."""
 
     gate: bool  # plan.evaluate.gate is set: the evaluation may hold the release
+    gpu: bool = False  # on SLURM the job asks for one GPU (plan.evaluate.device: gpu)
 
 
 @dataclass(frozen=True)

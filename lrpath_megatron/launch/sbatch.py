@@ -145,7 +145,8 @@ def render_cpu_sbatch(spec: LaunchSpec, job: Job) -> str:
     or ``lrpath hf export``. A rerun or requeue is harmless: a finished merge exits 0 (``--skip-existing``),
     an export is written again; either output is renamed into place only when complete."""
     prof = spec.profile
-    opts = _sbatch_options(spec, job.script, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1"], [], job.path)
+    gpu = ["--gpus-per-node=1"] if job.evaluate and job.evaluate.gpu and prof.request_gpus else []
+    opts = _sbatch_options(spec, job.script, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1", *gpu], [], job.path)
     # srun_extra holds site flags (--mpi, --cpu-bind, container options) that every srun step needs.
     srun = ["srun", "--ntasks=1", *_container_opts(prof), *map(str, prof.srun_extra)]
     if job.kind == "merge":
