@@ -18,14 +18,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from lrpath_megatron.data_tools.tokenizer import Tokenizer
 from lrpath_megatron.errors import LrpathError
 
-# tokens [b, s] (int64) -> log-probabilities [b, s, vocab] (fp32) of the next token at every position
-LogProbs = Callable[[torch.Tensor], torch.Tensor]
+# tokens [b, s] (int64) -> logits [b, s, vocab] (fp32) of the next token at every position
+Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LrpathLM(TemplateLM):
-    def __init__(self, log_probs: LogProbs, tokenizer: Tokenizer, max_length: int, batch_size: int = 16):
+    def __init__(self, logits: Logits, tokenizer: Tokenizer, max_length: int, batch_size: int = 16):
         super().__init__()
-        self.log_probs = log_probs
+        self.logits = logits
         self.sp = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -59,11 +59,13 @@ class LrpathLM(TemplateLM):
             tokens = torch.zeros(len(batch), len(rows[batch[0]][0]) - 1, dtype=torch.long)
             for b, i in enumerate(batch):
                 tokens[b, :len(rows[i][0]) - 1] = torch.tensor(rows[i][0][:-1])
-            log_probs = self.log_probs(tokens)  # causal: padding on the right changes no earlier position
+            logits = self.logits(tokens)  # causal: padding on the right changes no earlier position
             for b, i in enumerate(batch):
                 whole, n = rows[i]  # the positions before the last n tokens predict them
                 targets = torch.tensor(whole[-n:])
-                scores = log_probs[b, len(whole) - 1 - n:len(whole) - 1].float()
+                # log-softmax of the continuation's positions only: a [batch, seq, vocab] copy is what runs out
+                # of memory at large vocabularies (each position's log-softmax is its own)
+                scores = torch.log_softmax(logits[b, len(whole) - 1 - n:len(whole) - 1].float(), dim=-1)
                 picked = scores.gather(1, targets.to(scores.device)[:, None])[:, 0]
                 greedy = bool((scores.argmax(-1).cpu() == targets).all())
                 results[i] = (float(picked.sum()), greedy)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lrpath_megatron.config import TrainConfig
-from lrpath_megatron.downstream.run import lrpath_log_probs, offline, require_harness
+from lrpath_megatron.downstream.run import lrpath_logits, offline, require_harness
 from lrpath_megatron.downstream.tasks import SHIPPED, SHIPPED_DIR
 
 
@@ -50,9 +50,9 @@ def lrpath_loglikelihoods(cfg: TrainConfig, checkpoint: Path, tokenizer: Path, p
     from lrpath_megatron.data_tools.tokenizer import Tokenizer
     from lrpath_megatron.downstream.harness_model import LrpathLM, score_pairs, score_texts
 
-    with lrpath_log_probs(cfg) as (model, log_probs):
+    with lrpath_logits(cfg) as (model, logits):
         load_model(Path(checkpoint), model[0])
-        lm = LrpathLM(log_probs, Tokenizer(tokenizer), cfg.model.seq_length, batch_size)
+        lm = LrpathLM(logits, Tokenizer(tokenizer), cfg.model.seq_length, batch_size)
         return score_pairs(lm, pairs) + score_texts(lm, texts)
 
 

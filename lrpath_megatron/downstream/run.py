@@ -39,8 +39,8 @@ def offline() -> None:
 
 
 @contextlib.contextmanager
-def lrpath_log_probs(cfg: TrainConfig) -> Iterator[tuple[list, callable]]:
-    """(model chunks, tokens -> fp32 log-probabilities over the vocabulary) of the config's model on one rank
+def lrpath_logits(cfg: TrainConfig) -> Iterator[tuple[list, callable]]:
+    """(model chunks, tokens -> fp32 logits over the vocabulary) of the config's model on one rank
     (TP = PP = 1: :func:`~lrpath_megatron.checkpoint.tensors.load_model` reads any saved layout); load
     weights into the chunks before calling it."""
     from lrpath_megatron import distributed
@@ -60,12 +60,11 @@ def lrpath_log_probs(cfg: TrainConfig) -> Iterator[tuple[list, callable]]:
         device = next(model.parameters()).device
 
         @torch.no_grad()
-        def log_probs(tokens: torch.Tensor) -> torch.Tensor:
+        def logits(tokens: torch.Tensor) -> torch.Tensor:
             positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1)
-            logits = model(tokens.to(device), positions, None)[..., :cfg.model.vocab_size]
-            return torch.log_softmax(logits.float(), dim=-1)
+            return model(tokens.to(device), positions, None)[..., :cfg.model.vocab_size].float()
 
-        yield [model], log_probs
+        yield [model], logits
     finally:
         distributed.shutdown()
 
@@ -95,10 +94,10 @@ def evaluate_tasks(cfg: TrainConfig, checkpoints: Sequence, tokenizer: str | Pat
     from lrpath_megatron.downstream.harness_model import LrpathLM
 
     results = {}
-    with tempfile.TemporaryDirectory(prefix="lrpath-tasks-") as tmp, lrpath_log_probs(cfg) as (model, log_probs):
+    with tempfile.TemporaryDirectory(prefix="lrpath-tasks-") as tmp, lrpath_logits(cfg) as (model, logits):
         task_set = resolve_tasks(list(tasks), Path(tmp))
         manager = TaskManager(include_path=str(task_set.include_dir), include_defaults=False, verbosity="ERROR")
-        lm = LrpathLM(log_probs, sp, cfg.model.seq_length, BATCH_SIZE)
+        lm = LrpathLM(logits, sp, cfg.model.seq_length, BATCH_SIZE)
         for ckpt in checkpoints:
             load_model(ckpt, model[0])
             out = simple_evaluate(model=lm, tasks=list(task_set.names), task_manager=manager, limit=limit,
