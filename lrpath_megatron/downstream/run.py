@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def offline() -> None:
 
 
 @contextlib.contextmanager
-def lrpath_logits(cfg: TrainConfig) -> Iterator[tuple[list, callable]]:
+def lrpath_logits(cfg: TrainConfig) -> Iterator[tuple[list, Callable]]:
     """(model chunks, tokens -> fp32 logits over the vocabulary) of the config's model on one rank
     (TP = PP = 1: :func:`~lrpath_megatron.checkpoint.tensors.load_model` reads any saved layout); load
     weights into the chunks before calling it."""
