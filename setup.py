@@ -31,6 +31,10 @@ setup(
         "test": ["pytest", "hypothesis"],
         # The fast preprocessing backend (--backend fast/auto); without it, auto is the exact backend.
         "fast": ["gigatoken==0.10.0"],
+        # Downstream tasks per release (lrpath eval --tasks, plan.evaluate); accelerate: the harness's HFLM.
+        "eval": ["lm_eval==0.4.13", "accelerate>=0.26"],
     },
+    # The shipped downstream tasks' documents.
+    package_data={"lrpath_megatron.downstream": ["tasks/*.jsonl"]},
     entry_points={"console_scripts": ["lrpath=lrpath_megatron.cli:main"]},
 )

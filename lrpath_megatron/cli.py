@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "lrpath_megatron.commands.export",
     "lrpath_megatron.commands.hf",
     "lrpath_megatron.commands.eval",
+    "lrpath_megatron.commands.downstream",
     "lrpath_megatron.commands.demo",
 ]
 

@@ -24,14 +24,7 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
     group (collective: run it on every rank of the config's TP x PP x DP layout). ``num_batches``
     defaults to ``logging.eval_batches``."""
     checkpoints = [Path(c) for c in checkpoints]
-    steps = {}
-    for ckpt in checkpoints:  # every refusal before the process group starts
-        if not is_complete(ckpt):
-            raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
-                              f"directory written by `lrpath train` or `lrpath merge`")
-        steps[ckpt] = check_model(
-            ckpt, to_dict(cfg.model), "evaluate",
-            "pass the config (or plan) the checkpoint was trained with, or a checkpoint of this model").get("step")
+    steps = checked_steps(cfg, checkpoints)
     batches = num_batches or cfg.logging.eval_batches
     distributed.initialize(cfg.parallel, cfg.seed)
     try:
@@ -51,3 +44,17 @@ def evaluate_checkpoints(cfg: TrainConfig, checkpoints: list, num_batches: int |
         return results
     finally:
         distributed.shutdown()
+
+
+def checked_steps(cfg: TrainConfig, checkpoints: list[Path]) -> dict:
+    """``{ckpt: step}``; refuses a checkpoint that is incomplete or of another model (before any process
+    group starts)."""
+    steps = {}
+    for ckpt in checkpoints:
+        if not is_complete(ckpt):
+            raise LrpathError(f"{ckpt} is not a complete checkpoint (no manifest.json): give an iter_NNNNNNN "
+                              f"directory written by `lrpath train` or `lrpath merge`")
+        steps[ckpt] = check_model(
+            ckpt, to_dict(cfg.model), "evaluate",
+            "pass the config (or plan) the checkpoint was trained with, or a checkpoint of this model").get("step")
+    return steps

@@ -2,8 +2,9 @@
 
 Sections: the version tree with the LR paths (forks, decays, merges, blend switches: :func:`plan_plot.draw_plan`),
 loss curves per path, validation loss per release and corpus (forgetting of older corpora shows as a rising
-column), tokens and FLOPs per release and cumulatively beside PTFS and CPT, and per release the forecast
-from what was known before its branch started against its measured loss. Images are inline PNGs (base64):
+column), tokens and FLOPs per release and cumulatively beside PTFS and CPT, per release the forecast
+from what was known before its branch started against its measured loss, and the release x task table of
+downstream scores (plan.evaluate). Images are inline PNGs (base64):
 the page is one file to mail or archive.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import tempfile
 from pathlib import Path
 
+from lrpath_megatron.downstream.table import HEAD as DOWNSTREAM_HEAD, downstream_rows, table_cells
 from lrpath_megatron.forecast import ForecastError
 from lrpath_megatron.metrics import read_metrics
 from lrpath_megatron.plan import Plan
@@ -204,6 +206,13 @@ def write_report(plan: Plan, run_dir: Path, out: Path, eval_files: list = ()) ->
     if points:
         parts.append(_img(_forecast_image(points), "forecast vs measured"))
     parts += _choice_section(forecasts, actual)
+    downstream = downstream_rows(plan, run_dir)
+    if downstream:
+        parts += ["<h2>Downstream tasks per release</h2>",
+                  "<p>Each release's score on the plan's tasks (lm-evaluation-harness, ± its standard error), the "
+                  "change vs the previous release and vs PTFS of the same version where it was evaluated; a release "
+                  "the gate held is marked, with the evidence, and was not exported.</p>",
+                  _table(DOWNSTREAM_HEAD, table_cells(downstream))]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrpath report</title><style>{style}</style>"

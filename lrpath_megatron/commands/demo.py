@@ -28,6 +28,9 @@ def run(args) -> int:
     check_corpora(plan.train_config, plan.used_corpora())
     run_local(plan_commands(plan, DEMO_PLAN, [], run_dir, args.nproc_per_node))
     print(format_status(run_status(plan, run_dir)))
+    from lrpath_megatron.downstream.table import downstream_rows, format_table
+
+    print(f"\ndownstream tasks per release:\n{format_table(downstream_rows(plan, run_dir))}")
     from lrpath_megatron.report import write_report
 
     print(f"\nreport (one HTML page): {write_report(plan, run_dir, run_dir / 'report.html')}")

@@ -16,6 +16,11 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, default=None, help="held-out micro-batches per corpus "
                                                               "(default: logging.eval_batches)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON (must not exist)")
+    p.add_argument("--tasks", help="downstream tasks instead of the held-out loss: comma-separated shipped task "
+                                   "names or task directories (lm-evaluation-harness, the extra `eval`)")
+    p.add_argument("--tokenizer", help="with --tasks: the SentencePiece .model the data was tokenized with "
+                                       "(default: the plan's evaluate.tokenizer or export.tokenizer)")
+    p.add_argument("--limit", type=int, help="with --tasks: the first N documents of each task (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.set_defaults(func=run)
@@ -29,6 +34,12 @@ def run(args) -> int:
         raise LrpathError(f"--batches {args.batches}: give a positive number of micro-batches")
     if args.json_out and Path(args.json_out).exists():  # refused before the evaluation, not after it
         raise LrpathError(f"output {args.json_out} already exists; choose a new path or remove it")
+    if args.tasks:
+        from lrpath_megatron.downstream.cli import run_tasks
+
+        return run_tasks(args)
+    if args.tokenizer or args.limit is not None:
+        raise LrpathError("--tokenizer and --limit go with --tasks; add --tasks or remove them")
     cfg = load_config(args.config, args.overrides)
     with config_source(args.config, args.overrides):  # settings checked only at run time, e.g. the world size
         results = evaluate_checkpoints(cfg, args.checkpoints, args.batches)

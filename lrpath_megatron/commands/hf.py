@@ -46,6 +46,8 @@ def register(sub) -> None:
                           "tokenizer.model + tokenizer_config.json) or a Hugging Face tokenizer.json or a "
                           "directory holding one (shipped with its tokenizer_config.json)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument("--unless-held", metavar="RELEASE_DIR",
+                     help="export nothing (exit 0) when the release gate held this release (RELEASE_DIR/downstream.json)")
     exp.set_defaults(func=run_export)
 
 
@@ -64,6 +66,12 @@ def run_export(args) -> int:
     from lrpath_megatron.hf.exporter import export_hf
 
     _one_process("export")
+    if args.unless_held:
+        from lrpath_megatron.downstream.gate import is_held
+
+        if is_held(args.unless_held):
+            print(f"not exported: the release gate held {args.unless_held} (see its downstream.json)")
+            return 0
     result = export_hf(args.checkpoint, args.out, args.overwrite, parse_size(args.max_shard_size),
                        args.tokenizer_model, progress=not args.no_progress)
     tokenizer = (f"tokenizer ({', '.join(result.tokenizer_files)}) from {result.tokenizer_from}"

@@ -1,6 +1,7 @@
 """``lrpath status PLAN.yaml --run-dir DIR [--json]``: each path's progress and state, and the releases."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -28,7 +29,15 @@ def run(args) -> int:
                           f"{args.plan} --path main --run-dir {run_dir}` (or `lrpath launch` with that --run-dir), "
                           f"or pass the --run-dir it was trained in")
     status = run_status(plan, run_dir)
-    print(to_json(status) if args.json else format_status(status))
+    from lrpath_megatron.downstream.table import downstream_rows, format_table
+
+    downstream = downstream_rows(plan, run_dir)
+    if args.json:
+        print(json.dumps({**json.loads(to_json(status)), "downstream": downstream}, indent=1))
+    else:
+        print(format_status(status))
+        if downstream:
+            print(f"\ndownstream tasks per release:\n{format_table(downstream)}")
     if not args.json:
         print(f"\nforecast of pending releases: lrpath forecast {args.plan} --run-dir {run_dir}\n"
               f"report (one HTML page): lrpath report {args.plan} --run-dir {run_dir} --out {run_dir / 'report.html'}")

@@ -44,6 +44,15 @@ class MergeSpec:
 @dataclass(frozen=True)
 class ExportSpec:
     tokenizer: Optional[str]  # `lrpath hf export --tokenizer-model`; None = the imported model's own files
+    unless_held: bool = False  # after the release's downstream evaluation: nothing is exported if its gate held it
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """A release's downstream evaluation (plan.evaluate): `lrpath downstream`, after the previous release's."""
+
+    gate: bool  # plan.evaluate.gate is set: the evaluation may hold the release
+    gpu: bool = False  # on SLURM the job asks for one GPU (plan.evaluate.device: gpu)
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class Job:
     after: Optional[str]  # key of the job this one waits for (afterok)
     merge: Optional[MergeSpec] = None  # set for a merge release: `lrpath merge`, no training
     export: Optional[ExportSpec] = None  # set for a release's export: `lrpath hf export`, no training
+    evaluate: Optional[EvalSpec] = None  # set for a release's downstream evaluation: `lrpath downstream`
     # set for an undecided decay_steps: auto branch: start_step..end_step then span every candidate's steps
     auto: Optional[AutoSpec] = None
     # set for the main-path segment after a MainPause: it also waits for the branches the choice reads, makes
@@ -83,19 +93,21 @@ class Job:
 
     @property
     def kind(self) -> str:
-        return "merge" if self.merge else "export" if self.export else "train"
+        return "merge" if self.merge else "export" if self.export else "evaluate" if self.evaluate else "train"
 
     @property
     def script(self) -> str:
         """Name of the job's script: the main path's segments share one; a release's export has its own."""
-        return f"{self.path}-hf" if self.export else self.path
+        return f"{self.path}-hf" if self.export else f"{self.path}-eval" if self.evaluate else self.path
 
     def describe(self) -> str:
         """What the job does, in words (``lrpath launch`` prints it; ``submit.sh`` has it as a comment)."""
         if self.merge:
             return f"merge of main steps {', '.join(map(str, self.merge.steps))}"
         if self.export:
-            return f"Hugging Face export of release {self.path}"
+            return f"Hugging Face export of release {self.path}" + (" unless held" if self.export.unless_held else "")
+        if self.evaluate:
+            return f"downstream tasks of release {self.path}" + (" and its gate" if self.evaluate.gate else "")
         if self.pause:
             return (f"path {self.path} steps {self.start_step}..{self.end_step} at most: version "
                     f"{self.pause.version} chooses its decay length first, the main path ends at its fork")
@@ -229,7 +241,14 @@ def export_args(run_dir: Path, job: Job) -> list[str]:
     layout = RunLayout(Path(run_dir))
     args = ["hf", "export", str(layout.checkpoint(job.path, job.end_step)), "--out", str(layout.path(job.path).hf),
             "--overwrite", "--no-progress"]
+    args += ["--unless-held", str(layout.path(job.path).root)] if job.export.unless_held else []
     return args + (["--tokenizer-model", job.export.tokenizer] if job.export.tokenizer else [])
+
+
+def eval_args(run_dir: Path, job: Job, plan_file: Path, overrides: Sequence[str]) -> list[str]:
+    """``lrpath`` arguments of a release's downstream evaluation (writes ``RUN/<version>/downstream.json``)."""
+    return ["downstream", str(plan_file), job.path, "--run-dir", str(run_dir),
+            *[a for item in overrides for a in ("--set", item)]]
 
 
 def merge_time(profile: ClusterProfile, version: str) -> str:
@@ -273,7 +292,7 @@ def check_profile(profile: ClusterProfile, where: str, jobs: Sequence[Job], path
     save_steps = {p.name: set(p.save_steps) for p in paths}
     interval = train.checkpoint.save_interval
     for job in jobs:
-        if job.kind == "export":  # one CPU task reading the release once
+        if job.kind in ("export", "evaluate"):  # one CPU task reading the release once
             continue
         if job.kind == "merge":  # one CPU task: no GPUs to fit, no checkpoint interval to outlast
             own = profile.paths.get(job.path)

@@ -1,5 +1,5 @@
 """Run a plan on one machine: the main path, then each branch (torchrun), then each merge release, then
-the Hugging Face exports (plan.export.hf)."""
+each release's downstream evaluation (plan.evaluate), then the Hugging Face exports (plan.export.hf)."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,8 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.launch.jobs import Job, build_jobs, export_args, merge_args
+from lrpath_megatron.launch.evaluation import with_evaluation
+from lrpath_megatron.launch.jobs import Job, build_jobs, eval_args, export_args, merge_args
 
 
 def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
@@ -24,7 +25,8 @@ def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, job
         if job.kind == "train" and job.path == "main" and not job.pause and i > 0 and jobs[i - 1].path == "main":
             continue  # the run before trains this segment too: only a pause stops the main path
         if job.kind != "train":
-            args = merge_args(run_dir, job) if job.kind == "merge" else export_args(run_dir, job)
+            args = (merge_args(run_dir, job) if job.kind == "merge" else export_args(run_dir, job)
+                    if job.kind == "export" else eval_args(run_dir, job, plan_file, overrides))
             commands.append((job.script, [sys.executable, "-m", "lrpath_megatron.cli", *args]))
             continue
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
@@ -47,5 +49,6 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Every job of a loaded plan (trained paths, merge releases, exports) as local commands, in order."""
-    jobs = build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays, plan.main_pause)
+    jobs = with_evaluation(build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays,
+                                      plan.main_pause), plan.releases(), plan.config.evaluate)
     return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)

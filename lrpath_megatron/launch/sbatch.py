@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lrpath_megatron.launch.jobs import MAIN, Job, export_args, merge_args, merge_time
+from lrpath_megatron.launch.jobs import MAIN, Job, eval_args, export_args, merge_args, merge_time
 from lrpath_megatron.launch.profile import ClusterProfile
 from lrpath_megatron.launch.requeue import after_step_lines, fault_setup_lines
 from lrpath_megatron.run_layout import RunLayout
@@ -145,7 +145,8 @@ def render_cpu_sbatch(spec: LaunchSpec, job: Job) -> str:
     or ``lrpath hf export``. A rerun or requeue is harmless: a finished merge exits 0 (``--skip-existing``),
     an export is written again; either output is renamed into place only when complete."""
     prof = spec.profile
-    opts = _sbatch_options(spec, job.script, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1"], [], job.path)
+    gpu = ["--gpus-per-node=1"] if job.evaluate and job.evaluate.gpu and prof.request_gpus else []
+    opts = _sbatch_options(spec, job.script, merge_time(prof, job.path), ["--nodes=1", "--ntasks=1", *gpu], [], job.path)
     # srun_extra holds site flags (--mpi, --cpu-bind, container options) that every srun step needs.
     srun = ["srun", "--ntasks=1", *_container_opts(prof), *map(str, prof.srun_extra)]
     if job.kind == "merge":
@@ -153,6 +154,10 @@ def render_cpu_sbatch(spec: LaunchSpec, job: Job) -> str:
         what = f"merge release of version {job.path!r} (plan {spec.plan_file}): main-path steps " \
                f"{', '.join(map(str, job.merge.steps))}"
         started, finished = f"merge release {job.path} at step {job.end_step}", f"merge release {job.path}"
+    elif job.kind == "evaluate":
+        args = eval_args(spec.run_dir, job, spec.plan_file, spec.overrides)
+        what = f"downstream evaluation of release {job.path!r} (plan {spec.plan_file})"
+        started, finished = f"evaluation of release {job.path} (step {job.end_step})", f"evaluation of release {job.path}"
     else:
         args = export_args(spec.run_dir, job)
         what = f"Hugging Face export of release {job.path!r} (plan {spec.plan_file})"

@@ -49,6 +49,7 @@ def _hashed_train_config(train_config) -> dict:
 def _hashed_plan(data: dict) -> dict:
     """The plan section as hashed (the resolved forks and sizes are hashed beside it)."""
     del data["export"]  # what is written beside the releases changes nothing that trains
+    del data["evaluate"]  # nor how they are scored
     if data["fork"] == PlanConfig.fork:
         del data["fork"]
     if data["main"]["init_from"] is None:

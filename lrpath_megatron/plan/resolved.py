@@ -65,6 +65,8 @@ class Plan:
         if config.export.tokenizer is not None and not config.export.hf:
             raise ConfigError("plan.export.tokenizer goes with the Hugging Face exports; set plan.export.hf: true "
                               "or remove it")
+        if config.evaluate is not None:
+            config.evaluate.validate(config.export.tokenizer)
         candidates = self._resolve_versions()
         if config.fork == "effective":  # an auto release's forks are its candidates' (_screen)
             self.versions = [v if v.name in candidates else self._fork_effectively(v, r)

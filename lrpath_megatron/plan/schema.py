@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from lrpath_megatron import schedules
 from lrpath_megatron.config import ConfigError, MixConfig, register_list_item_type
+from lrpath_megatron.downstream.config import EvaluateConfig
 
 # auto: the release forecast chooses a decay length or a merge window when the release is made (plan.auto_decay).
 RELEASE_METHODS = ("decay", "merge", "auto")
@@ -110,6 +111,7 @@ class PlanConfig:
     # once); "nominal", where its fork settings put it (each branch retrains those steps).
     fork: str = "effective"
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: Optional[EvaluateConfig] = None  # downstream tasks per release and the release gate
 
 
 register_list_item_type(PlanConfig, "versions", VersionConfig)
