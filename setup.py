@@ -35,6 +35,6 @@ setup(
         "eval": ["lm_eval==0.4.13", "accelerate>=0.26"],
     },
     # The shipped downstream tasks' documents.
-    package_data={"lrpath_megatron.downstream": ["tasks/*.jsonl"]},
+    package_data={"lrpath_megatron": ["task_data/*.jsonl"]},
     entry_points={"console_scripts": ["lrpath=lrpath_megatron.cli:main"]},
 )

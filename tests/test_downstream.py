@@ -204,7 +204,7 @@ def test_plan_refuses_bad_evaluate_settings(demo_data, tmp_path, evaluate, match
 
 
 def test_task_directory_with_python_code_or_remote_data_is_refused(demo_data, tmp_path):
-    from lrpath_megatron.downstream.tasks import task_configs
+    from lrpath_megatron.task_dirs import task_configs
     from lrpath_megatron.errors import LrpathError
 
     (tmp_path / "t.yaml").write_text("task: t\ndataset_path: json\ndataset_kwargs: {data_files: x.jsonl}\n"

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run_release(args) -> int:
-    from lrpath_megatron.downstream.cli import format_scores
+    from lrpath_megatron.downstream.table import format_scores
     from lrpath_megatron.downstream.release import evaluate_path
     from lrpath_megatron.plan import load_plan
     from lrpath_megatron.plan_decisions import with_choices

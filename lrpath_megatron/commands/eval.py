@@ -1,4 +1,5 @@
-"""``lrpath eval CONFIG CKPT...``: validation loss of checkpoints on every corpus's held-out split."""
+"""``lrpath eval CONFIG CKPT...``: validation loss of checkpoints on every corpus's held-out split, or with
+``--tasks`` their scores on downstream tasks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,6 @@ def run(args) -> int:
     if args.json_out and Path(args.json_out).exists():  # refused before the evaluation, not after it
         raise LrpathError(f"output {args.json_out} already exists; choose a new path or remove it")
     if args.tasks:
-        from lrpath_megatron.downstream.cli import run_tasks
-
         return run_tasks(args)
     if args.tokenizer or args.limit is not None:
         raise LrpathError("--tokenizer and --limit go with --tasks; add --tasks or remove them")
@@ -55,6 +54,38 @@ def run(args) -> int:
             Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(args.json_out), results)
     return 0
+
+
+def run_tasks(args) -> int:
+    """``lrpath eval CONFIG CKPT... --tasks T1,T2 [--tokenizer M] [--limit N] [--json FILE]``."""
+    from lrpath_megatron.downstream.run import evaluate_tasks
+    from lrpath_megatron.downstream.table import format_scores
+    from lrpath_megatron.errors import LrpathError
+
+    if args.batches is not None:
+        raise LrpathError("--batches counts held-out micro-batches of the loss; with --tasks give --limit "
+                          "(documents per task) instead")
+    tokenizer = args.tokenizer or _plan_tokenizer(read_yaml(args.config))
+    if tokenizer is None:
+        raise LrpathError(f"--tasks needs the tokenizer the data was tokenized with: give --tokenizer MODEL (or "
+                          f"plan.evaluate.tokenizer / plan.export.tokenizer in {args.config})")
+    cfg = load_config(args.config, args.overrides)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(cfg, args.checkpoints, tokenizer, tasks, args.limit)
+    for ckpt, r in results.items():
+        print(f"{ckpt} (step {r['step']}):")
+        print("\n".join(format_scores(r["tasks"])))
+    if args.json_out:
+        from lrpath_megatron.checkpoint.layout import write_json_atomic
+
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.json_out), results)
+    return 0
+
+
+def _plan_tokenizer(data: dict):
+    plan = data.get("plan") or {}
+    return (plan.get("evaluate") or {}).get("tokenizer") or (plan.get("export") or {}).get("tokenizer")
 
 
 def load_config(path: str, overrides: list[str]):

@@ -1,4 +1,4 @@
-"""Builds the shipped tasks (``lrpath_megatron/downstream/tasks/*.jsonl``) from the shipped Python corpora,
+"""Builds the shipped tasks (``lrpath_megatron/task_data/*.jsonl``) from the shipped Python corpora,
 deterministically: ``python -m lrpath_megatron.downstream.build_tasks`` rewrites the same files.
 
 code_next_line: three lines of a file, then four candidate next lines: the real one and three lines of the
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from lrpath_megatron.data_tools.demo import iter_corpus
-from lrpath_megatron.downstream.tasks import SHIPPED_DIR
+from lrpath_megatron.task_dirs import SHIPPED_DIR
 
 SOURCES = ("code_a", "code_b")  # the shipped Python corpora
 DOCS = 100  # documents per task

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from lrpath_megatron.downstream.config import GateConfig
+from lrpath_megatron.plan.evaluation import GateConfig
 from lrpath_megatron.errors import LrpathError
 
 RECORD = "downstream.json"  # RUN/<path>/downstream.json: the path's task scores and, for a release, the verdict

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from lrpath_megatron.config import TrainConfig
 from lrpath_megatron.downstream.run import lrpath_logits, offline, require_harness
-from lrpath_megatron.downstream.tasks import SHIPPED, SHIPPED_DIR
+from lrpath_megatron.task_dirs import SHIPPED, SHIPPED_DIR
 
 
 def task_pairs(docs_per_task: int, tasks: Sequence[str] = tuple(SHIPPED)) -> list[tuple[str, str]]:

@@ -75,7 +75,7 @@ def evaluate_tasks(cfg: TrainConfig, checkpoints: Sequence, tokenizer: str | Pat
     directories), the first ``limit`` documents of each task (None: all)."""
     from lrpath_megatron.checkpoint.tensors import load_model
     from lrpath_megatron.data_tools.tokenizer import Tokenizer
-    from lrpath_megatron.downstream.tasks import resolve_tasks
+    from lrpath_megatron.task_dirs import resolve_tasks
     from lrpath_megatron.evaluate import checked_steps
 
     require_harness()

@@ -68,3 +68,9 @@ def format_table(rows: list[dict]) -> str:
     cells = [HEAD] + table_cells(rows)
     widths = [max(len(c[i]) for c in cells) for i in range(len(HEAD) - 1)]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in cells)
+
+
+def format_scores(tasks: dict) -> list[str]:
+    """One line per task and metric: ``task metric value ± stderr (n documents)``."""
+    return [f"  {task:<24} {metric:<10} {s['value']:.4f} ± {s['stderr'] if s['stderr'] is not None else float('nan'):.4f}"
+            f"  ({r['n']} documents)" for task, r in tasks.items() for metric, s in r["metrics"].items()]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from lrpath_megatron.downstream.config import EvaluateConfig
+from lrpath_megatron.plan.evaluation import EvaluateConfig
 from lrpath_megatron.launch.jobs import EvalSpec, Job
 from lrpath_megatron.plan import ReleaseInfo
 

@@ -14,7 +14,7 @@ Token quantities become steps of ``parallel.global_batch_size * model.seq_length
 (no data is left unseen and a decay is never shorter than asked); the resolved steps are what runs and
 what ``lrpath plan`` prints. Validation never touches the data files.
 
-The stages, each looking only down: :mod:`.schema` (the section as written) -> :mod:`.releases` and
+The stages, each looking only down: :mod:`.schema` (the section as written; :mod:`.evaluation`: its evaluate section) -> :mod:`.releases` and
 :mod:`.auto_decay` (a release on main-path steps; the lengths decay_steps: auto may take) -> :mod:`.resolved`
 (the immutable :class:`Plan`: versions, releases, paths) with :mod:`.costs` and :mod:`.identity` (the hash).
 A run directory's state and decisions sit above the plan: :mod:`lrpath_megatron.plan_decisions` (recorded

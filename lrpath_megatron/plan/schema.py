@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from lrpath_megatron import schedules
 from lrpath_megatron.config import ConfigError, MixConfig, register_list_item_type
-from lrpath_megatron.downstream.config import EvaluateConfig
+from lrpath_megatron.plan.evaluation import EvaluateConfig
 
 # auto: the release forecast chooses a decay length or a merge window when the release is made (plan.auto_decay).
 RELEASE_METHODS = ("decay", "merge", "auto")

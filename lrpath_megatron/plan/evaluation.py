@@ -39,7 +39,7 @@ class EvaluateConfig:
 
     def validate(self, export_tokenizer: Optional[str]) -> None:
         """Everything checkable before anything trains: the tasks exist, the gate names one of them."""
-        from lrpath_megatron.downstream.tasks import task_configs
+        from lrpath_megatron.task_dirs import task_configs
         from lrpath_megatron.errors import LrpathError
 
         where = "plan.evaluate"

@@ -14,7 +14,7 @@ import yaml
 
 from lrpath_megatron.errors import LrpathError
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "tasks"
+SHIPPED_DIR = Path(__file__).resolve().parent / "task_data"
 # name -> what the task asks; documents in SHIPPED_DIR/<name>.jsonl (built by build_tasks.py)
 SHIPPED = {
     "code_next_line": "which of four lines is the real next line of a Python snippet (three come from other files)",
