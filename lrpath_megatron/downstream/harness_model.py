@@ -83,7 +83,10 @@ class LrpathLM(TemplateLM):
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
             scores += self._loglikelihood_tokens([(None, a, b) for _, (a, b) in chunk])
-        return [sum(ll for (n, _), (ll, _) in zip(windows, scores) if n == k) for k in range(len(requests))]
+        totals = [0.0] * len(requests)
+        for (n, _), (ll, _) in zip(windows, scores):
+            totals[n] += ll
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         raise LrpathError("generation tasks (output_type: generate_until) are not evaluated by lrpath's harness "

@@ -1,4 +1,5 @@
-"""The plan as SLURM jobs: main-path segments that end at release steps, one job per branch, one per merge.
+"""The plan as SLURM jobs: main-path segments that end at release steps, one job per branch, one per merge,
+one downstream evaluation per release (plan.evaluate) and one Hugging Face export (plan.export.hf).
 
 The main path is split into segment jobs chained with ``afterok``: segment i runs ``--stop-at-step
 s_i`` (the trainer saves there and exits 0), the last segment runs to the path's end. The cut points are
@@ -17,6 +18,7 @@ the branches the choice reads: it chooses first, then trains only to the chosen 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -27,6 +29,7 @@ from lrpath_megatron.layout_planner import describe, layout_of
 from lrpath_megatron.memory_model import GIB, peak_memory
 from lrpath_megatron.path import PathSpec
 from lrpath_megatron.plan import AutoDecay, ExportConfig, MainPause, ReleaseInfo
+from lrpath_megatron.plan.evaluation import EvaluateConfig
 from lrpath_megatron.run_layout import RunLayout
 
 MAIN = "main"
@@ -191,6 +194,33 @@ def build_jobs(paths: Sequence[PathSpec], releases: Sequence[ReleaseInfo] = (),
         jobs += [Job(f"{key}-hf", key, job.end_step, job.end_step, None, key, export=ExportSpec(export.tokenizer))
                  for key, job in released.items()]
     return _in_dependency_order(jobs)
+
+
+def with_evaluation(jobs: Sequence[Job], releases: Sequence[ReleaseInfo],
+                    evaluate: Optional[EvaluateConfig]) -> list[Job]:
+    """``jobs`` (in dependency order, from :func:`~lrpath_megatron.launch.jobs.build_jobs`) with one
+    evaluation job per release, in release order, before the exports; unchanged without ``evaluate``."""
+    if evaluate is None:
+        return list(jobs)
+    by_key = {j.key: j for j in jobs}
+    evals, previous = [], None
+    for r in releases:
+        job = by_key[r.version]
+        key = f"{r.version}-eval"
+        evals.append(Job(key, r.version, job.end_step, job.end_step, None, r.version,
+                         evaluate=EvalSpec(evaluate.gate is not None, evaluate.device == "gpu"),
+                         reads=(previous,) if previous else ()))
+        previous = key
+    exports = [dataclasses.replace(j, after=f"{j.path}-eval", export=dataclasses.replace(j.export, unless_held=True))
+               for j in jobs if j.kind == "export"]
+    return [j for j in jobs if j.kind != "export"] + evals + exports
+
+
+def plan_jobs(plan) -> list[Job]:
+    """Every job of a loaded plan (with its recorded auto choices applied where the caller wants them): its
+    paths, merge releases, downstream evaluations and exports, in dependency order."""
+    return with_evaluation(build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays,
+                                      plan.main_pause), plan.releases(), plan.config.evaluate)
 
 
 def _in_dependency_order(jobs: list[Job]) -> list[Job]:

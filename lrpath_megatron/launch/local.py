@@ -10,8 +10,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lrpath_megatron.errors import LrpathError
-from lrpath_megatron.launch.evaluation import with_evaluation
-from lrpath_megatron.launch.jobs import Job, build_jobs, eval_args, export_args, merge_args
+from lrpath_megatron.launch.jobs import Job, eval_args, export_args, merge_args, plan_jobs
 
 
 def local_commands(plan_file: Path, overrides: Sequence[str], run_dir: Path, jobs: Sequence[Job],
@@ -49,6 +48,4 @@ def run_local(commands: Sequence[tuple[str, list[str]]]) -> None:
 def plan_commands(plan, plan_file: Path, overrides: Sequence[str], run_dir: Path,
                   nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Every job of a loaded plan (trained paths, merge releases, exports) as local commands, in order."""
-    jobs = with_evaluation(build_jobs(plan.paths(), plan.releases(), plan.config.export, plan.auto_decays,
-                                      plan.main_pause), plan.releases(), plan.config.evaluate)
-    return local_commands(Path(plan_file).resolve(), overrides, run_dir, jobs, nproc_per_node)
+    return local_commands(Path(plan_file).resolve(), overrides, run_dir, plan_jobs(plan), nproc_per_node)

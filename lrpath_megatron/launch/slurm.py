@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lrpath_megatron.launch.evaluation import with_evaluation
-from lrpath_megatron.launch.jobs import Job, build_jobs, check_profile
+from lrpath_megatron.launch.jobs import Job, check_profile, plan_jobs
 from lrpath_megatron.launch.profile import load_profile
 from lrpath_megatron.launch.sbatch import LaunchSpec, write_scripts
 
@@ -26,8 +25,7 @@ def prepare_slurm(plan_file: str | Path, overrides: Sequence[str], profile_file:
     # decay_steps: auto branches that chose in run_dir (a resubmission) wait for their chosen fork only
     plan = with_choices(load_plan(plan_file, list(overrides)), Path(run_dir))
     paths = plan.paths()
-    jobs: list[Job] = with_evaluation(build_jobs(paths, plan.releases(), plan.config.export, plan.auto_decays,
-                                                 plan.main_pause), plan.releases(), plan.config.evaluate)
+    jobs: list[Job] = plan_jobs(plan)
     profile = load_profile(profile_file, list(profile_overrides))
     check_profile(profile, str(profile_file), jobs, paths, plan.train_config)
     spec = LaunchSpec(Path(plan_file).resolve(), tuple(overrides), Path(run_dir).resolve(), Path.cwd(), profile)
