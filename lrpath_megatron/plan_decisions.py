@@ -3,11 +3,12 @@
 reads, reading a record back (validated against the plan and the run), writing one atomically, and applying
 the recorded choices to a plan. Making a choice is the release forecast's (release_forecast.choose_decay).
 
-A choice reads the run up to its release's earliest candidate fork: the main path's scheduled evaluations up
-to there and the finished curves of the earlier branches that end by then (``AutoDecay.reads``; an earlier
-method: auto release that chose a merge: the merge's validation loss, which its job measures). It is made
-only once all of that exists, so the same plan and the same metrics give the same choice whatever order the
-jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
+A choice reads the run up to its release's ``AutoDecay.choice_step`` (the earliest candidate fork; with merge
+candidates, the version's end): the main path's scheduled evaluations up to there, the finished curves of the
+earlier branches that end by then (``AutoDecay.reads``; an earlier method: auto release that chose a merge:
+the merge's validation loss, which its job measures) and, with merge candidates, every window's merge as its
+job measured it (``RUN/<version>/merge_candidates.json``). It is made only once all of that exists, so the
+same plan and the same metrics give the same choice whatever order the jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
 observations it read; a record that does not match the plan or the run is refused naming what differs.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ChoiceInputs:
     observations: list  # list[Observation]
     missing: list  # what must run first, in words (empty: the choice can be made)
     eval_interval: int  # the main path's scheduled evaluations it reads are every so many steps
+    merges: dict  # window steps -> the measured merge's validation loss per corpus
+    unmeasured: tuple = ()  # merge windows the release's job has still to measure
 
     def record(self) -> dict:
         """What a record says of its inputs."""
@@ -46,7 +49,7 @@ def record_file(run_dir: Path, name: str) -> Path:
 def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
     """What the choice of undecided auto release ``name`` reads in ``run_dir`` (``plan``: with the earlier
     releases' recorded choices applied) and what of it does not exist yet."""
-    layout, first = RunLayout(Path(run_dir)), plan.auto_decays[name].fork_span[0]
+    layout, first = RunLayout(Path(run_dir)), plan.auto_decays[name].choice_step
     reads, missing = plan.auto_decays[name].reads, []
     latest = find_latest(layout.path("main").checkpoints)
     at = read_manifest(latest)["step"] if latest is not None else None
@@ -63,17 +66,52 @@ def choice_inputs(plan: Plan, run_dir: Path, name: str) -> ChoiceInputs:
         elif checkpoint_at(layout.path(n).checkpoints, plan.path(n).end_step) is None:
             missing.append(f"branch {n} to its end at step {plan.path(n).end_step}")
     known = on_schedule(plan, known_before(plan, found, first))
+    merges = measured_merges(plan, run_dir, name)
+    unmeasured = tuple(w for w in sorted(plan.auto_decays[name].merges) if w not in merges)
     return ChoiceInputs(first, reads, [o for o in known if o.path == "main" or o.path in reads], missing,
-                        plan.train_config.logging.eval_interval)
+                        plan.train_config.logging.eval_interval, merges, unmeasured)
 
 
 def require_inputs(inputs: ChoiceInputs, name: str) -> None:
-    if inputs.missing:
+    missing = inputs.missing + ([f"the measured merges of windows {list(inputs.unmeasured)} (the release's job, "
+                                 f"`lrpath train PLAN --path {name}`, measures them)"] if inputs.unmeasured else [])
+    if missing:
         raise LrpathError(
-            f"version {name} chooses its decay length (decay_steps: auto) from the run up to step "
+            f"version {name} chooses its release (auto) from the run up to step "
             f"{inputs.up_to_step}" + (f" and the finished branches {', '.join(inputs.reads)}" if inputs.reads else "")
-            + f"; not there yet: {'; '.join(inputs.missing)}. Train those first (`lrpath train PLAN --path NAME`, "
+            + f"; not there yet: {'; '.join(missing)}. Train those first (`lrpath train PLAN --path NAME`, "
             "or `lrpath launch`, which orders the jobs so); nothing was recorded")
+
+
+def measured_merges(plan: Plan, run_dir: Path, name: str) -> dict:
+    """window steps -> validation loss per corpus of each merge window of method: auto release ``name``
+    measured so far; a measurement of other checkpoints or weights than the plan's is refused."""
+    f, auto = RunLayout(Path(run_dir)).path(name).merge_candidates, plan.auto_decays[name]
+    if not auto.merges or not f.is_file():
+        return {}
+    try:
+        windows = json.loads(f.read_text())["windows"]
+        out = {}
+        for w, m in windows.items():
+            w = int(w)
+            if w not in auto.merges or m["checkpoints"] != list(auto.merges[w]) or m["weights"] != auto.merge_weights:
+                raise LrpathError(f"{f}: window {w} merged steps {m['checkpoints']} with weights {m['weights']}, not "
+                                  f"one of version {name}'s candidates (weights {auto.merge_weights}: "
+                                  f"{ {k: list(v) for k, v in auto.merges.items()} }); remove it to measure again")
+            out[w] = dict(m["val_loss_per_corpus"])
+        return out
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LrpathError(f"{f} is not a record of measured merges ({exc!r}); remove it to measure again") from None
+
+
+def record_measured_merge(plan: Plan, run_dir: Path, name: str, window: int, per_corpus: dict) -> None:
+    """Add window ``window``'s measured merge to ``RUN/<name>/merge_candidates.json`` (atomically)."""
+    f, auto = RunLayout(Path(run_dir)).path(name).merge_candidates, plan.auto_decays[name]
+    windows = json.loads(f.read_text())["windows"] if f.is_file() else {}
+    windows[str(window)] = {"checkpoints": list(auto.merges[window]), "weights": auto.merge_weights,
+                            "val_loss_per_corpus": per_corpus}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(f, {"version": name, "windows": windows})
 
 
 def read(plan: Plan, run_dir: Path, name: str) -> Optional[dict]:

@@ -38,14 +38,31 @@ class MergeRun:
         return self.dirs.checkpoint(self.step)
 
 
-def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun | MergeRun:
+@dataclass(frozen=True)
+class MergeCandidates:
+    """A method: auto release about to choose: the merge windows its job measures first (each window's merge
+    of main-path checkpoints, evaluated on the held-out batches; plan_decisions.record_measured_merge)."""
+
+    plan: Plan
+    version: str
+    run_dir: Path
+    windows: dict  # window steps -> the main-path checkpoints it merges, oldest first (the unmeasured ones)
+    weights: str
+    dirs: PathDirs
+
+
+def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun | MergeRun | MergeCandidates:
     """Path ``name`` as the trainer runs it in ``run_dir``: a path with a parent starts from the parent's
     checkpoint at its fork step (optimizer state and data position included). The branch of a decay_steps:
     auto or method: auto version takes the release forecast's choice (recorded in ``run_dir`` and in its
     checkpoints' manifests: the same metrics give the same choice, a resume reuses it); a method: auto
-    version that chose a merge is the merge to make (:class:`MergeRun`)."""
+    version that chose a merge is the merge to make (:class:`MergeRun`); one with merge windows not measured
+    yet, the measurements to make first (:class:`MergeCandidates`)."""
     run_dir = Path(run_dir)
     if name in plan.decay_candidates:
+        todo = _unmeasured(plan, name, run_dir)
+        if todo is not None:
+            return todo
         choice = _choice(plan, name, run_dir)
         decided = plan_decisions.with_choices(plan, run_dir)
         release = next(v.release for v in decided.versions if v.name == name)
@@ -58,6 +75,20 @@ def run_for(plan: Plan, name: str, run_dir: Path) -> PathRun | MergeRun:
     if name == "main" and plan.decay_candidates:
         return _main_run(plan, run_dir)
     return _path_run(plan, name, run_dir)
+
+
+def _unmeasured(plan: Plan, name: str, run_dir: Path) -> MergeCandidates | None:
+    """The merge windows undecided method: auto release ``name`` has still to measure, once everything else
+    its choice reads exists (before that, the choice refuses naming what is missing)."""
+    base = plan_decisions.with_choices(plan, run_dir)
+    if name not in base.decay_candidates or not base.auto_decays[name].merges:
+        return None
+    inputs = plan_decisions.choice_inputs(base, run_dir, name)
+    if inputs.missing or not inputs.unmeasured:
+        return None
+    layout, auto = RunLayout(run_dir), base.auto_decays[name]
+    windows = {w: tuple(layout.checkpoint("main", s) for s in auto.merges[w]) for w in inputs.unmeasured}
+    return MergeCandidates(base, name, run_dir, windows, str(auto.merge_weights), layout.path(name))
 
 
 def _path_run(plan: Plan, name: str, run_dir: Path) -> PathRun:

@@ -45,6 +45,9 @@ RELEASE_METHODS = ("decay", "merge")
 class ForecastConfig:
     law: LawConfig = field(default_factory=LawConfig)
     tolerance: float = 0.005  # relative: a decay this close to the longest candidate's forecast is enough
+    # method: auto: a decay forecast whose deviation exceeds this share of the loss cannot choose against a
+    # measured merge (on the converged CPU run, forecasts with sd 9-16% erred by 10-17%; those with 2-3%, by <1%)
+    max_sd: float = 0.05
     fractions: tuple = AUTO_DECAY_FRACTIONS  # candidate decays, of the version's steps
     shapes: tuple = ()  # candidate shapes beside each release's own
     methods: tuple = ()  # candidate release methods beside each release's own
@@ -225,12 +228,12 @@ def merge_candidates(fit, plan: Plan, index: int, windows: dict, weights: str, r
     return rows
 
 
-def mark_choice(rows: list[dict], tolerance: float) -> list[dict]:
-    """``rows`` with ``choice`` set on the cheapest whose forecast is within ``tolerance`` of the lowest (ties:
-    the lower forecast)."""
+def mark_choice(rows: list[dict], tolerance: float, by: str = "loss") -> list[dict]:
+    """``rows`` with ``choice`` set on the cheapest whose ``by`` (the forecast) is within ``tolerance`` of the
+    lowest (ties: the lower one)."""
     if rows:
-        best = min(r["loss"] for r in rows)
-        pick = min((r for r in rows if r["loss"] <= best * (1 + tolerance)), key=lambda r: (r["cost_steps"], r["loss"]))
+        best = min(r[by] for r in rows)
+        pick = min((r for r in rows if r[by] <= best * (1 + tolerance)), key=lambda r: (r["cost_steps"], r[by]))
         for r in rows:
             r["choice"] = r is pick
     return rows
@@ -306,7 +309,12 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
     method: auto the cheapest candidate, decay or merge, whose forecast (corrected by the track record of its
     kind) is within tolerance of the lowest. Without a fit (the first version: no finished decay yet), the
     longest decay, with the reason. Made once, when all its inputs exist (otherwise refused, nothing
-    recorded), recorded in ``RUN/<name>/decay_choice.json`` and reused."""
+    recorded), recorded in ``RUN/<name>/decay_choice.json`` and reused.
+
+    method: auto with merge candidates chooses at the version's end, with every merge window measured (its job
+    made and evaluated each, plan_decisions.measured_merges): a merge's loss is its measurement, a decay's
+    the forecast; without a fit, the lowest measured merge (merged constant-LR checkpoints stand in for the
+    annealed model, PMA) rather than the longest decay."""
     base = plan_decisions.with_choices(plan, run_dir)  # earlier auto releases as they were made
     if name not in base.decay_candidates:
         return base.auto_decays[name].choice
@@ -318,14 +326,37 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
               "bounds": list(auto.bounds), "lengths": lengths, **inputs.record(), "tolerance": config.tolerance}
     if auto.method_auto:
         choice.update(method="decay", window_steps=None, windows=sorted(auto.merges), merge_weights=auto.merge_weights)
+    seen = seen_corpora(base, index)
+    measured = {w: _target_value(per, BLEND, seen) for w, per in inputs.merges.items()}
     try:
+        if measured and not _decay_measured(base, inputs.observations, index):
+            raise ForecastError("no decay branch has finished before it, and a decay is not forecast from merges")
         fit = fit_law(curves_for(base, inputs.observations, BLEND, index), config.law)
-        choice.update(_cheapest(fit, base, index, inputs.observations, config.tolerance) if auto.method_auto else
-                      _shortest_enough(fit, base, index, config.tolerance), fit=fit.to_dict())
+        choice.update(_cheapest(fit, base, index, inputs.observations, config, measured)
+                      if auto.method_auto else _shortest_enough(fit, base, index, config.tolerance), fit=fit.to_dict())
     except ForecastError as exc:
-        choice["no_forecast"] = f"{exc}; the longest allowed decay is taken"
+        if measured:
+            window = min(measured, key=lambda w: (measured[w], w))
+            choice.update(method="merge", decay_steps=None, window_steps=window, predicted_loss=measured[window],
+                          predicted_sd=0.0, measured=True, candidates=_measured_rows(measured, window),
+                          no_forecast=f"{exc}; no decay can be forecast: the lowest measured merge is taken")
+        else:
+            choice["no_forecast"] = f"{exc}; the longest allowed decay is taken"
     plan_decisions.write(run_dir, name, choice)
     return choice
+
+
+def _decay_measured(plan: Plan, known: list[Observation], index: int) -> bool:
+    """Whether a finished decay branch of an earlier version is among ``known`` (what the law's annealing term
+    is fitted to when a merge is measured instead of forecast)."""
+    decays = {v.name for v in plan.versions[:index] if v.release.method == "decay"}
+    return any(o.path in decays for o in known)
+
+
+def _measured_rows(measured: dict, pick: int | None) -> list[dict]:
+    """Candidate rows of measured merge windows (a measurement, no deviation; they train nothing)."""
+    return [{"method": "merge", "window_steps": w, "loss": x, "sd": 0.0, "cost_steps": 0, "measured": True,
+             "choice": w == pick} for w, x in sorted(measured.items())]
 
 
 def _shortest_enough(fit, plan: Plan, index: int, tolerance: float) -> dict:
@@ -341,24 +372,38 @@ def _shortest_enough(fit, plan: Plan, index: int, tolerance: float) -> dict:
             "candidates": [{"decay_steps": n, "loss": x, "sd": sd} for n, (x, sd, _) in predicted.items()]}
 
 
-def _cheapest(fit, plan: Plan, index: int, known: list[Observation], tolerance: float) -> dict:
-    """method: auto: every decay length and merge window of the release, each forecast corrected by the
-    track record of its kind in ``known``; the cheapest within ``tolerance`` of the lowest."""
+def _cheapest(fit, plan: Plan, index: int, known: list[Observation], config: ForecastConfig, measured: dict) -> dict:
+    """method: auto: every decay length of the release, each forecast corrected by the track record of decays
+    of its shape in ``known``, and every merge window at its measured loss (``measured``: window -> blend;
+    the law's forecast of it kept as ``law_loss``); the cheapest within tolerance of the lowest. Beside
+    measured merges a decay is weighed at its forecast plus one deviation (``weighed``: what it reaches with
+    about 84% probability, against a merge's certain measurement), and not at all where that deviation
+    exceeds ``config.max_sd`` of its loss (``too_uncertain``)."""
     v = plan.versions[index]
     auto = plan.auto_decays[v.name]
-    decay_kind, merge_kind = _kind("decay", v.release.shape), _kind("merge", auto.merge_weights)
     rows = decay_candidates(fit, plan, index, auto.candidates, v.release.shape,
-                            track_record(plan, known, index, kind=decay_kind))
+                            track_record(plan, known, index, kind=_kind("decay", v.release.shape)))
     if len(rows) != len(auto.candidates):  # every candidate is one the plan allows (Plan._screen)
         raise LrpathError(f"version {v.name}: no forecast of some decay lengths of {list(auto.candidates)}")
     if auto.merges:
-        rows += merge_candidates(fit, plan, index, auto.merges, auto.merge_weights,
-                                 track_record(plan, known, index, kind=merge_kind))
-    pick = next(r for r in mark_choice(rows, tolerance) if r["choice"])
+        law = {r["window_steps"]: r["law_loss"] for r in merge_candidates(fit, plan, index, auto.merges,
+                                                                           auto.merge_weights, {})}
+        for r in rows:
+            r.update(weighed=r["loss"] + r["sd"], too_uncertain=r["sd"] > config.max_sd * r["loss"])
+        rows += [{**r, "shape": _kind("merge", auto.merge_weights), "law_loss": law[r["window_steps"]],
+                  "weighed": r["loss"]} for r in _measured_rows(measured, None)]
+    weighed = mark_choice([r for r in rows if not r.get("too_uncertain")], config.tolerance,
+                          "weighed" if auto.merges else "loss")
+    pick = next(r for r in weighed if r["choice"])
+    for r in rows:
+        r.setdefault("choice", False)
     return {"method": pick["method"], "decay_steps": pick.get("decay_steps"), "window_steps": pick.get("window_steps"),
             "predicted_loss": pick["loss"], "predicted_sd": pick["sd"], "law_loss": pick["law_loss"],
+            "measured": pick.get("measured", False),
             "candidates": [{k: r[k] for k in ("method", "shape", "loss", "sd", "law_loss", "cost_steps", "choice")}
-                           | {k: r[k] for k in ("decay_steps", "window_steps") if k in r} for r in rows]}
+                           | {k: r[k] for k in ("decay_steps", "window_steps", "measured", "weighed", "too_uncertain")
+                              if k in r}
+                           for r in rows]}
 
 
 def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastConfig(),
@@ -417,12 +462,16 @@ def format_forecast(result: dict) -> str:
              f"law: {result['law']}", ""]
     for r in result["releases"]:
         choice = r.get("decay_choice")
-        if choice:  # decay_steps: auto
-            told = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}"
+        if choice:  # decay_steps: auto or method: auto
+            told = (f"{'measured when chosen' if choice.get('measured') else 'forecast'} "
+                    f"{choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}"
                     if "predicted_loss" in choice else choice["no_forecast"])
             if "error" in choice:
                 told += f", measured {choice['measured_loss']:.4f} (error {choice['error']:+.4f})"
-            lines.append(f"{r['version']}: decay_steps auto chose {choice['decay_steps']} steps at launch: {told}")
+            what = (f"method auto chose a merge over {choice['window_steps']} steps" if choice.get("method") == "merge"
+                    else f"{'method' if 'method' in choice else 'decay_steps'} auto chose a decay of "
+                         f"{choice['decay_steps']} steps")
+            lines.append(f"{r['version']}: {what} at launch: {told}")
         if r["released"]:
             lines.append(f"{r['version']}: released")
             continue

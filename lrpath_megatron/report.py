@@ -88,7 +88,8 @@ def _forecast_rows(plan: Plan, run_dir: Path, obs: list, forecasts: dict) -> tup
         actual = sum(actual_pc[c] for c in seen) / len(seen) if actual_pc and all(c in actual_pc for c in seen) else None
         choice = forecasts[v.name].get("decay_choice", {})
         if "predicted_loss" in choice:
-            pred, sd, note = choice["predicted_loss"], choice["predicted_sd"], f"made at launch: {_chosen(choice)}"
+            pred, sd = choice["predicted_loss"], choice["predicted_sd"]
+            note = f"{'measured' if choice.get('measured') else 'made'} at launch: {_chosen(choice)}"
         elif release_status(plan, run_dir, v.name).released:
             try:
                 pred, sd = backtest(plan, obs, v.index)
@@ -123,15 +124,20 @@ def _choice_section(forecasts: dict, actual: dict) -> list:
         if not choice:
             continue
         measured = actual.get(name)
-        said = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}, measured "
+        said = (f"{'measured when chosen' if choice.get('measured') else 'forecast'} {choice['predicted_loss']:.4f}"
+                f" ± {choice['predicted_sd']:.4f}, measured "
                 + (f"{measured:.4f} ({(choice['predicted_loss'] - measured) / measured:+.2%})" if measured else "-")
-                if "predicted_loss" in choice else html.escape(choice.get("no_forecast", "")))
+                if "predicted_loss" in choice else "")
+        if "no_forecast" in choice:
+            said = f"{said}; {html.escape(choice['no_forecast'])}" if said else html.escape(choice["no_forecast"])
         parts.append(f"<h3>{html.escape(name)}: {html.escape(_chosen(choice))}</h3><p>{said}; chosen from the run "
                      f"up to step {choice.get('observations_up_to_step')} (tolerance "
                      f"{choice.get('tolerance', 0):.1%}).</p>")
         cands = choice.get("candidates", [])
-        parts.append(_table(["method", "steps", "forecast", "cost (steps beyond the main path)", "chosen"], [
-            [c.get("method", "decay"), c.get("decay_steps", c.get("window_steps")), f"{c['loss']:.4f} ± {c['sd']:.4f}",
+        parts.append(_table(["method", "steps", "forecast (merges: measured)", "cost (steps beyond the main path)",
+                             "chosen"], [
+            [c.get("method", "decay"), c.get("decay_steps", c.get("window_steps")),
+             f"{c['loss']:.4f}" + ("" if c.get("measured") else f" ± {c['sd']:.4f}"),
              c.get("cost_steps", "-"), "yes" if c.get("choice", c.get("decay_steps") == choice["decay_steps"]) else ""]
             for c in cands]) if cands else "")
     return (["<h2>Release method choice</h2>", "<p>Releases with decay_steps: auto or method: auto.</p>", *parts]

@@ -41,6 +41,8 @@ class PathDirs:
     tensorboard = _entry("tensorboard", "TensorBoard scalars")
     logs = _entry("logs", "SLURM job output of the path")
     decay_choice = _entry("decay_choice.json", "the decay length a release forecast chose (decay_steps: auto)")
+    merge_candidates = _entry("merge_candidates.json", "the merge windows a method: auto release measured to choose")
+    candidate_merge = _entry("candidate_merge", "a merge window being measured (removed once measured)")
     hf_import = _entry("hf_import", "the Hugging Face model the path starts from (init_from), imported")
     hf = _entry("hf", "the release as a Hugging Face model directory (plan.export.hf)")
 

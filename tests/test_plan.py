@@ -487,9 +487,10 @@ def test_auto_releases_show_bounds_and_cost_ranges_until_they_choose(tmp_path, c
     # fewest: v3's shortest decay forks at 230, where the main path then ends; most: its longest, from 250
     assert costs["total_tokens"] == [(230 + 30) * TPS, (250 + 90) * TPS]
     assert costs["main_pause"] == {"version": "v3", "step": 230, "needs": ("v1", "v2"), "others_end": 190,
-                                   "merges": False, "note": plan.main_pause.describe()}
+                                   "note": plan.main_pause.describe()}
     assert costs["versions"][2]["decay_auto"] == {"bounds": [20, 60], "candidates": [20, 30, 40, 50, 60],
-                                                  "dropped": [], "fork_steps": [230, 250], "chosen": None,
+                                                  "dropped": [], "fork_steps": [230, 250], "choice_step": 230,
+                                                  "chosen": None,
                                                   "choice": None, "methods": ["decay"], "merge_windows": [],
                                                   "merge_weights": None, "method_auto": False,
                                                   "reads": ["v1", "v2"], "chosen_method": None}

@@ -43,6 +43,7 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from version_updates import increments  # noqa: E402
+from version_updates.results import auto_summary, choice_summary, plot, table  # noqa: E402
 
 SIZES = {
     "cpu": {"plan": HERE / "plan_cpu.yaml", "steps_per_version": 150, "data": "demo",
@@ -374,7 +375,7 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
                 v["annealing_gain_vs_main"] = (at - v["val_loss_seen"]) / at
             row["min_annealing_gain_vs_main"] = min(v["annealing_gain_vs_main"] for v in row["versions"].values())
     return {
-        **_auto_summary(methods),
+        **auto_summary(methods, bench.run),
         "benchmark": "version_updates",
         "size": bench.args.size,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -396,51 +397,6 @@ def summarize(bench: Benchmark, evals: dict, elapsed: float) -> dict:
         "recommended": _recommend(methods),
         "seconds_this_invocation": round(elapsed, 1),  # a rerun reuses finished runs
     }
-
-
-def _auto_summary(methods: dict) -> dict:
-    """For a method: auto arm: its cost and gaps vs PTFS, and how well the forecasts it chose by held: the
-    share of releases whose measured loss lies within the forecast's +- 1 sd, and the mean relative error."""
-    arms = [n for n, r in methods.items() if (r["release"] or {}).get("method") == "auto"]
-    if not arms:
-        return {}
-
-    def calibration(name: str) -> dict:
-        told = [v["decay_choice"] for v in methods[name]["versions"].values()
-                if "predicted_loss" in v.get("decay_choice", {})]
-        out = {"releases": len(told)}
-        if told:
-            inside = [abs(c["predicted_loss"] - c["measured_loss"]) <= c["predicted_sd"] for c in told]
-            out.update(coverage_1sd=sum(inside) / len(told),
-                       mean_abs_error=sum(abs(c["relative_error"]) for c in told) / len(told))
-        return out
-
-    def arm(name: str) -> dict:
-        row = methods[name]
-        return {"method": name, "first_release": row["first_release"], "cost_vs_ptfs": row["cost_ratio_vs_ptfs"],
-                "max_gap_vs_ptfs": row["max_relative_gap_vs_ptfs"],
-                "mean_gap_vs_ptfs": row["mean_relative_gap_vs_ptfs"],
-                "chosen": {n: {k: v["decay_choice"][k] for k in ("method", "decay_steps", "window_steps")}
-                           for n, v in row["versions"].items() if "decay_choice" in v},
-                "calibration": calibration(name)}
-
-    # "auto": every release method: auto; further arms (the first release written) beside it.
-    every = [n for n in arms if methods[n]["first_release"] is None] or arms
-    return {"auto": arm(every[0]), "auto_arms": [arm(n) for n in arms], "calibration": calibration(every[0])}
-
-
-def choice_summary(choice: dict, measured: float) -> dict:
-    """A forecast's choice beside the release's measured loss (the seen-data mean of `lrpath eval`)."""
-    out = {"method": choice.get("method", "decay"), "decay_steps": choice["decay_steps"],
-           "window_steps": choice.get("window_steps")}
-    if "candidates" in choice and "method" in choice:  # method: auto: what it chose among
-        out["candidates"] = choice["candidates"]
-    if "predicted_loss" in choice:
-        out.update(predicted_loss=choice["predicted_loss"], predicted_sd=choice["predicted_sd"],
-                   measured_loss=measured, relative_error=(choice["predicted_loss"] - measured) / measured)
-    else:
-        out["no_forecast"] = choice["no_forecast"]
-    return out
 
 
 def _paper_setting(methods: dict) -> Optional[dict]:
@@ -491,64 +447,6 @@ def _device() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-
-
-def table(result: dict) -> str:
-    corpora = result["increments"]
-    head = ["method", "version", "cost vs PTFS (cum.)", *[f"loss {c}" for c in corpora], "seen mean", "gap vs PTFS",
-            "gain vs main path"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in result["methods"].items():
-        for vname, v in row["versions"].items():
-            gain = v.get("annealing_gain_vs_main")
-            cells = [name, vname, f"{v['cumulative_cost_vs_ptfs_total']:.3f}",
-                     *[f"{v['val_loss'][c]:.3f}" for c in corpora], f"{v['val_loss_seen']:.3f}",
-                     f"{v['gap_vs_ptfs']:+.3f} ({v['relative_gap_vs_ptfs']:+.1%})",
-                     "-" if gain is None else f"{gain:+.1%}"]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | tokens | cost ratio vs PTFS | mean gap | max gap | comparable |", "|---|---|---|---|---|---|"]
-    for name, row in result["methods"].items():
-        lines.append(f"| {name} | {row['tokens']:,} | {row['cost_ratio_vs_ptfs']:.3f} | "
-                     f"{row['mean_relative_gap_vs_ptfs']:+.2%} | {row['max_relative_gap_vs_ptfs']:+.2%} | "
-                     f"{'yes' if row['comparable_to_ptfs'] else 'no'} |")
-    chosen = [(name, vname, v["decay_choice"]) for name, row in result["methods"].items()
-              for vname, v in row["versions"].items() if "decay_choice" in v]
-    if chosen:
-        lines += ["", "| method | version | chosen (steps) | forecast | measured | error |",
-                  "|---|---|---|---|---|---|"]
-        for name, vname, c in chosen:
-            told = (f"{c['predicted_loss']:.3f} ± {c['predicted_sd']:.3f} | {c['measured_loss']:.3f} | "
-                    f"{c['relative_error']:+.2%}" if "predicted_loss" in c else "none (too little data) | | ")
-            what = f"merge {c['window_steps']}" if c["method"] == "merge" else f"decay {c['decay_steps']}"
-            lines.append(f"| {name} | {vname} | {what} | {told} |")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 6.5))
-    others = [n for n, r in result["methods"].items() if r["kind"] in ("switch", "main")]
-    for name, row in result["methods"].items():
-        xs = [v["cumulative_cost_vs_ptfs_total"] for v in row["versions"].values()]
-        ys = [v["val_loss_seen"] for v in row["versions"].values()]
-        if row["kind"] in ("ptfs", "cpt"):
-            style = dict(color="black" if row["kind"] == "ptfs" else "tab:red", lw=2.5)
-        else:  # one colour per method; dashed: main path on new data only; dotted: no release (main itself)
-            style = dict(color=plt.cm.tab20(others.index(name) % 20), lw=1.2,
-                         ls=":" if row["kind"] == "main" else "--" if row["main"] == "new" else "-")
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{name} ({row['cost_ratio_vs_ptfs']:.2f})", **style)
-    ax.set_xlabel("cumulative training tokens / PTFS total (each point: a released version)")
-    ax.set_ylabel("val loss on the increments seen so far (mean)")
-    ax.set_title(f"version updates, {result['parameters'] / 1e6:.1f}M-parameter GPT, {result['device']}")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def fit_steps(requested: int, template: dict, data: dict) -> int:

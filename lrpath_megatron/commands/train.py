@@ -35,10 +35,13 @@ def step_number(text: str) -> int:
 
 def run(args) -> int:
     from lrpath_megatron.load_run import load_run
-    from lrpath_megatron.plan_runs import MergeRun
+    from lrpath_megatron.plan_runs import MergeCandidates, MergeRun
     from lrpath_megatron.trainer import run_path
 
     cfg, path_run = load_run(args.config, args.path, Path(args.run_dir), args.overrides)
+    if isinstance(path_run, MergeCandidates):  # measured first, then the choice is made from them
+        measure_merges(cfg, path_run)
+        cfg, path_run = load_run(args.config, args.path, Path(args.run_dir), args.overrides)
     if isinstance(path_run, MergeRun):
         return release_by_merge(cfg, path_run)
     with config_source(args.config, args.overrides):  # settings checked only at run time, e.g. the world size
@@ -79,3 +82,41 @@ def release_by_merge(cfg, run) -> int:
              "val_loss_per_corpus": result["val_loss_per_corpus"], "events": ["merged release"]})
     log.close()
     return 0
+
+
+def measure_merges(cfg, todo) -> None:
+    """Before a method: auto release chooses (:class:`plan_runs.MergeCandidates`): per merge window, global rank
+    0 merges the window's main-path checkpoints into a scratch checkpoint while the other ranks wait, every
+    rank evaluates it on the held-out batches the release is judged on, rank 0 records the loss and removes
+    the merge. A rerun measures only the windows not recorded yet; every rank returns once all are recorded."""
+    import shutil
+    import time
+
+    from lrpath_megatron import plan_decisions
+    from lrpath_megatron.checkpoint.layout import is_complete
+    from lrpath_megatron.distributed import read_env
+    from lrpath_megatron.evaluate import evaluate_checkpoints
+    from lrpath_megatron.merge import already_merged, merge_checkpoints
+    from lrpath_megatron.merge_weights import merge_weights
+
+    rank0, scratch = read_env().rank == 0, todo.dirs.candidate_merge
+    if rank0:
+        print(f"[{todo.version}] method: auto measures {len(todo.windows)} merge windows ({todo.weights}) before "
+              f"it chooses: {', '.join(map(str, todo.windows))} steps")
+    for window, checkpoints in todo.windows.items():
+        out = scratch / f"window_{window}"
+        weights = merge_weights(todo.weights, len(checkpoints))
+        if rank0 and not already_merged(checkpoints, weights.spec, out):  # a killed run's finished merge is kept
+            merge_checkpoints(checkpoints, weights, out, progress=False)
+        while not is_complete(out):
+            time.sleep(0.5)
+        result = evaluate_checkpoints(cfg, [out])[str(out)]
+        if rank0:
+            plan_decisions.record_measured_merge(todo.plan, todo.run_dir, todo.version, window,
+                                                 result["val_loss_per_corpus"])
+            shutil.rmtree(out)
+            print(f"[{todo.version}] merge window {window}: val loss {result['val_loss']:.4f}")
+    while plan_decisions.choice_inputs(todo.plan, todo.run_dir, todo.version).unmeasured:
+        time.sleep(0.5)  # the other ranks: until rank 0 has recorded the last window
+    if rank0:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -14,7 +14,9 @@ candidate fork. Its branch waits for the segment that ends at the latest fork an
 and for the earlier branches its choice reads; the main path has saved every earlier candidate fork by then
 (the plan saves them all), so whichever length it chooses, its fork checkpoint exists. When that release alone decides how far the main path trains
 (plan.MainPause), the main path is cut at its earliest candidate fork and the next segment also waits for
-the branches the choice reads: it chooses first, then trains only to the chosen fork.
+the branches the choice reads: it chooses first, then trains only to the chosen fork. A method: auto release
+with merge candidates chooses at its version's end instead (its job measures every window's merge first),
+so the main path does not stop for it.
 """
 from __future__ import annotations
 
@@ -118,8 +120,8 @@ class Job:
             (lo, hi), (first, last) = self.auto.bounds, self.auto.forks
             if self.auto.windows:
                 return (f"path {self.path} method auto: a decay in [{lo}, {hi}] steps or a merge over a window of "
-                        f"{', '.join(map(str, self.auto.windows))} steps (main-path steps {first}..{last}, chosen "
-                        f"from the run up to step {first})")
+                        f"{', '.join(map(str, self.auto.windows))} steps (main-path steps {first}..{last}; each "
+                        f"window merged and measured, then chosen from the run up to step {last})")
             return (f"path {self.path} decay auto in [{lo}, {hi}] steps (forks between step {first} and {last}, "
                     f"chosen from the run up to step {first})")
         return f"path {self.path} steps {self.start_step}..{self.end_step}"

@@ -62,6 +62,13 @@ class AutoDecay:
         starts = [f for f, _ in self.forks.values()] + [steps[0] for steps in self.merges.values()]
         return min(starts), max(f for f, _ in self.spans())
 
+    @property
+    def choice_step(self) -> int:
+        """The main-path step the choice reads the run up to: the earliest candidate fork; with merge
+        candidates, the version's end, where every window's checkpoints exist and each merge is measured
+        (a decay chosen there trains its branch from its saved fork)."""
+        return self.fork_span[1] if self.merges else self.fork_span[0]
+
     def own_steps(self) -> tuple:
         """The fewest and the most steps the release trains beyond the main path, over the candidates."""
         own = [end - fork for fork, end in self.spans()]
@@ -78,7 +85,8 @@ class AutoDecay:
 
 @dataclass(frozen=True)
 class MainPause:
-    """Where the main path waits for a decay_steps: auto release to choose: at its earliest candidate fork,
+    """Where the main path waits for a decay_steps: auto release (or a method: auto one without merge
+    candidates) to choose: at its earliest candidate fork,
     when that release alone decides how far the main path trains (its latest candidate fork lies past every
     other release's). Choosing there, from what its choice reads (the main path up to that step and the
     branches ``needs``, which end by then), the main path stops at the chosen fork instead of the latest."""
@@ -87,14 +95,9 @@ class MainPause:
     step: int
     needs: tuple  # branches whose finished curves the choice reads
     others_end: int  # the last main-path step another release needs
-    merges: bool = False  # method: auto with merge candidates
 
     def describe(self) -> str:
         after = f" and branches {', '.join(self.needs)} have finished" if self.needs else ""
-        if self.merges:
-            return (f"the main path stops at step {self.step} until version {self.version} chooses a decay length or "
-                    f"a merge (method: auto) from the run up to there{after}; it then ends at the chosen fork (a "
-                    "merge: at the version's end)")
         return (f"the main path stops at step {self.step} until version {self.version} chooses its decay length "
                 f"(decay_steps: auto) from the run up to there{after}; it then ends at the chosen fork")
 
@@ -183,7 +186,6 @@ def main_pause(ends: list, undecided: dict) -> Optional[MainPause]:
         return None
     name = ends[-1][1]
     first, last = undecided[name].fork_span
-    if first == last:
+    if first == last or undecided[name].merges:  # merge candidates: the choice is made at the version's end
         return None
-    return MainPause(name, first, undecided[name].reads, ends[-2][0] if len(ends) > 1 else 0,
-                     bool(undecided[name].merges))
+    return MainPause(name, first, undecided[name].reads, ends[-2][0] if len(ends) > 1 else 0)

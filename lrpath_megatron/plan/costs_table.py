@@ -18,12 +18,15 @@ def auto_note(name: str, auto: dict) -> str:
         what = f"method auto: a decay of {lo}..{hi} steps" + (
             f" or a {auto['merge_weights']} merge over {windows[0]}..{windows[-1]} steps" if windows else "")
     if choice is None:
-        cheapest = "a merge" if auto.get("merge_windows") else "shortest decay"
+        merges = bool(auto.get("merge_windows"))
+        fallback = "the lowest measured merge" if merges else f"the longest decay, {hi} steps"
         blind = "" if auto.get("reads", True) else (
-            f"; no release before it finishes by then, so no forecast can be made: it will take the longest decay, "
-            f"{hi} steps (write this release to choose otherwise)")
-        return (f"{name}: {what} ({where}); chosen by the release forecast from the run up "
-                f"to step {first}, so its costs are ranges ({cheapest}..longest decay){blind}")
+            f"; no release before it finishes by then, so no decay can be forecast: it will take {fallback} "
+            "(write this release to choose otherwise)")
+        how = ("at the version's end, every merge window measured and each decay forecast from the run up to "
+               "there" if merges else f"by the release forecast from the run up to step {auto['choice_step']}")
+        return (f"{name}: {what} ({where}); chosen {how}, so its costs are ranges "
+                f"({'a merge' if merges else 'shortest decay'}..longest decay){blind}")
     told = (f"forecast {choice['predicted_loss']:.4f} ± {choice['predicted_sd']:.4f}" if "predicted_loss" in choice
             else choice.get("no_forecast", "recorded"))
     chose = (f"a merge over {choice['window_steps']} steps" if choice.get("method") == "merge" else

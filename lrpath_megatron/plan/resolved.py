@@ -186,7 +186,10 @@ class Plan:
         if not interval:
             raise ConfigError(f"{where}.decay_steps: auto chooses from validation losses, but logging.eval_interval "
                               "is 0; set it (e.g. a tenth of a version's steps) or give decay_steps")
-        forecastable = first_forecastable_step(v.start_step, interval)
+        # With merge candidates the choice is made at the version's end (AutoDecay.choice_step), when the law
+        # has every evaluation of the version: only the warmup rules a fork out.
+        at_end = r.method == "auto" and "merge" in auto_methods(r.methods, where)
+        forecastable = 0 if at_end else first_forecastable_step(v.start_step, interval)
         forks, nominal_forks, why = {}, {}, {}
         for n in lengths:
             nominal_forks[n] = nominal = v.end_step - n if moves_with_decay(r) else v.release.nominal_step
@@ -200,22 +203,23 @@ class Plan:
         if r.method != "auto":
             return auto
         merges, merge_dropped, weights = {}, (), None
-        if "merge" in auto_methods(r.methods, where):
-            merges, merge_dropped, weights = self._merge_candidates(v, r.merge, forecastable, f"{where}.merge")
+        if at_end:
+            merges, merge_dropped, weights = self._merge_candidates(v, r.merge, f"{where}.merge")
         return dataclasses.replace(auto, merges=merges, merge_weights=weights, dropped=dropped + merge_dropped,
                                    method_auto=True)
 
-    def _merge_candidates(self, v: ResolvedVersion, written: dict, forecastable: int, where: str) -> tuple:
-        """The merge windows of method: auto release ``v`` whose first checkpoint the forecast can see, each
-        with the main-path steps it merges (ending the version's segment); the windows left out; the weights."""
+    def _merge_candidates(self, v: ResolvedVersion, written: dict, where: str) -> tuple:
+        """The merge windows of method: auto release ``v`` (each measured when the choice is made, at the
+        version's end), each with the main-path steps it merges (ending the version's segment); the windows
+        left out (starting inside the warmup); the weights."""
         settings = merge_release({**AUTO_MERGE, **written, "window_steps": 1}, where)  # weights and count checked
-        interval, merges, dropped = self.train_config.logging.eval_interval, {}, []
+        merges, dropped = {}, []
         for window in merge_windows(v.steps, settings.num_checkpoints):
             try:
                 steps = merge_save_steps(v.end_step, window, settings.num_checkpoints, self.warmup_steps)
-                why = why_not(steps[0], self.warmup_steps, forecastable, interval, leaves="starts")
+                why = why_not(steps[0], self.warmup_steps, 0, 1, leaves="starts")
             except ConfigError as exc:
-                steps, why = [v.end_step - window], str(exc)
+                steps, why = [v.end_step - window], f"cannot be merged: {exc}"
             if why:
                 dropped.append({"window_steps": window, "fork_step": steps[0], "why": why})
             else:
@@ -297,9 +301,9 @@ class Plan:
 
     def choice_reads(self, name: str) -> tuple:
         """The releases whose finished curves the choice of auto release ``name`` reads: every earlier decay
-        branch that ends by its earliest candidate fork (an undecided one: that may end by then; a method: auto
-        one that then merges: its measured merge)."""
-        first = self.auto_decays[name].fork_span[0]
+        branch that ends by the step it chooses at (``AutoDecay.choice_step``; an undecided one: that may end by
+        then; a method: auto one that then merges: its measured merge)."""
+        first = self.auto_decays[name].choice_step
         index = next(v.index for v in self.versions if v.name == name)
         return tuple(v.name for v in self.versions[:index]
                      if (v.release.method == "decay" or v.name in self._auto_names) and
