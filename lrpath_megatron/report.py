@@ -137,10 +137,13 @@ def _choice_section(forecasts: dict, actual: dict) -> list:
         parts.append(_table(["method", "steps", "forecast (merges: measured)", "cost (steps beyond the main path)",
                              "chosen"], [
             [c.get("method", "decay"), c.get("decay_steps", c.get("window_steps")),
-             f"{c['loss']:.4f}" + ("" if c.get("measured") else f" ± {c['sd']:.4f}"),
+             f"{c['loss']:.4f}" + ("" if c.get("measured") else f" ± {c['sd']:.4f}")
+             + (" (not weighed: too uncertain)" if c.get("too_uncertain") else ""),
              c.get("cost_steps", "-"), "yes" if c.get("choice", c.get("decay_steps") == choice["decay_steps"]) else ""]
             for c in cands]) if cands else "")
-    return (["<h2>Release method choice</h2>", "<p>Releases with decay_steps: auto or method: auto.</p>", *parts]
+    return (["<h2>Release method choice</h2>", "<p>Releases with decay_steps: auto or method: auto. method: auto weighs "
+             "each merge window at its measured loss and each decay at its forecast plus one standard deviation, and "
+             "takes the cheapest within the tolerance of the lowest.</p>", *parts]
             if parts else [])
 
 

@@ -435,7 +435,8 @@ def test_auto_decay_on_the_demo_plan_leaves_out_what_no_forecast_can_choose(tmp_
     assert ("v1: method auto: a decay of 8..64 steps or a 1-sqrt merge over 9..63 steps (main-path steps 16..80); "
             "chosen at the version's end, every merge window measured" in out)
     assert "v1: method auto leaves out a merge over 81 steps: it cannot be merged: merge window of 81 steps" in out
-    assert "no decay can be forecast: it will take the lowest measured merge" in out
+    assert ("no decay can be forecast: it will take the lowest measured merge, as will every later method: auto "
+            "release until a decay branch has finished (write this release to choose otherwise)") in out
 
 
 def test_a_tail_cosine_choice_sees_its_version(law_run):
@@ -662,6 +663,12 @@ def test_method_auto_measures_every_merge_and_records_the_cheapest_within_tolera
     assert made == MergeRun("v3", tuple(run / "main" / "checkpoints" / f"iter_{s:07d}" for s in auto.merges[window]),
                             "1-sqrt", 300, RunLayout(run).path("v3"), choice)
     assert made.out == run / "v3" / "checkpoints" / "iter_0000300"
+    # The report shows the choice, its measured merges beside the forecast decays.
+    assert lrpath(["report", str(plan_path.with_name("auto.yaml")), "--run-dir", str(run), "--out",
+                   str(run / "report.html")]) == 0
+    html = (run / "report.html").read_text()
+    assert f"v3: method auto -&gt; merge over {window} steps" in html or f"v3: method auto -> merge over {window}" in html
+    assert f"measured when chosen {measured[window]:.4f}" in html
     decided = with_choices(plan, run)
     assert decided.versions[2].release.method == "merge" and decided.plan_hash() == plan.plan_hash()
     assert decided.versions[2].release.merge["save_steps"] == list(auto.merges[window])

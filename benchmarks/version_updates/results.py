@@ -136,7 +136,9 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(xs, ys, marker="o", ms=3, label=f"{name} ({row['cost_ratio_vs_ptfs']:.2f})", **style)
     ax.set_xlabel("cumulative training tokens / PTFS total (each point: a released version)")
     ax.set_ylabel("val loss on the increments seen so far (mean)")
-    ax.set_title(f"version updates, {result['parameters'] / 1e6:.1f}M-parameter GPT, {result['device']}")
+    n = result["parameters"]
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+    ax.set_title(f"version updates, {size}-parameter GPT, {result['device']}")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

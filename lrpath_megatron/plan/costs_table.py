@@ -19,7 +19,8 @@ def auto_note(name: str, auto: dict) -> str:
             f" or a {auto['merge_weights']} merge over {windows[0]}..{windows[-1]} steps" if windows else "")
     if choice is None:
         merges = bool(auto.get("merge_windows"))
-        fallback = "the lowest measured merge" if merges else f"the longest decay, {hi} steps"
+        fallback = ("the lowest measured merge, as will every later method: auto release until a decay branch has "
+                    "finished" if merges else f"the longest decay, {hi} steps")
         blind = "" if auto.get("reads", True) else (
             f"; no release before it finishes by then, so no decay can be forecast: it will take {fallback} "
             "(write this release to choose otherwise)")
