@@ -8,8 +8,9 @@ candidates, the version's end): the main path's scheduled evaluations up to ther
 earlier branches that end by then (``AutoDecay.reads``; an earlier method: auto release that chose a merge:
 the merge's validation loss, which its job measures) and, with merge candidates, every window's merge as its
 job measured it (``RUN/<version>/merge_candidates.json``). It is made only once all of that exists, so the
-same plan and the same metrics give the same choice whatever order the jobs ran in. The record carries the plan's hash, the release's bounds and candidates and a digest of the
-observations it read; a record that does not match the plan or the run is refused naming what differs.
+same plan and the same metrics give the same choice whatever order the jobs ran in. The record carries the
+plan's hash, the release's bounds and candidates and a digest of the observations it read; a record that
+does not match the plan or the run is refused naming what differs.
 """
 from __future__ import annotations
 
@@ -107,11 +108,11 @@ def measured_merges(plan: Plan, run_dir: Path, name: str) -> dict:
 def record_measured_merge(plan: Plan, run_dir: Path, name: str, window: int, per_corpus: dict) -> None:
     """Add window ``window``'s measured merge to ``RUN/<name>/merge_candidates.json`` (atomically)."""
     f, auto = RunLayout(Path(run_dir)).path(name).merge_candidates, plan.auto_decays[name]
-    windows = json.loads(f.read_text())["windows"] if f.is_file() else {}
-    windows[str(window)] = {"checkpoints": list(auto.merges[window]), "weights": auto.merge_weights,
-                            "val_loss_per_corpus": per_corpus}
+    measured = {**measured_merges(plan, run_dir, name), window: per_corpus}
     f.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(f, {"version": name, "windows": windows})
+    write_json_atomic(f, {"version": name, "windows": {
+        str(w): {"checkpoints": list(auto.merges[w]), "weights": auto.merge_weights, "val_loss_per_corpus": losses}
+        for w, losses in sorted(measured.items())}})
 
 
 def read(plan: Plan, run_dir: Path, name: str) -> Optional[dict]:

@@ -336,9 +336,10 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
                       if auto.method_auto else _shortest_enough(fit, base, index, config.tolerance), fit=fit.to_dict())
     except ForecastError as exc:
         if measured:
-            window = min(measured, key=lambda w: (measured[w], w))
-            choice.update(method="merge", decay_steps=None, window_steps=window, predicted_loss=measured[window],
-                          predicted_sd=0.0, measured=True, candidates=_measured_rows(measured, window),
+            rows = mark_choice(_measured_rows(measured), config.tolerance)
+            pick = next(r for r in rows if r["choice"])
+            choice.update(method="merge", decay_steps=None, window_steps=pick["window_steps"],
+                          predicted_loss=pick["loss"], predicted_sd=0.0, measured=True, candidates=rows,
                           no_forecast=f"{exc}; no decay can be forecast: the lowest measured merge is taken")
         else:
             choice["no_forecast"] = f"{exc}; the longest allowed decay is taken"
@@ -353,10 +354,10 @@ def _decay_measured(plan: Plan, known: list[Observation], index: int) -> bool:
     return any(o.path in decays for o in known)
 
 
-def _measured_rows(measured: dict, pick: int | None) -> list[dict]:
+def _measured_rows(measured: dict) -> list[dict]:
     """Candidate rows of measured merge windows (a measurement, no deviation; they train nothing)."""
-    return [{"method": "merge", "window_steps": w, "loss": x, "sd": 0.0, "cost_steps": 0, "measured": True,
-             "choice": w == pick} for w, x in sorted(measured.items())]
+    return [{"method": "merge", "window_steps": w, "loss": x, "sd": 0.0, "cost_steps": 0, "measured": True}
+            for w, x in sorted(measured.items())]
 
 
 def _shortest_enough(fit, plan: Plan, index: int, tolerance: float) -> dict:
@@ -391,7 +392,7 @@ def _cheapest(fit, plan: Plan, index: int, known: list[Observation], config: For
         for r in rows:
             r.update(weighed=r["loss"] + r["sd"], too_uncertain=r["sd"] > config.max_sd * r["loss"])
         rows += [{**r, "shape": _kind("merge", auto.merge_weights), "law_loss": law[r["window_steps"]],
-                  "weighed": r["loss"]} for r in _measured_rows(measured, None)]
+                  "weighed": r["loss"]} for r in _measured_rows(measured)]
     weighed = mark_choice([r for r in rows if not r.get("too_uncertain")], config.tolerance,
                           "weighed" if auto.merges else "loss")
     pick = next(r for r in weighed if r["choice"])

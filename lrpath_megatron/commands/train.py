@@ -116,7 +116,7 @@ def measure_merges(cfg, todo) -> None:
                                                  result["val_loss_per_corpus"])
             shutil.rmtree(out)
             print(f"[{todo.version}] merge window {window}: val loss {result['val_loss']:.4f}")
-    while plan_decisions.choice_inputs(todo.plan, todo.run_dir, todo.version).unmeasured:
+    while set(todo.windows) - set(plan_decisions.measured_merges(todo.plan, todo.run_dir, todo.version)):
         time.sleep(0.5)  # the other ranks: until rank 0 has recorded the last window
     if rank0:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -78,7 +78,8 @@ def plan_costs(plan) -> dict:
             # and the choice once recorded
             "decay_auto": None if auto is None else {
                 "bounds": list(auto.bounds), "candidates": list(auto.candidates), "dropped": list(auto.dropped),
-                "fork_steps": list(auto.fork_span), "choice_step": auto.choice_step, "chosen": None if v.name in undecided else v.release.decay_steps,
+                "fork_steps": list(auto.fork_span), "choice_step": auto.choice_step,
+                "chosen": None if v.name in undecided else v.release.decay_steps,
                 "choice": auto.choice,
                 # method: auto: the merge windows it may take instead (a merge costs no steps beyond the main path)
                 "methods": ["decay", "merge"] if auto.merges else ["decay"], "merge_windows": sorted(auto.merges),
