@@ -16,7 +16,7 @@ are what the annealing term is fitted to).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +43,6 @@ RELEASE_METHODS = ("decay", "merge")
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    law: LawConfig = field(default_factory=LawConfig)
     tolerance: float = 0.005  # relative: a decay this close to the longest candidate's forecast is enough
     # method: auto: a decay forecast whose deviation exceeds this share of the loss cannot choose against a
     # measured merge (on the converged CPU run, forecasts with sd 9-16% erred by 10-17%; those with 2-3%, by <1%)
@@ -62,6 +61,12 @@ class ForecastConfig:
         if bad:
             raise LrpathError(f"--methods {','.join(bad)}: choose from {', '.join(RELEASE_METHODS)}")
         return self
+
+
+def law_config(plan: Plan) -> LawConfig:
+    """The annealing law as the plan sets it (plan.forecast): every forecast of its releases fits this one."""
+    momentum = plan.config.forecast.annealing_momentum
+    return LawConfig() if momentum is None else LawConfig(momentum=momentum)
 
 
 def path_lrs(plan: Plan, name: str, end: int) -> np.ndarray:
@@ -246,7 +251,7 @@ def backtest(plan: Plan, obs: list[Observation], index: int, target: str = BLEND
     its kind (:func:`calibrated`)."""
     v = plan.versions[index]
     known = known_before(plan, obs, v.release.step, v.name)
-    loss, sd = forecast_release(fit_law(curves_for(plan, known, target, index)), plan, index)
+    loss, sd = forecast_release(fit_law(curves_for(plan, known, target, index), law_config(plan)), plan, index)
     return calibrated(loss, sd, track_record(plan, known, index, target)) if calibrate else (loss, sd)
 
 
@@ -331,7 +336,7 @@ def choose_decay(plan: Plan, name: str, run_dir: Path, config: ForecastConfig = 
     try:
         if measured and not _decay_measured(base, inputs.observations, index):
             raise ForecastError("no decay branch has finished before it, and a decay is not forecast from merges")
-        fit = fit_law(curves_for(base, inputs.observations, BLEND, index), config.law)
+        fit = fit_law(curves_for(base, inputs.observations, BLEND, index), law_config(base))
         choice.update(_cheapest(fit, base, index, inputs.observations, config, measured)
                       if auto.method_auto else _shortest_enough(fit, base, index, config.tolerance), fit=fit.to_dict())
     except ForecastError as exc:
@@ -418,7 +423,8 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
     obs = observations(plan, run_dir, eval_files)
     corpora = plan.corpus_names
     out = {"plan": plan.source, "run_dir": str(run_dir), "observations": len(obs), "tolerance": config.tolerance,
-           "law": "L = L0_v + A_v * S1^-alpha - C * S2 (areas from version v's segment start)",
+           "law": "L = L0_v + A_v * S1^-alpha - C * S2 (areas from version v's segment start, annealing momentum "
+                  f"{law_config(plan).momentum})",
            "releases": []}
     for v in plan.versions:
         released = release_status(plan, run_dir, v.name).released
@@ -444,7 +450,7 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
             own_config = dataclasses.replace(config, methods=tuple(dict.fromkeys((*config.methods, "merge"))))
         for target in [BLEND, *corpora]:
             try:
-                fit = fit_law(curves_for(plan, obs, target, v.index), config.law)
+                fit = fit_law(curves_for(plan, obs, target, v.index), law_config(plan))
                 raw = forecast_release(fit, plan, v.index)
                 record = track_record(plan, known_before(plan, obs, v.release.step, v.name), v.index, target)
                 loss, sd = calibrated(*raw, record)

@@ -54,6 +54,8 @@ def _hashed_plan(data: dict) -> dict:
         del data["fork"]
     if data["main"]["init_from"] is None:
         del data["main"]["init_from"]
+    if data["forecast"]["annealing_momentum"] is None:  # what auto releases are chosen by: hashed when set
+        del data["forecast"]
     for v in data["versions"]:
         if v["new_tokens"] is None:
             del v["new_tokens"]

@@ -67,6 +67,7 @@ class Plan:
                               "or remove it")
         if config.evaluate is not None:
             config.evaluate.validate(config.export.tokenizer)
+        config.forecast.validate()
         candidates = self._resolve_versions()
         if config.fork == "effective":  # an auto release's forks are its candidates' (_screen)
             self.versions = [v if v.name in candidates else self._fork_effectively(v, r)

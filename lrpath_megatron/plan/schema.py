@@ -103,6 +103,21 @@ class ExportConfig:
 
 
 @dataclass
+class ForecastSettings:
+    """How the release forecast reads this plan's losses (what its auto releases are chosen by)."""
+    # The annealing law's momentum lambda: how many steps an LR drop keeps lowering the loss (about
+    # 1 / (1 - lambda)). None: the paper's 0.999, fitted on runs of tens of thousands of steps; on versions of a
+    # few hundred steps 0.98 forecast better (docs/forecast.md, "Annealing momentum").
+    annealing_momentum: Optional[float] = None
+
+    def validate(self) -> None:
+        m = self.annealing_momentum
+        if m is not None and not 0 < m < 1:
+            raise ConfigError(f"plan.forecast.annealing_momentum={m}: give a number in (0, 1), e.g. 0.999 (the "
+                              "default) or 0.98 for versions of a few hundred steps")
+
+
+@dataclass
 class PlanConfig:
     main: MainPathConfig = field(default_factory=MainPathConfig)
     versions: list = field(default_factory=list)  # list[VersionConfig]
@@ -112,6 +127,7 @@ class PlanConfig:
     fork: str = "effective"
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: Optional[EvaluateConfig] = None  # downstream tasks per release and the release gate
+    forecast: ForecastSettings = field(default_factory=ForecastSettings)
 
 
 register_list_item_type(PlanConfig, "versions", VersionConfig)
