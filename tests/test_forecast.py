@@ -21,7 +21,7 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.plan import MainPause, load_plan
 from lrpath_megatron.plan_decisions import with_choices
 from lrpath_megatron.plan_runs import run_for
-from lrpath_megatron.release_forecast import calibrated, merge_lrs, path_lrs
+from lrpath_megatron.release_forecast import calibrated, law_config, merge_lrs, path_lrs
 from lrpath_megatron.status import run_status
 
 ETA_MAX, ETA_MIN = 3e-3, 3e-4
@@ -135,7 +135,7 @@ def write_path(plan, run: Path, name: str, steps: range, group_of) -> None:
     """Append the law's validation losses of path ``name`` at ``steps`` to its metrics and mark its last step
     checkpointed (what status and the choice read of a checkpoint: its manifest). The law's momentum is the
     plan's."""
-    momentum = plan.config.forecast.annealing_momentum or LawConfig.momentum
+    momentum = law_config(plan).momentum
     d = run / name
     d.mkdir(parents=True, exist_ok=True)
     lines = []
