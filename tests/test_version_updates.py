@@ -99,3 +99,27 @@ def test_switch_methods_share_one_main_path_and_report_the_verdicts(result):
     assert "recommended release setting: switch/" in out
     assert result["json"]["recommended"]["method"] in METHODS[:3]
     assert result["json"]["versions"]["megatron_core"] == versions()["megatron_core"]
+
+
+def test_mixed_increments_cut_every_corpus_into_four_parts_of_the_same_sources(tmp_path):
+    """``--data demo-mixed``: every shipped document lands in exactly one part, each part holds about a quarter
+    of every corpus, and each part's held-out tail samples several corpora (not one domain)."""
+    from lrpath_megatron.data_tools.demo import CORPORA, iter_corpus
+    from lrpath_megatron.held_out import held_out_range
+    from version_updates.increments import mixed_demo_increments
+
+    data = mixed_demo_increments(tmp_path, 512)
+    assert list(data["prefixes"]) == ["part1", "part2", "part3", "part4"] and data["source"] == "demo-mixed"
+    source = {name: list(iter_corpus(name)) for name in CORPORA}
+    parts = {name: [json.loads(line)["text"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+             for name in data["prefixes"]}
+    assert sorted(t for texts in parts.values() for t in texts) == sorted(t for s in source.values() for t in s)
+    for corpus, texts in source.items():
+        total, members = sum(map(len, texts)), set(texts)
+        shares = [sum(len(t) for t in part if t in members) / total for part in parts.values()]
+        assert max(shares) - min(shares) < 0.1, (corpus, shares)
+    for name, texts in parts.items():
+        assert data["documents"][name] == len(texts)
+        beg, end = held_out_range(len(texts), 0.02)
+        assert len({c for t in texts[beg:end] for c, s in source.items() if t in s}) >= 3
+    assert mixed_demo_increments(tmp_path, 512) == data  # a finished build is reused

@@ -1,9 +1,13 @@
 """The four data increments of the benchmark, tokenized into Megatron .bin/.idx.
 
-Two sources:
+Three sources:
 
 - ``demo``: the corpora shipped in ``data/corpora`` (Python 3.11 standard library: prose docs, two groups
-  of packages, C API headers), tokenized by ``lrpath_megatron.data_tools.demo.prepare_demo_data``. Used on CPU.
+  of packages, C API headers), tokenized by ``lrpath_megatron.data_tools.demo.prepare_demo_data``. Used on CPU:
+  each increment is a new domain (a strong shift at every version).
+- ``demo-mixed``: the same corpora cut into four increments of the same sources: each holds about a quarter of
+  every corpus (whole documents), so consecutive versions bring new documents, not a new domain - the update a
+  team gets from a new crawl of the sources it already trains on.
 - ``machine``: four domains of source text found on the machine that runs the benchmark, so a GPU
   machine with no network and no carried data can build them (with the interpreter and packages of the
   machine the text differs, so the exact token counts are written to ``increments.json``):
@@ -123,3 +127,45 @@ def demo_increments(out_dir: Path, vocab_size: int) -> dict:
     data = prepare_demo_data(out_dir, vocab_size)
     return {"prefixes": data["prefixes"], "tokens": data["tokens"], "documents": data["documents"],
             "vocab_size": data["vocab_size"], "source": "demo"}
+
+
+def mixed_demo_increments(out_dir: Path, vocab_size: int, parts: int = 4) -> dict:
+    """``part1..part<parts>``: every shipped corpus dealt out over the parts by characters (each document, in the
+    corpus' order, to the part that holds the fewest characters of that corpus so far), tokenized with the demo
+    tokenizer. Within a part the corpora are interleaved from the end, so that the held-out split (a part's last
+    documents) samples every corpus. Reuses a finished build in ``out_dir``."""
+    from lrpath_megatron.data_tools.demo import CORPORA, iter_corpus, prepare_demo_data
+    from lrpath_megatron.data_tools.preprocess import preprocess
+    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "increments.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    demo = prepare_demo_data(out_dir / "demo", vocab_size)
+    dealt = [[[] for _ in CORPORA] for _ in range(parts)]  # part -> corpus -> texts
+    for c, name in enumerate(CORPORA):
+        chars = [0] * parts
+        for text in iter_corpus(name):
+            k = min(range(parts), key=chars.__getitem__)
+            dealt[k][c].append(text)
+            chars[k] += len(text)
+    result = {"prefixes": {}, "tokens": {}, "documents": {}, "vocab_size": demo["vocab_size"],
+              "source": "demo-mixed"}
+    for k, by_corpus in enumerate(dealt):
+        name = f"part{k + 1}"
+        longest = max(map(len, by_corpus))
+        # position i from the end takes each corpus' i-th document from the end: the tail cycles the corpora
+        order = [texts[len(texts) - longest + i] for i in range(longest) for texts in by_corpus
+                 if len(texts) - longest + i >= 0]
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+            for text in order:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{name}.jsonl")], output_prefix=str(out_dir / name),
+                                              tokenizer_model=demo["tokenizer_model"], workers=1, progress=False,
+                                              overwrite=True))  # an unfinished build
+        result["prefixes"][name] = output_prefix(out_dir / name, "text")
+        result["tokens"][name] = summary.tokens["text"]
+        result["documents"][name] = summary.documents
+    manifest.write_text(json.dumps(result, indent=1))  # written last: its presence means the build is complete
+    return result

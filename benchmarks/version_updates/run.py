@@ -468,7 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="cpu")
     p.add_argument("--plan", type=Path, help="plan template (default: plan_<size>.yaml)")
-    p.add_argument("--data", choices=("demo", "machine"), help="increments (default: demo on cpu, machine on gpu)")
+    p.add_argument("--data", choices=("demo", "demo-mixed", "machine"),
+                   help="increments (default: demo on cpu, machine on gpu; demo-mixed: the demo corpora cut into four "
+                        "increments of the same sources)")
     p.add_argument("--data-dir", type=Path, default=REPO / "runs" / "version_updates_data")
     p.add_argument("--max-chars", type=int, default=60_000_000, help="machine increments: characters per increment")
     p.add_argument("--steps-per-version", type=int, help="main-path steps per increment (same for every method)")
@@ -522,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.eval_batches = args.eval_batches or template.get("logging", {}).get("eval_batches", 4)
     vocab = template["model"]["vocab_size"]
     data = (increments.demo_increments(args.data_dir, vocab) if args.data == "demo" else
+            increments.mixed_demo_increments(args.data_dir, vocab) if args.data == "demo-mixed" else
             increments.build_machine_increments(args.data_dir, args.max_chars, vocab, os.cpu_count() or 1))
     args.steps_per_version = fit_steps(args.steps_per_version, template, data)
     bench = Benchmark(args, template, data)
