@@ -44,10 +44,9 @@ from lrpath_megatron.forecast import ForecastError, fit_law  # noqa: E402
 from lrpath_megatron.forecast_mpl import fit_mpl  # noqa: E402
 from lrpath_megatron.observations import known_before, observations  # noqa: E402
 from lrpath_megatron.plan import load_plan  # noqa: E402
-from lrpath_megatron.plan.schema import ForecastSettings  # noqa: E402
 from lrpath_megatron.plan_decisions import with_choices  # noqa: E402
 from lrpath_megatron.release_forecast import (  # noqa: E402
-    BLEND, backtest, curves_for, law_config, release_loss, release_lrs, seen_corpora)
+    BLEND, backtest, curve_origin, curves_for, law_config, release_loss, release_lrs, seen_corpora)
 
 FORECASTERS = ("calibrated", "segments", "multi_power", "one_law", "fork_loss")
 LAWS = ("calibrated", "segments", "multi_power")  # the forecasters with an uncertainty
@@ -99,7 +98,7 @@ def backtest_run(plan, run_dir: Path, eval_files: list) -> dict:
                         pred, sd = backtest(plan, obs, v.index, target, calibrate=name == "calibrated")
                     elif name == "multi_power":
                         fit = fit_mpl(curves_for(plan, known, target, v.index))
-                        pred, sd = fit.predict(release_lrs(plan, v.index), v.start_step, v.name)
+                        pred, sd = fit.predict(release_lrs(plan, v.index), curve_origin(plan, v.index), v.name)
                     else:
                         fit = fit_law(curves_for(plan, known, target, v.index, one_law=True), law_config(plan))
                         pred, sd = fit.predict(release_lrs(plan, v.index))
@@ -162,6 +161,9 @@ def main(argv=None) -> dict:
     p.add_argument("--annealing-momentum", type=float, default=None,
                    help="the law's momentum for this backtest (default: each plan's plan.forecast."
                         "annealing_momentum); what trained, and its recorded choices, stay as they were")
+    p.add_argument("--version-curves", choices=("restart", "continue"), default=None,
+                   help="where each version's curve counts its areas from for this backtest (default: each plan's "
+                        "plan.forecast.version_curves); the law only, like --annealing-momentum")
     args = p.parse_args(argv)
     start = time.time()
     run = args.run_dir.resolve()
@@ -169,8 +171,10 @@ def main(argv=None) -> dict:
     for method_dir in sorted((run / "switch").iterdir()):
         plan_path = run / "plans" / f"{method_dir.name}.yaml"
         plan = with_choices(load_plan(plan_path), method_dir)  # auto releases as trained
-        if args.annealing_momentum is not None:  # the law only: the plan's hash is checked above, as trained
-            plan.config = dataclasses.replace(plan.config, forecast=ForecastSettings(args.annealing_momentum))
+        law = {k: v for k, v in (("annealing_momentum", args.annealing_momentum),
+                                 ("version_curves", args.version_curves)) if v is not None}
+        if law:  # the law only: the plan's hash is checked above, as trained
+            plan.config = dataclasses.replace(plan.config, forecast=dataclasses.replace(plan.config.forecast, **law))
         evals = [main_evals(run, plan_path, (method_dir / "main").resolve()), run / "eval.json"]
         rows = backtest_run(plan, method_dir, evals)
         results[method_dir.name] = {"versions": rows, "blend": summary(rows),
@@ -182,6 +186,7 @@ def main(argv=None) -> dict:
         "benchmark": "forecast_accuracy",
         "run_dir": str(run),
         "annealing_momentum": args.annealing_momentum,
+        "version_curves": args.version_curves,
         "target": "validation loss of each release on its version's blend (mean over the corpora of D_1..D_v)",
         "information": "main-path checkpoints up to the release's fork step and branches finished by then",
         "criterion": "mean relative error <= 1% of the loss",

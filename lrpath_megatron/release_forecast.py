@@ -69,6 +69,11 @@ def law_config(plan: Plan) -> LawConfig:
     return LawConfig() if momentum is None else LawConfig(momentum=momentum)
 
 
+def curve_origin(plan: Plan, index: int) -> int:
+    """The step version ``index``'s curves count their areas from (plan.forecast.version_curves)."""
+    return 0 if plan.config.forecast.version_curves == "continue" else plan.versions[index].start_step
+
+
 def path_lrs(plan: Plan, name: str, end: int) -> np.ndarray:
     """The LR of updates 0..end-1 of path ``name``: the main path's before its fork."""
     spec = plan.path(name)
@@ -160,13 +165,14 @@ def curves_for(plan: Plan, obs: list[Observation], target: str, upto: int, one_l
                 lrs = release_lrs(plan, v.index) if name != "main" and v.release.method == "merge" else \
                     path_lrs(plan, name, end)
                 curves.append(Curve(name, lrs, [s for s, _ in pts], [x for _, x in pts],
-                                    origin=0 if one_law else v.start_step, group="" if one_law else v.name))
+                                    origin=0 if one_law else curve_origin(plan, v.index),
+                                    group="" if one_law else v.name))
     return curves
 
 
 def forecast_release(fit, plan: Plan, index: int) -> tuple[float, float]:
     v = plan.versions[index]
-    return fit.predict(release_lrs(plan, index), v.start_step, v.name)
+    return fit.predict(release_lrs(plan, index), curve_origin(plan, index), v.name)
 
 
 def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] = None) -> dict:
@@ -177,7 +183,7 @@ def forecast_decays(fit, plan: Plan, index: int, lengths, shape: Optional[str] =
         variant = plan.decay_variant(v.name, n, shape)
         if variant is not None:
             fork, end, lr = variant
-            out[n] = (*fit.predict(variant_lrs(plan, fork, end, lr), v.start_step, v.name), end - fork)
+            out[n] = (*fit.predict(variant_lrs(plan, fork, end, lr), curve_origin(plan, index), v.name), end - fork)
     return out
 
 
@@ -226,7 +232,7 @@ def merge_candidates(fit, plan: Plan, index: int, windows: dict, weights: str, r
     ``record``; a merge trains nothing beyond the main path."""
     v, rows = plan.versions[index], []
     for w, steps in windows.items():
-        loss, sd = fit.predict(merge_lrs(plan, steps, weights), v.start_step, v.name)
+        loss, sd = fit.predict(merge_lrs(plan, steps, weights), curve_origin(plan, index), v.name)
         rows.append({"method": "merge", "shape": _kind("merge", weights), "window_steps": w, "checkpoints": list(steps),
                      "cost_steps": 0, "enough": False, "law_loss": loss,
                      **dict(zip(("loss", "sd"), calibrated(loss, sd, record)))})
@@ -423,8 +429,9 @@ def forecast_plan(plan: Plan, run_dir: Path, config: ForecastConfig = ForecastCo
     obs = observations(plan, run_dir, eval_files)
     corpora = plan.corpus_names
     out = {"plan": plan.source, "run_dir": str(run_dir), "observations": len(obs), "tolerance": config.tolerance,
-           "law": "L = L0_v + A_v * S1^-alpha - C * S2 (areas from version v's segment start, annealing momentum "
-                  f"{law_config(plan).momentum})",
+           "law": "L = L0_v + A_v * S1^-alpha - C * S2 (areas from "
+                  + ("step 0" if plan.config.forecast.version_curves == "continue" else "version v's segment start")
+                  + f", annealing momentum {law_config(plan).momentum})",
            "releases": []}
     for v in plan.versions:
         released = release_status(plan, run_dir, v.name).released

@@ -21,7 +21,7 @@ from lrpath_megatron.errors import LrpathError
 from lrpath_megatron.plan import MainPause, load_plan
 from lrpath_megatron.plan_decisions import with_choices
 from lrpath_megatron.plan_runs import run_for
-from lrpath_megatron.release_forecast import calibrated, law_config, merge_lrs, path_lrs
+from lrpath_megatron.release_forecast import calibrated, curve_origin, law_config, merge_lrs, path_lrs
 from lrpath_megatron.status import run_status
 
 ETA_MAX, ETA_MIN = 3e-3, 3e-4
@@ -133,15 +133,15 @@ CORPORA = ("docs", "code_a", "code_b")
 
 def write_path(plan, run: Path, name: str, steps: range, group_of) -> None:
     """Append the law's validation losses of path ``name`` at ``steps`` to its metrics and mark its last step
-    checkpointed (what status and the choice read of a checkpoint: its manifest). The law's momentum is the
-    plan's."""
+    checkpointed (what status and the choice read of a checkpoint: its manifest). The law's momentum and the
+    step each version's curve counts from are the plan's."""
     momentum = law_config(plan).momentum
     d = run / name
     d.mkdir(parents=True, exist_ok=True)
     lines = []
     for s in steps:
         v = group_of(s)
-        loss = law(path_lrs(plan, name, s), v.start_step, v.name, momentum=momentum)
+        loss = law(path_lrs(plan, name, s), curve_origin(plan, v.index), v.name, momentum=momentum)
         lines.append(json.dumps({"step": s - 1, "path": name, "loss": loss, "val_loss": loss,
                                  "val_loss_per_corpus": {c: loss for c in CORPORA}}))
     with (d / "metrics.jsonl").open("a") as f:
@@ -165,7 +165,7 @@ def law_run(tmp_path) -> tuple[Path, Path]:
 def write_law_run(tmp_path: Path, **forecast) -> tuple[Path, Path]:
     """A 3-version plan (100 steps each, knee decays of 40 steps on the tail) with metrics written from the
     law: the main path up to step 240 (evaluated every 10 steps) and v1's, v2's finished branches.
-    ``forecast``: the plan's forecast settings (the law's momentum)."""
+    ``forecast``: the plan's forecast settings (the law's momentum, where version curves count from)."""
     plan = {
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 512},
         "parallel": {"micro_batch_size": 4, "global_batch_size": 8},
@@ -229,6 +229,31 @@ def test_the_plan_sets_the_annealing_momentum(tmp_path, capsys):
     assert hashes[0.98] != hashes[0.99]  # what the auto releases are chosen by is part of the plan
     with pytest.raises(ConfigError, match=r"plan.forecast.annealing_momentum=1.5: give a number in \(0, 1\)"):
         load_plan(plan_path, ["plan.forecast.annealing_momentum=1.5"])
+
+
+def test_the_plan_says_whether_a_version_starts_a_new_curve(tmp_path, capsys):
+    # Losses of increments of the same sources: each version's curve (its own L0, A) counts its areas from step 0.
+    # The plan that says so (version_curves: continue) forecasts v3's release at the law's accuracy; read as
+    # new domains (restart: areas from each segment's start, the default) the same losses forecast it off.
+    plan_path, run = write_law_run(tmp_path, version_curves="continue")
+    p = load_plan(plan_path)
+    truth = law(path_lrs(p, "v3", p.versions[2].branch_end), 0, "v3")
+    errors = {}
+    for curves in ("continue", "restart"):
+        data = yaml.safe_load(plan_path.read_text())
+        data["plan"]["forecast"] = {"version_curves": curves}
+        plan_path.write_text(yaml.safe_dump(data))
+        assert lrpath(["forecast", str(plan_path), "--run-dir", str(run), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert ("areas from step 0" in out["law"]) == (curves == "continue")
+        errors[curves] = next(r for r in out["releases"] if r["version"] == "v3")["targets"]["blend"]["loss"] / truth - 1
+    assert abs(errors["continue"]) < 0.001 and errors["restart"] < -0.003, errors  # measured: -0.02%, -0.41%
+    del data["plan"]["forecast"]
+    plan_path.write_text(yaml.safe_dump(data))
+    hashes = {c: load_plan(plan_path, [f"plan.forecast.version_curves={c}"]).plan_hash() for c in ("restart", "continue")}
+    assert hashes["restart"] == load_plan(plan_path).plan_hash() != hashes["continue"]  # hashed when not the default
+    with pytest.raises(ConfigError, match=r"plan.forecast.version_curves='sideways': choose from restart, continue"):
+        load_plan(plan_path, ["plan.forecast.version_curves=sideways"])
 
 
 def test_candidates_of_every_method_and_the_cheapest_within_tolerance(law_run, capsys, tmp_path):

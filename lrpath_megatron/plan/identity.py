@@ -8,7 +8,7 @@ import hashlib
 import json
 
 from lrpath_megatron.config import hashed_model, to_dict
-from lrpath_megatron.plan.schema import PlanConfig
+from lrpath_megatron.plan.schema import ForecastSettings, PlanConfig
 
 
 def resolved(plan, versions: list) -> dict:
@@ -54,7 +54,12 @@ def _hashed_plan(data: dict) -> dict:
         del data["fork"]
     if data["main"]["init_from"] is None:
         del data["main"]["init_from"]
-    if data["forecast"]["annealing_momentum"] is None:  # what auto releases are chosen by: hashed when set
+    # what auto releases are chosen by: hashed when set
+    if data["forecast"]["annealing_momentum"] is None:
+        del data["forecast"]["annealing_momentum"]
+    if data["forecast"]["version_curves"] == ForecastSettings.version_curves:
+        del data["forecast"]["version_curves"]
+    if not data["forecast"]:
         del data["forecast"]
     for v in data["versions"]:
         if v["new_tokens"] is None:

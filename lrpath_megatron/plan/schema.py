@@ -102,6 +102,9 @@ class ExportConfig:
     tokenizer: Optional[str] = None
 
 
+VERSION_CURVES = ("restart", "continue")
+
+
 @dataclass
 class ForecastSettings:
     """How the release forecast reads this plan's losses (what its auto releases are chosen by)."""
@@ -109,12 +112,20 @@ class ForecastSettings:
     # 1 / (1 - lambda)). None: the paper's 0.999, fitted on runs of tens of thousands of steps; on versions of a
     # few hundred steps 0.98 forecast better (docs/forecast.md, "Annealing momentum").
     annealing_momentum: Optional[float] = None
+    # Where each version's loss curve counts its areas from. "restart": its segment's start - a version that
+    # brings a new domain starts a new power law there; "continue": step 0 - new documents of the same sources
+    # continue one curve (each version keeps its own L0, A for its blend). docs/forecast.md, "A regime ...".
+    version_curves: str = "restart"
 
     def validate(self) -> None:
         m = self.annealing_momentum
         if m is not None and not 0 < m < 1:
             raise ConfigError(f"plan.forecast.annealing_momentum={m}: give a number in (0, 1), e.g. 0.999 (the "
                               "default) or 0.98 for versions of a few hundred steps")
+        if self.version_curves not in VERSION_CURVES:
+            raise ConfigError(f"plan.forecast.version_curves={self.version_curves!r}: choose from "
+                              f"{', '.join(VERSION_CURVES)} (restart: each version brings a new domain; continue: "
+                              "new documents of the same sources)")
 
 
 @dataclass
