@@ -79,8 +79,9 @@ def test_swiglu_activation_fusion_matches_unfused(config, tmp_path):
 
 def test_cross_entropy_fusion_matches_unfused_in_bf16(config, tmp_path):
     """docs/performance.md: in bf16 over 3 steps, megatron-core's fused cross entropy gives the unfused
-    run's losses within 4e-5 and grad norms within 1e-4 relative (measured with megatron-core 0.16.1 and
-    0.19.2: 8.0e-6 and 7.5e-5; its logits gradient is bf16)."""
+    run's losses within 1e-4 and grad norms within 2.5e-4 relative (measured with megatron-core 0.16.1 and
+    0.19.2: 8.0e-6 and 7.5e-5; 3.8e-5 and 1.0e-4 on a CPU with AMX bf16 units, whose bf16 matmuls round
+    differently; its logits gradient is bf16)."""
     bf16, steps = "precision.dtype=bf16", 3
     side_by_side(lambda: _train(config, tmp_path / "plain", bf16, stop=steps),
                  lambda: _train(config, tmp_path / "fused", bf16, "performance.cross_entropy_fusion=true", stop=steps))
@@ -91,8 +92,8 @@ def test_cross_entropy_fusion_matches_unfused_in_bf16(config, tmp_path):
     print(f"cross_entropy_fusion, bf16, {steps} steps: max |loss diff| = {loss:.1e}, "
           f"max relative grad norm diff = {norm:.1e}")
     for step in plain:
-        assert fused[step]["loss"] == pytest.approx(plain[step]["loss"], abs=4e-5), step
-        assert fused[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=TOLERANCE), step
+        assert fused[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-4), step
+        assert fused[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=2.5e-4), step
     assert norm > 0  # the fused kernel ran: its bf16 logits gradient moves the gradient norm
 
 
