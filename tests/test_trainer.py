@@ -313,7 +313,7 @@ def test_interleaved_pipeline_matches_single_process_and_reshards(config, initia
     assert sorted(got) == sorted(want) == [3, 4, 5]
     assert got[3] == pytest.approx(single[3], abs=1e-5)  # the fork's weights on the main path's step-3 batch
     for step in got:
-        assert got[step] == pytest.approx(want[step], abs=2e-7), step  # as docs/layout.md states
+        assert got[step] == pytest.approx(want[step], abs=5e-7), step  # as docs/layout.md states
 
     # Merges and HF exports read tensors by their global keys, whatever layout wrote them: merged with the
     # initial weights, the interleaved checkpoint and its plain copy give the same tensors (each output
