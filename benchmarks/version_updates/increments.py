@@ -86,8 +86,6 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     """Write ``out_dir/{domain}.jsonl``, the tokenizer and ``{domain}_text_document.bin/.idx``; returns
     ``{"prefixes", "tokens", "documents", "vocab_size", "source"}`` (also saved as increments.json).
     Reuses a finished build in ``out_dir``."""
-    from lrpath_megatron.data_tools.preprocess import preprocess
-    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
     from lrpath_megatron.data_tools.tokenizer import TokenizerSpec, train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,9 +93,7 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     if manifest.is_file():
         return json.loads(manifest.read_text())
     for domain in DOMAINS:
-        with (out_dir / f"{domain}.jsonl").open("w", encoding="utf-8") as f:
-            for text in documents(domain, max_chars):
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        _write_jsonl(out_dir / f"{domain}.jsonl", documents(domain, max_chars))
 
     def all_texts() -> Iterator[str]:
         for domain in DOMAINS:
@@ -107,18 +103,34 @@ def build_machine_increments(out_dir: Path, max_chars: int, vocab_size: int, wor
     spec = TokenizerSpec(vocab_size=vocab_size, model_type="bpe", character_coverage=0.9995,
                          sample_sentences=1_000_000, threads=workers)
     model = train_tokenizer(all_texts(), out_dir / "tokenizer", spec)
-    result = {"prefixes": {}, "tokens": {}, "documents": {}, "vocab_size": vocab_size,
+    result = {**_tokenize(out_dir, DOMAINS, model, workers, progress=True), "vocab_size": vocab_size,
               "source": "machine", "max_chars": max_chars,
               "numeric_packages": [n for n in NUMERIC if _package_dir(n, required=False) is not None]}
-    for domain in DOMAINS:
-        summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{domain}.jsonl")],
-                                              output_prefix=str(out_dir / domain), tokenizer_model=str(model),
-                                              workers=workers, overwrite=True))  # an unfinished build
-        result["prefixes"][domain] = output_prefix(out_dir / domain, "text")
-        result["tokens"][domain] = summary.tokens["text"]
-        result["documents"][domain] = summary.documents
     manifest.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _write_jsonl(path: Path, texts) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+
+def _tokenize(out_dir: Path, names, tokenizer_model, workers: int, progress: bool) -> dict:
+    """``out_dir/{name}.jsonl`` -> ``{name}_text_document.bin/.idx`` for each name; returns
+    ``{"prefixes", "tokens", "documents"}`` by name."""
+    from lrpath_megatron.data_tools.preprocess import preprocess
+    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
+
+    out = {"prefixes": {}, "tokens": {}, "documents": {}}
+    for name in names:
+        summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{name}.jsonl")], output_prefix=str(out_dir / name),
+                                              tokenizer_model=str(tokenizer_model), workers=workers,
+                                              progress=progress, overwrite=True))  # an unfinished build
+        out["prefixes"][name] = output_prefix(out_dir / name, "text")
+        out["tokens"][name] = summary.tokens["text"]
+        out["documents"][name] = summary.documents
+    return out
 
 
 def demo_increments(out_dir: Path, vocab_size: int) -> dict:
@@ -135,8 +147,6 @@ def mixed_demo_increments(out_dir: Path, vocab_size: int, parts: int = 4) -> dic
     tokenizer. Within a part the corpora are interleaved from the end, so that the held-out split (a part's last
     documents) samples every corpus. Reuses a finished build in ``out_dir``."""
     from lrpath_megatron.data_tools.demo import CORPORA, iter_corpus, prepare_demo_data
-    from lrpath_megatron.data_tools.preprocess import preprocess
-    from lrpath_megatron.data_tools.preprocess_config import PreprocessConfig, output_prefix
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "increments.json"
@@ -150,22 +160,13 @@ def mixed_demo_increments(out_dir: Path, vocab_size: int, parts: int = 4) -> dic
             k = min(range(parts), key=chars.__getitem__)
             dealt[k][c].append(text)
             chars[k] += len(text)
-    result = {"prefixes": {}, "tokens": {}, "documents": {}, "vocab_size": demo["vocab_size"],
-              "source": "demo-mixed"}
-    for k, by_corpus in enumerate(dealt):
-        name = f"part{k + 1}"
+    names = [f"part{k + 1}" for k in range(parts)]
+    for name, by_corpus in zip(names, dealt):
         longest = max(map(len, by_corpus))
         # position i from the end takes each corpus' i-th document from the end: the tail cycles the corpora
-        order = [texts[len(texts) - longest + i] for i in range(longest) for texts in by_corpus
-                 if len(texts) - longest + i >= 0]
-        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            for text in order:
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        summary = preprocess(PreprocessConfig(inputs=[str(out_dir / f"{name}.jsonl")], output_prefix=str(out_dir / name),
-                                              tokenizer_model=demo["tokenizer_model"], workers=1, progress=False,
-                                              overwrite=True))  # an unfinished build
-        result["prefixes"][name] = output_prefix(out_dir / name, "text")
-        result["tokens"][name] = summary.tokens["text"]
-        result["documents"][name] = summary.documents
+        _write_jsonl(out_dir / f"{name}.jsonl", [texts[len(texts) - longest + i] for i in range(longest)
+                                                 for texts in by_corpus if len(texts) - longest + i >= 0])
+    result = {**_tokenize(out_dir, names, demo["tokenizer_model"], 1, progress=False), "vocab_size": demo["vocab_size"],
+              "source": "demo-mixed"}
     manifest.write_text(json.dumps(result, indent=1))  # written last: its presence means the build is complete
     return result
